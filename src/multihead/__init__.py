@@ -1,0 +1,50 @@
+"""multihead: multi-head attention from the whiteboard to the GPU.
+
+Dimension legend, used in every shape comment of the package:
+
+    B   batch
+    T   query length
+    S   key/value length
+    H   query heads
+    G   key/value heads (H % G == 0; G == H is multi-head, G == 1 multi-query)
+    R   query heads per key/value head, H / G
+    D   head dim of q and k (d_k)
+    Dv  head dim of v (d_v)
+    C   model width (d_model)
+
+Internal layout is (B, H, T, D); modules take and return batch-first (B, T, C).
+Masks: bool True = may attend, float = added to the scores (see `multihead.masks`).
+"""
+
+from . import backends, masks
+from .backends import Dispatch
+from .backends.chunked import ChunkedOutput
+from .backends.reference import ReferenceOutput, attention_ref
+from .functional import (
+    AttentionWithWeights,
+    attention,
+    attention_with_weights,
+    chunked_attention,
+    explain_dispatch,
+)
+from .module import HeadWeights, MultiHeadAttention, MultiHeadAttentionConfig, MultiHeadAttentionOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionWithWeights",
+    "ChunkedOutput",
+    "Dispatch",
+    "HeadWeights",
+    "MultiHeadAttention",
+    "MultiHeadAttentionConfig",
+    "MultiHeadAttentionOutput",
+    "ReferenceOutput",
+    "attention",
+    "attention_ref",
+    "attention_with_weights",
+    "backends",
+    "chunked_attention",
+    "explain_dispatch",
+    "masks",
+]

@@ -1,0 +1,326 @@
+"""The `multihead` command.
+
+    multihead explain [--seed N] [--heads H] [--kv-heads G] [--d-in C] [--d-out HD]
+                      [--no-causal] [--bias] [--text "..."]
+    multihead demo          (for now: the explain walkthrough)
+
+Each subcommand is a function `_cmd_<name>(args, console) -> int` registered in
+`build_parser`; later subcommands (visualize, bench, generate) plug in there.
+Bad input ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+PROG = "multihead"
+# The seeds' sentence; its 11 tokens are the rows of their 11 x 8 two-head example.
+SENTENCE = "The artist painted the portrait of a woman with a brush"
+NON_TTY_WIDTH = 120  # fixed width off a terminal (CI logs, pipes): 80 would squeeze an 11 x 11 table
+
+# Plain-ASCII stand-ins for the few symbols the walkthrough uses, for consoles
+# whose encoding cannot write them (a C locale without UTF-8 mode).
+_ASCII = str.maketrans({"√": "sqrt", "ᵀ": "^T", "×": "x", "·": "*", "│": "|", "→": "->",
+                        "≈": "~", "—": "-", "…": "...", "ᵢ": "_i"})
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def make_console(file=None):
+    """A rich Console on `file` (stdout by default): the terminal's width on a TTY, 120 elsewhere."""
+    from rich.console import Console
+
+    file = sys.stdout if file is None else file
+    is_tty = hasattr(file, "isatty") and file.isatty()
+    return Console(file=file, width=None if is_tty else NON_TTY_WIDTH, highlight=False,
+                   markup=False, soft_wrap=False, emoji=False)
+
+
+class _Writer:
+    """Prints the walkthrough: prose, section rules and number tables, ASCII-safe when needed."""
+
+    def __init__(self, console, decimals: int = 2) -> None:
+        self.console = console
+        self.decimals = decimals
+        encoding = (getattr(console, "encoding", None) or "utf-8").lower().replace("-", "")
+        self.unicode = encoding.startswith("utf")
+
+    def t(self, s: str) -> str:
+        return s if self.unicode else s.translate(_ASCII)
+
+    def say(self, s: str = "") -> None:
+        self.console.print(self.t(s))
+
+    def step(self, title: str) -> None:
+        from rich.text import Text
+
+        self.console.print()
+        self.console.rule(Text(self.t(title), style="bold"), align="left")
+
+    def number(self, value: float, dim: bool = False):
+        from rich.text import Text
+
+        if value == -np.inf:
+            return Text("-inf", style="dim")
+        if dim and value == 0.0:  # a masked weight is exactly 0, not a small number rounded
+            return Text("0", style="dim")
+        return Text(f"{value:.{self.decimals}f}", style="dim" if dim else "")
+
+    def table(self, title: str, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str],
+              dim: np.ndarray | None = None, split_every: int | None = None):
+        """A matrix as a rich Table; `dim` greys out entries (masked ones); `split_every` marks head blocks."""
+        from rich import box
+        from rich.table import Table
+
+        table = Table(title=self.t(title), box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left",
+                      show_edge=False, pad_edge=False)
+        table.add_column("", style="bold", no_wrap=True)
+        for j, name in enumerate(cols):
+            # A vertical rule in front of each head's block shows where W_q is cut.
+            edge = split_every is not None and j > 0 and j % split_every == 0
+            table.add_column(self.t(("│ " if edge else "") + name), justify="right", no_wrap=True)
+        for r, label in enumerate(rows):
+            cells = [self.number(float(matrix[r, c]), bool(dim[r, c]) if dim is not None else False)
+                     for c in range(matrix.shape[1])]
+            table.add_row(label, *cells)
+        return table
+
+    def show(self, *tables) -> None:
+        """Tables side by side (one grid row), or a single table."""
+        from rich.table import Table
+
+        if len(tables) == 1:
+            self.console.print(tables[0])
+            return
+        grid = Table.grid(padding=(0, 4))
+        for _ in tables:
+            grid.add_column(vertical="top")
+        grid.add_row(*tables)
+        self.console.print(grid)
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _example(args):
+    """The walkthrough's module and input: rounded to 2 decimals, so any product can be redone by hand."""
+    import torch
+
+    from .module import MultiHeadAttention
+
+    tokens = args.text.split()
+    if not tokens:
+        raise UsageError("--text has no tokens; give a sentence with at least one word")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    for name in ("heads", "d_in", "d_out"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.d_out % args.heads != 0:
+        raise UsageError(f"--d-out {args.d_out} is not divisible by --heads {args.heads} "
+                         f"(each head gets d_out / heads columns)")
+    kv_heads = args.heads if args.kv_heads is None else args.kv_heads
+    if kv_heads < 1 or args.heads % kv_heads != 0:
+        raise UsageError(f"--kv-heads {kv_heads} must divide --heads {args.heads}")
+
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(args.seed)
+        module = MultiHeadAttention(
+            args.d_in, args.heads, num_kv_heads=kv_heads, head_dim=args.d_out // args.heads,
+            bias=args.bias, causal=not args.no_causal, dtype=torch.float64,
+        ).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.round(p, decimals=2))
+    x = np.random.default_rng(args.seed).normal(size=(len(tokens), args.d_in)).round(2)  # (T, C)
+    return module, x, tokens
+
+
+def _cols(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}[{j}]" for j in range(n)]
+
+
+def _walkthrough(args, out: _Writer) -> int:
+    from .explain import check_against_module, split_columns, weights_from_module
+
+    module, x, tokens = _example(args)
+    cfg = module.config
+    H, G, D, C = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+    T = len(tokens)
+    d_out = H * D
+    check = check_against_module(module, x)
+    ex = check.explanation
+    w = weights_from_module(module)
+    rows_in = _cols("x", C)
+
+    out.console.print()
+    out.say("Multi-head attention on the whiteboard")
+    out.say(f"  sentence: {' '.join(tokens)!r} ({T} tokens)")
+    out.say(f"  d_in = {C}, d_out = {d_out}, heads h = {H}, head size d_k = d_out / h = {D}")
+    if G != H:
+        out.say(f"  key/value heads = {G} (grouped-query: {H // G} query heads share each key/value head)")
+    out.say(f"  mask: {'causal' if cfg.causal else 'none (not causal)'}; "
+            f"projection biases: {'yes' if cfg.bias else 'no'}")
+    out.say("  X and the weights are rounded to 2 decimals, so they are exactly what is printed;")
+    out.say("  everything after them is computed in float64 and shown rounded.")
+
+    out.step(f"1. The input X ({T} × {C})")
+    out.say("Each row is one token's embedding. Random numbers (seed "
+            f"{args.seed}) stand in for learned ones.")
+    out.show(out.table("X", ex.x, tokens, _cols("x", C)))
+
+    out.step(f"2. One big W_q ({C} × {d_out}), cut into {H} heads of {D} columns")
+    out.say(f"W_q holds every head's query matrix side by side: columns 0..{D - 1} are W_q1, "
+            f"the next {D} are W_q2, and so on.")
+    out.say("X W_q computed once and cut into column blocks gives exactly X W_q1, X W_q2, …, "
+            "so an implementation stores one matrix and one multiplication serves all heads.")
+    w_q_full = np.concatenate(w.w_q, axis=1)  # H x (C, D) -> (C, H·D)
+    out.show(out.table("W_q", w_q_full, rows_in, _cols("c", d_out), split_every=D),
+             *[out.table(f"W_q{i + 1}", part, rows_in, _cols("c", D))
+               for i, part in enumerate(split_columns("W_q", w_q_full, H))])
+    kv_note = (f" ({G} key/value heads shared: query head i reads key/value head i // {H // G})"
+               if G != H else "")
+    out.say(f"W_k and W_v are cut the same way{kv_note}:")
+    out.show(*[out.table(f"W_k{g + 1}", m, rows_in, _cols("c", D)) for g, m in enumerate(w.w_k)],
+             *[out.table(f"W_v{g + 1}", m, rows_in, _cols("c", cfg.v_head_dim)) for g, m in enumerate(w.w_v)])
+
+    scale = math.sqrt(D)
+    for trace in ex.heads:
+        i = trace.index + 1
+        g = trace.kv_index + 1
+        out.step(f"3.{i} Head {i} of {H}")
+        bias_note = " (+ its bias)" if cfg.bias else ""
+        kv = f"{g}" if G != H else f"{i}"
+        out.say(f"Q_{i} = X W_q{i}, K_{i} = X W_k{kv}, V_{i} = X W_v{kv}{bias_note}: "
+                f"this head's own view of every token, {D} numbers each.")
+        out.show(out.table(f"Q_{i}", trace.q, tokens, _cols("q", D)),
+                 out.table(f"K_{i}", trace.k, tokens, _cols("k", D)),
+                 out.table(f"V_{i}", trace.v, tokens, _cols("v", cfg.v_head_dim)))
+
+        out.say()
+        out.say(f"scores = Q_{i} K_{i}ᵀ: row t, column s is the dot product of token t's query with "
+                f"token s's key — how well s answers the question t asks in this head.")
+        out.show(out.table(f"scores (head {i})", trace.scores, tokens, tokens))
+
+        out.say()
+        out.say(f"Divide by √d_k = √{D} ≈ {scale:.3f}. A dot product adds up d_k terms, so its spread "
+                f"grows like √d_k; unscaled, large heads would push softmax toward a one-hot row whose "
+                f"gradients nearly vanish. Dividing keeps the spread about the same for any head size.")
+        out.show(out.table(f"scaled = scores / √{D} (head {i})", trace.scaled, tokens, tokens))
+
+        out.say()
+        if cfg.causal:
+            out.say("Causal mask: a token may look at itself and the tokens before it, never at later ones "
+                    "(it has not seen them yet when generating). Entries above the diagonal become -inf, "
+                    "which softmax turns into exactly 0.")
+        else:
+            out.say("No mask (--no-causal): every token may look at every other token, before or after it.")
+        out.show(out.table(f"masked (head {i})", trace.masked, tokens, tokens, dim=~trace.allowed))
+
+        out.say()
+        out.say("Softmax along each row: every entry becomes positive and each row sums to 1. "
+                "Row t says how much of each token's value token t takes.")
+        out.show(out.table(f"weights = softmax(masked) (head {i})", trace.weights, tokens, tokens,
+                           dim=~trace.allowed))
+
+        out.say()
+        out.say(f"Z_{i} = weights · V_{i}: each row is a weighted average of the value rows, "
+                f"token t's new representation according to head {i}.")
+        out.show(out.table(f"Z_{i}", trace.z, tokens, _cols("z", cfg.v_head_dim)))
+
+    out.step("4. Why the heads can run in parallel")
+    out.say("No head reads another head's numbers: head 2 needs nothing that head 1 computed. "
+            "So the loop above is a convenience for reading, not an order the math imposes. "
+            f"The batched module stacks the heads into one ({H}, {T}, {D}) array and computes every "
+            "head's Q Kᵀ, softmax and weights · V in the same matrix calls.")
+
+    blocks = " | ".join(f"Z_{i + 1}" for i in range(H)) if H <= 4 else f"Z_1 | … | Z_{H}"
+    out.step(f"5. Concatenate [{blocks}] side by side ({T} × {H * cfg.v_head_dim})")
+    out.say("Head i's output lands in the i-th block of columns, in head order.")
+    concat_cols = [f"Z_{i + 1}[{j}]" for i in range(H) for j in range(cfg.v_head_dim)]
+    out.show(out.table("concat", ex.concat, tokens, concat_cols, split_every=cfg.v_head_dim))
+
+    out.step(f"6. Multiply by W^O ({H * cfg.v_head_dim} × {w.d_out})"
+             + (" and add its bias" if w.b_o is not None else ""))
+    out.say(f"W^O mixes what the heads found: each output column combines all heads' columns. "
+            f"It maps the {H * cfg.v_head_dim} concatenated columns back to the model width {w.d_out}, "
+            f"so the layer's output has the shape of its input.")
+    out.show(out.table("W^O", w.w_o, concat_cols, _cols("c", w.d_out)))
+    out.show(out.table(f"output = concat W^O ({T} × {w.d_out})", ex.output, tokens, _cols("y", w.d_out)))
+
+    out.step("7. The loop and the parallel form agree")
+    out.say("The same X and the same weights through multihead.MultiHeadAttention (all heads in one "
+            "batched call, float64):")
+    out.say(f"  output:                 max |difference| = {check.output_diff:.3e}")
+    out.say(f"  concatenated heads:     max |difference| = {check.concat_diff:.3e}")
+    out.say(f"  attention weights:      max |difference| = {check.weights_diff:.3e}")
+    out.say(str(check))
+    return 0 if check.passed else 1
+
+
+def _cmd_explain(args, console) -> int:
+    return _walkthrough(args, _Writer(console))
+
+
+def _cmd_demo(args, console) -> int:
+    # For now the demo is the walkthrough; a later issue gives it a pre-trained model.
+    return _walkthrough(args, _Writer(console))
+
+
+# --------------------------------------------------------------------------- parser and main
+
+
+def _add_explain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=123, help="seed for X and the weights (default 123)")
+    p.add_argument("--heads", type=int, default=2, help="number of query heads h (default 2)")
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="key/value heads for grouped-query attention (default: one per head)")
+    p.add_argument("--d-in", type=int, default=8, help="embedding width d_in (default 8)")
+    p.add_argument("--d-out", type=int, default=4, help="width of Q, K, V across all heads (default 4)")
+    p.add_argument("--no-causal", action="store_true", help="let every token see every token")
+    p.add_argument("--bias", action="store_true", help="give the projections biases")
+    p.add_argument("--text", default=SENTENCE, help="the sentence; whitespace-separated tokens label the rows")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Multi-head attention from the whiteboard to the GPU.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    explain = sub.add_parser("explain", help="walk through multi-head attention with real numbers",
+                             description="The seeds' 11 x 8 two-head example, every step printed.")
+    _add_explain_options(explain)
+    explain.set_defaults(func=_cmd_explain)
+    demo = sub.add_parser("demo", help="a quick tour (for now: the explain walkthrough)")
+    _add_explain_options(demo)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args, make_console())
+    except (UsageError, ValueError, TypeError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Shared test helpers: random inputs and DESIGN.md's numerical rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multihead import attention_ref
+
+# DESIGN.md section 4, from flash-attention's tests: a backend's max-abs error
+# against the float64 reference is at most OUT_FACTOR (output) or GRAD_FACTOR
+# (gradients) times the error of the naive reference in the backend's dtype,
+# plus ABS_SLACK.
+OUT_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+ABS_SLACK = 1e-5
+
+
+def make_qkv(B, H, G, T, S, D, Dv=None, dtype=torch.float32, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    Dv = D if Dv is None else Dv
+    q = torch.randn(B, H, T, D, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, G, S, D, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, G, S, Dv, generator=gen, dtype=torch.float64).to(dtype)
+    for x in (q, k, v):
+        x.requires_grad_(requires_grad)
+    return q, k, v
+
+
+def _grads(out: torch.Tensor, inputs, grad_out: torch.Tensor):
+    return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_matches_reference(run, q, k, v, *, backward=True, **call):
+    """run(q, k, v, **call) -> out, checked against attention_ref under the 2x/3x rule.
+
+    The golden value is attention_ref in float64 on the same (up-cast) inputs;
+    the yardstick is attention_ref in the inputs' own dtype without upcasting.
+    Returns the measured errors for tests that want to look further.
+    """
+    inputs = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
+    golden_in = [x.detach().double().requires_grad_(backward) for x in (q, k, v)]
+    naive_in = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
+
+    out = run(*inputs, **call)
+    golden = attention_ref(*golden_in, upcast=True, **call).out
+    naive = attention_ref(*naive_in, upcast=False, **call).out
+    assert out.shape == golden.shape, (out.shape, golden.shape)
+    assert out.dtype == q.dtype
+
+    err, naive_err = max_err(out, golden), max_err(naive, golden)
+    assert err <= OUT_FACTOR * naive_err + ABS_SLACK, (
+        f"output error {err:.3g} > {OUT_FACTOR} x naive {naive_err:.3g} + {ABS_SLACK}")
+    result = {"out": err, "out_naive": naive_err}
+    if not backward:
+        return result
+
+    gen = torch.Generator().manual_seed(1234)
+    grad_out = torch.randn(golden.shape, generator=gen, dtype=torch.float64)
+    grads = _grads(out, inputs, grad_out.to(q.dtype))
+    golden_grads = _grads(golden, golden_in, grad_out)
+    naive_grads = _grads(naive, naive_in, grad_out.to(q.dtype))
+    for name, g, gg, ng in zip("qkv", grads, golden_grads, naive_grads):
+        assert g is not None, f"no gradient for {name}"
+        err, naive_err = max_err(g, gg), max_err(ng, gg)
+        assert err <= GRAD_FACTOR * naive_err + ABS_SLACK, (
+            f"d{name} error {err:.3g} > {GRAD_FACTOR} x naive {naive_err:.3g} + {ABS_SLACK}")
+        result["d" + name] = err
+    return result
+
+
+@pytest.fixture
+def qkv_factory():
+    return make_qkv
