@@ -1,0 +1,25 @@
+"""The benchmark script runs and writes what it says (tiny sizes: this checks the script, not speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_benchmark_quick_run_writes_its_tables(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "MultiHeadAttention vs torch.nn.MultiheadAttention" in done.stdout
+    (result,) = tmp_path.glob("cpu-*-quick.json")
+    data = json.loads(result.read_text())
+    assert data["torch"] and data["device"]
+    assert {(r["T"], r["need_weights"]) for r in data["module"]} == {(64, False), (64, True), (128, False), (128, True)}
+    assert {r["backend"] for r in data["backends"]} == {"sdpa", "chunked", "reference"}
+    assert all(r["seconds"] > 0 and r["torch_sdpa_s"] > 0 for r in data["backends"])
+    memory = {r["backend"]: r["peak_extra_bytes"] for r in data["memory"]}
+    assert set(memory) == {"chunked", "reference", "sdpa"}
