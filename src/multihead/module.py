@@ -155,7 +155,9 @@ class MultiHeadAttention(nn.Module):
         attn_mask: bool (True = may attend) or float (added to the scores),
             (T, S) or (B|1, H|1, T|1, S).
         key_mask: (B, S) bool, True = a real token, False = padding.
-        need_weights: also return the per-head weights (B, H, T, S).
+        need_weights: also return the per-head weights (B, H, T, S), the softmax
+            probabilities before dropout. They come from the eager path
+            (`attention_with_weights`), whatever the module's backend.
         """
         cfg = self.config
         if key is None and value is not None:
