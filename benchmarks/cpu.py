@@ -29,7 +29,6 @@ import platform
 import re
 import statistics
 import tempfile
-import sys
 import time
 from pathlib import Path
 

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._checks import positive_int, probability
+from ._checks import mask_tensor, positive_int, probability
 from .backends.reference import attention_ref
 from .functional import attention, attention_with_weights
 from .masks import combine
@@ -411,16 +411,7 @@ class MultiheadAttention(nn.Module):
 
 
 def _check_mask_tensor(name: str, mask, q: Tensor) -> Tensor:
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(
-            f"{name} must be bool (True = not allowed, torch's polarity) or floating (added to the "
-            f"scores), got {mask.dtype}"
-        )
-    if mask.device != q.device:
-        raise ValueError(f"{name} is on {mask.device} but the inputs are on {q.device}")
-    return mask
+    return mask_tensor(name, mask, q.device, "True = not allowed, torch's polarity")
 
 
 def _may_attend(torch_mask: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import backends, masks
-from ._checks import positive_int, probability
+from ._checks import mask_tensor, positive_int, probability
 from .backends.chunked import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, ChunkedOutput, chunked_forward
 from .backends.reference import attention_ref
 
@@ -84,15 +84,7 @@ def check_mask(attn_mask, q: Tensor, B: int, H: int, T: int, S: int) -> Tensor |
     """Check a user's attn_mask against the scores (B, H, T, S); return it as 4 dims in q's float dtype."""
     if attn_mask is None:
         return None
-    if not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(
-            f"attn_mask must be bool (True = may attend) or floating (added to the scores), "
-            f"got {attn_mask.dtype}"
-        )
-    if attn_mask.device != q.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    mask_tensor("attn_mask", attn_mask, q.device, "True = may attend")
     if attn_mask.dim() == 2:
         attn_mask = attn_mask[None, None]  # (T, S) -> (1, 1, T, S)
     elif attn_mask.dim() != 4:

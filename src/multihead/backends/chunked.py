@@ -128,7 +128,7 @@ def _prepare(q, k, v, scale):
 
 def _forward(q, k, v, mask5, causal, scale, dropout_p, seed, block_q, block_k):
     B, H, T, _ = q.shape
-    G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    S, Dv = k.shape[2], v.shape[-1]
     q5, k5, v5 = _prepare(q, k, v, scale)
     out5 = torch.zeros((*q5.shape[:-1], Dv), dtype=q5.dtype, device=q.device)  # (B, G, R, T, Dv)
     lse5 = torch.full((*q5.shape[:-1], 1), float("-inf"), dtype=q5.dtype, device=q.device)  # (B, G, R, T, 1)
