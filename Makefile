@@ -19,7 +19,7 @@ $(VENV)/.torch: | $(PY)
 	touch $@
 
 $(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch
-	$(PIP) install -e .
+	$(PIP) install -e ".[demo]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
@@ -30,7 +30,7 @@ install-demo: $(VENV)/.installed-demo
 install-test: $(VENV)/.installed-test
 
 demo: install-demo
-	$(VENV)/bin/multihead explain
+	$(VENV)/bin/multihead demo
 
 test: install-test
 	$(PY) -m pytest -n 2 -q

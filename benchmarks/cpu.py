@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,20 +34,9 @@ import torch
 import torch.nn.functional as F
 
 import multihead as mh
+from multihead.timing import device_name, timeit_side_by_side
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} x{os.cpu_count()}"
 
 
 def slug(text: str) -> str:
@@ -59,20 +46,6 @@ def slug(text: str) -> str:
 def timeit(fn, repeats: int) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
     return timeit_side_by_side({"fn": fn}, repeats)["fn"]
-
-
-def timeit_side_by_side(fns: dict, repeats: int) -> dict:
-    """Median seconds per candidate, timed in turns (A B C A B C ...) so that a
-    slow spell of the shared machine hits every candidate alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def module_table(lengths, repeats):

@@ -119,11 +119,6 @@ def test_explain_leaves_the_global_torch_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_demo_runs_the_walkthrough_for_now(capsys):
-    assert main(["demo"]) == 0
-    assert agreement(capsys.readouterr().out)[1] == "agree"
-
-
 def test_no_subcommand_prints_help_and_returns_2(capsys):
     assert main([]) == 2
     captured = capsys.readouterr()

