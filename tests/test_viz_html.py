@@ -342,3 +342,30 @@ def test_browser_512_tokens(browser, tmp_path):
     shot = _check_hover(browser, root, 300, w)
     _check_not_blank(shot)
     assert _severe(browser) == []
+
+
+def test_page_can_open_on_a_layer_with_a_token_pinned(browser, tmp_path):
+    """What `multihead demo` writes: the page opens on the demo's layer with 'brush' pinned."""
+    from selenium.webdriver.common.by import By
+
+    L, H, T = 3, 4, len(SENTENCE)
+    w = peaky(L, H, T)
+    brush = SENTENCE.index("brush")
+    root = _open(browser, tmp_path / "pinned.html", SENTENCE, w, layer=2, focus=brush)
+    assert _severe(browser) == []
+    assert root.get_attribute("data-layer") == "2" and root.get_attribute("data-pinned") == str(brush)
+    lines = browser.find_elements(By.CSS_SELECTOR, "#mh-links line")
+    assert 0 < len(lines) <= H * 8 and root.get_attribute("data-links") == str(len(lines))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#mh-focus .frow")
+    targets = strongest_targets(w, brush)[2]  # layer 2's choices are the ones listed
+    assert [f"#{targets[h]}" in row.text for h, row in enumerate(rows)] == [True] * H
+
+
+def test_start_layer_and_focus_are_checked():
+    w = peaky(2, 2, len(SENTENCE))
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got 2"):
+        head_view_html(SENTENCE, w, layer=2)
+    with pytest.raises(ValueError, match=r"focus must be in \[0, 14\), got 14"):
+        head_view_html(SENTENCE, w, focus=14)
+    with pytest.raises(TypeError, match="focus must be an int"):
+        head_view_html(SENTENCE, w, focus="brush")

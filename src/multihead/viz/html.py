@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .._checks import positive_int
-from .stats import as_special, as_tokens, as_weights, guess_special, head_stats
+from .stats import _index, as_special, as_tokens, as_weights, guess_special, head_stats
 
 __all__ = ["head_view_html", "write_head_view"]
 
@@ -58,6 +58,8 @@ def head_view_html(
     title: str = "",
     max_edges_per_token: int = 8,
     model_name: str = "",
+    layer: int = 0,
+    focus: int | None = None,
 ) -> str:
     """The head view of one sequence as a self-contained HTML page (a str).
 
@@ -68,6 +70,9 @@ def head_view_html(
     heading (default: from model_name). max_edges_per_token: how many of
     each query row's strongest links are embedded per head; the page says
     how many of T it shows. model_name: shown under the heading.
+    layer: the layer shown when the page opens. focus: a query token index
+    to open pinned (its links drawn, each head's choice listed), e.g. the
+    token a demo is about; None opens with no token pinned.
     """
     w = as_weights(weights)
     L, H, T, _ = w.shape
@@ -83,6 +88,8 @@ def head_view_html(
 
     data = page_data(toks, w, mask, k)
     data["model_name"] = model_name
+    data["start_layer"] = _index("layer", layer, L)
+    data["start_focus"] = -1 if focus is None else _index("focus", focus, T)
     page_title = title or (f"{model_name}: attention heads" if model_name else "Attention heads")
 
     if k < T:
@@ -426,7 +433,7 @@ _JS = r"""
     return b;
   }
 
-  var state = { layer: 0, active: [], hover: -1, hoverSide: "q", pinned: -1, pinnedSide: "q" };
+  var state = { layer: D.start_layer, active: [], hover: -1, hoverSide: "q", pinned: D.start_focus, pinnedSide: "q" };
   for (var h1 = 0; h1 < H; h1++) state.active.push(true);
 
   // ------------------------------------------------------------------ controls
@@ -810,7 +817,9 @@ _JS = r"""
   });
   placeSide();
   layoutBand();
+  layerSel.value = String(state.layer);
   refresh();
+  drawFocus();
   root.dataset.ready = "1";
 })();
 """

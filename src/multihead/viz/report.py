@@ -71,11 +71,12 @@ def text_report(model, text: str, *, token: str | None, layer: int | None, out_d
     say("drawing heads.png (every layer x head)")
     files["png"] = save_png(grid_figure(view.tokens, view.weights, title=title), out / "heads.png")
     say(f"drawing layer{layer}.png")
-    files["layer_png"] = save_png(layer_figure(view.tokens, view.weights, layer, title=title),
+    files["layer_png"] = save_png(layer_figure(view.tokens, view.weights, layer, title=f"layer {layer} of {title}"),
                                   out / f"layer{layer}.png")
     say("writing heads.html")
     files["html"] = write_head_view(out / "heads.html", view.tokens, view.weights, special=view.special,
-                                    title=text if len(text) <= 200 else text[:197] + "...", model_name=model.name)
+                                    title=text if len(text) <= 200 else text[:197] + "...", model_name=model.name,
+                                    layer=layer, focus=query)
     return TextReport(model.name, view.tokens, view.special, view.weights, query, layer, choices,
                       disagreement, files)
 
