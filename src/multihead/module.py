@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from . import backends, masks
 from ._checks import positive_int, probability
+from .cache import LayerCache
 from .functional import check_mask, attention, attention_with_weights
+from .rope import RotaryEmbedding, apply_rotary, check_positions
 
 
 @dataclass(frozen=True)
@@ -99,17 +101,22 @@ class MultiHeadAttention(nn.Module):
 
     MultiHeadAttention(d_model, num_heads, *, num_kv_heads=None, head_dim=None,
                        v_head_dim=None, kdim=None, vdim=None, bias=True,
-                       dropout=0.0, causal=False, backend="auto")
+                       dropout=0.0, causal=False, backend="auto", rope=None)
 
     Defaults follow the textbook: head_dim = v_head_dim = d_model / num_heads
     and one key/value head per query head.
+
+    rope: a `multihead.rope.RotaryEmbedding` of width head_dim rotates q and k
+    to their positions after the projections and before the cache (Llama's
+    order), so cached keys keep the rotation of the position they were
+    written at.
     """
 
     def __init__(
         self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
         head_dim: int | None = None, v_head_dim: int | None = None, kdim: int | None = None,
         vdim: int | None = None, bias: bool = True, dropout: float = 0.0, causal: bool = False,
-        backend: str = "auto", device=None, dtype=None,
+        backend: str = "auto", rope: RotaryEmbedding | None = None, device=None, dtype=None,
     ) -> None:
         super().__init__()
         cfg = make_config(
@@ -118,6 +125,11 @@ class MultiHeadAttention(nn.Module):
             causal=causal, backend=backend,
         )
         self.config = cfg
+        if rope is not None and not isinstance(rope, RotaryEmbedding):
+            raise TypeError(f"rope must be a multihead.rope.RotaryEmbedding or None, got {type(rope).__name__}")
+        if rope is not None and rope.head_dim != cfg.head_dim:
+            raise ValueError(f"rope rotates head_dim={rope.head_dim}, the heads have head_dim={cfg.head_dim}")
+        self.rope = rope  # a module without weights: the state dict is unchanged
         factory = dict(device=device, dtype=dtype)
         H, G, D, Dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
         # W^Q = [W_1^Q | ... | W_H^Q] as one Linear; likewise W^K, W^V over the G kv heads.
@@ -149,6 +161,8 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
         need_weights: bool = False,
+        cache: LayerCache | None = None,
+        positions: Tensor | None = None,
     ) -> MultiHeadAttentionOutput:
         """query (B, T, C); key (B, S, kdim) and value (B, S, vdim), both default to query.
 
@@ -158,6 +172,18 @@ class MultiHeadAttention(nn.Module):
         need_weights: also return the per-head weights (B, H, T, S), the softmax
             probabilities before dropout. They come from the eager path
             (`attention_with_weights`), whatever the module's backend.
+        cache: a layer cache (`cache[i]` of a `multihead.cache` KVCache), for
+            decoding: the chunk's k and v are appended and its T queries attend
+            to every real cached token, causal per sequence (bottom-right
+            aligned at each sequence's own length). Self-attention of a causal
+            module only (key and value are the query; a non-causal module
+            would let cached tokens see the future, so it is refused).
+            key_mask (B, T) then marks the chunk's real tokens, right-padded:
+            padded ones are not cached. attn_mask, if any, is over the cache's
+            S keys (S = k.shape[2] after the update) and is combined with it.
+        positions: (B, T) or (T,) absolute positions of the query tokens, for
+            rope only; default: the cache's lengths[:, None] + arange(T), or
+            arange(T) without a cache.
         """
         cfg = self.config
         if key is None and value is not None:
@@ -180,6 +206,12 @@ class MultiHeadAttention(nn.Module):
         k = self.k_proj(key).view(B, S, G, D).transpose(1, 2)  # (B, S, kdim) -> (B, G, S, D)
         v = self.v_proj(value).view(B, S, G, Dv).transpose(1, 2)  # (B, S, vdim) -> (B, G, S, Dv)
 
+        causal = cfg.causal
+        if cache is not None or positions is not None or self.rope is not None:
+            q, k, v, attn_mask, key_mask, causal = self._rotate_and_cache(
+                query, key, value, q, k, v, attn_mask, key_mask, cache, positions)
+            S = k.shape[2]  # with a cache: every cached slot, (B, G, S, D)
+
         mask = check_mask(attn_mask, q, B, H, T, S)
         if key_mask is not None:
             if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
@@ -189,7 +221,7 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"key_mask must be (B, S) = {(B, S)}, got {tuple(key_mask.shape)}")
             mask = masks.combine(mask, masks.key_mask_to_attn_mask(key_mask), q.dtype)
 
-        call = dict(attn_mask=mask, causal=cfg.causal,
+        call = dict(attn_mask=mask, causal=causal,
                     dropout_p=cfg.dropout if self.training else 0.0)
         weights = None
         if need_weights:
@@ -198,6 +230,54 @@ class MultiHeadAttention(nn.Module):
             out = attention(q, k, v, backend=cfg.backend, **call)  # (B, H, T, Dv)
         out = out.transpose(1, 2).reshape(B, T, H * Dv)  # (B, H, T, Dv) -> (B, T, H·Dv): concat heads
         return MultiHeadAttentionOutput(self.out_proj(out), weights)
+
+    def _rotate_and_cache(self, query, key, value, q, k, v, attn_mask, key_mask, cache, positions):
+        """RoPE on q and k, then the cache: (q, k, v, attn_mask, key_mask, causal) for the attention call.
+
+        With a cache, k and v become everything cached (B, G, S, ·), the cache's
+        mask (causal per sequence) joins attn_mask, key_mask is used up as the
+        chunk's real tokens, and causal is off: the cache's mask already is it.
+        """
+        cfg = self.config
+        B, H, T, _ = q.shape
+        if key is not query or value is not query:
+            raise ValueError(
+                "cache= and rope= are for self-attention: key and value must be the query itself "
+                "(leave them None); a separate key/value has positions and a history of its own"
+            )
+        chunk_lengths = None
+        if cache is not None:
+            if not isinstance(cache, LayerCache):
+                hint = "; pass one layer's cache, cache[i]" if hasattr(cache, "layers") else ""
+                raise TypeError(f"cache must be a multihead.cache.LayerCache, got {type(cache).__name__}{hint}")
+            if not cfg.causal:
+                raise ValueError(
+                    "cache= needs a causal module (MultiHeadAttention(..., causal=True)): decoding appends "
+                    "tokens that must not be seen by the ones before them"
+                )
+            if key_mask is not None:
+                chunk_lengths = _right_padded_lengths(key_mask, B, T)
+                key_mask = None  # the cache's mask now says which keys are real
+
+        if positions is not None and self.rope is None:
+            raise ValueError("positions= is only used by rope, and this module has rope=None")
+        if self.rope is not None:
+            if positions is None:
+                positions = (torch.arange(T, device=q.device) if cache is None
+                             else cache.positions(T, batch_size=B, device=q.device).to(q.device))  # (B, T)
+            check_positions(positions, batch_size=B, length=T)
+            if positions.device != q.device:
+                raise ValueError(f"positions is on {positions.device} but the query is on {q.device}")
+            cos, sin = self.rope(positions, dtype=q.dtype)  # (B|1, 1, T, D) each
+            q = apply_rotary(q, cos, sin)  # (B, H, T, D)
+            k = apply_rotary(k, cos, sin)  # (B, G, T, D)
+        if cache is None:
+            return q, k, v, attn_mask, key_mask, cfg.causal
+
+        k, v, cache_mask = cache.update(k, v, chunk_lengths)  # (B, G, S, D), (B, G, S, Dv), (B, 1, T, S)
+        S = k.shape[2]
+        attn_mask = masks.combine(check_mask(attn_mask, q, B, H, T, S), cache_mask, q.dtype)
+        return q, k, v, attn_mask, key_mask, False
 
     def head(self, i: int) -> HeadWeights:
         """Head i's W_i^Q, W_i^K, W_i^V and its rows of W^O, cut out of the fused projections."""
@@ -218,3 +298,17 @@ class MultiHeadAttention(nn.Module):
         w_v, b_v = rows(self.v_proj, g, Dv)
         w_o = self.out_proj.weight.detach()[:, i * Dv:(i + 1) * Dv].T  # (C, Dv) -> (Dv, C)
         return HeadWeights(i, g, w_q, w_k, w_v, w_o, b_q, b_k, b_v)
+
+
+def _right_padded_lengths(key_mask, B: int, T: int) -> Tensor:
+    """key_mask (B, T) of a cached chunk, True = real, right-padded -> real tokens per sequence (B,)."""
+    if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+        got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
+        raise TypeError(f"key_mask must be a bool tensor (B, T), True = a real token, got {got}")
+    if tuple(key_mask.shape) != (B, T):
+        raise ValueError(f"with a cache, key_mask marks the new chunk's real tokens: (B, T) = {(B, T)} "
+                         f"expected, got {tuple(key_mask.shape)}")
+    if not torch.compiler.is_compiling() and bool((key_mask[:, 1:] & ~key_mask[:, :-1]).any()):
+        raise ValueError("with a cache, key_mask must pad on the right (True for the real tokens, then False): "
+                         "a cached sequence's tokens sit at consecutive positions")
+    return key_mask.sum(dim=-1)  # (B, T) -> (B,)
