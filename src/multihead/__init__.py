@@ -27,7 +27,10 @@ from .functional import (
     chunked_attention,
     explain_dispatch,
 )
+from .cache import DynamicCache, KVCache, StaticCache, kv_bytes_per_token
+from .latent import MultiHeadLatentAttention
 from .module import HeadWeights, MultiHeadAttention, MultiHeadAttentionConfig, MultiHeadAttentionOutput
+from .rope import RotaryEmbedding
 
 __version__ = "0.1.0"
 
@@ -35,16 +38,22 @@ __all__ = [
     "AttentionWithWeights",
     "ChunkedOutput",
     "Dispatch",
+    "DynamicCache",
     "HeadWeights",
+    "KVCache",
     "MultiHeadAttention",
     "MultiHeadAttentionConfig",
     "MultiHeadAttentionOutput",
+    "MultiHeadLatentAttention",
     "ReferenceOutput",
+    "RotaryEmbedding",
+    "StaticCache",
     "attention",
     "attention_ref",
     "attention_with_weights",
     "backends",
     "chunked_attention",
     "explain_dispatch",
+    "kv_bytes_per_token",
     "masks",
 ]
