@@ -87,11 +87,14 @@ def backend_table(lengths, repeats):
             torch.manual_seed(0)
             q, k, v = (torch.randn(1, 8, T, 64) for _ in range(3))
             fns = {"torch_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
-            for name in mh.backends.names():
+            # only the backends that can run here (triton needs a GPU or its interpreter)
+            able = [name for name, reason in mh.explain_dispatch(q, k, v, causal=causal).reasons.items()
+                    if reason is None]
+            for name in able:
                 fns[name] = lambda name=name: mh.attention(q, k, v, causal=causal, backend=name)
             with torch.no_grad():
                 t = timeit_side_by_side(fns, repeats)
-            for name in mh.backends.names():
+            for name in able:
                 rows.append(dict(T=T, causal=causal, backend=name, seconds=t[name],
                                  torch_sdpa_s=t["torch_sdpa"], vs_torch_sdpa=t[name] / t["torch_sdpa"]))
     return rows

@@ -2,8 +2,39 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import importlib.util
+import os
+
+
+def _import_triton_language_for_the_interpreter() -> None:
+    """Import triton.language once with TRITON_INTERPRET=1, before anything else imports triton.
+
+    Triton's interpreter needs triton.language's own @jit helpers (tl.max,
+    tl.sum, ...) to have been created in interpreter mode, which is decided at
+    triton's first import. transformers and sentence-transformers import triton
+    when other test modules load them, so without this the order in which
+    pytest collects modules would decide whether tests/test_triton.py can run.
+    Only on a machine without CUDA: there the interpreter is the only way to
+    run the kernels. The variable is restored, so `auto` still refuses triton
+    on the CPU outside the tests that ask for the interpreter.
+    """
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") is not None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+_import_triton_language_for_the_interpreter()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from multihead import attention_ref
 

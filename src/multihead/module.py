@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from . import backends, masks
 from ._checks import positive_int, probability
 from .cache import LayerCache
-from .functional import check_mask, attention, attention_with_weights
+from .functional import check_mask, attention
+from .weights import attention_and_weights
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
 
@@ -170,8 +171,12 @@ class MultiHeadAttention(nn.Module):
             (T, S) or (B|1, H|1, T|1, S).
         key_mask: (B, S) bool, True = a real token, False = padding.
         need_weights: also return the per-head weights (B, H, T, S), the softmax
-            probabilities before dropout. They come from the eager path
-            (`attention_with_weights`), whatever the module's backend.
+            probabilities before dropout. The output still comes from a fused
+            kernel that returns the logsumexp (triton on a GPU, torch's flash
+            kernel on the CPU, else chunked) and the weights are read off it
+            exactly (`multihead.weights.attention_and_weights`). They carry no
+            gradient (the output does); for differentiable weights call
+            `multihead.attention_with_weights`.
         cache: a layer cache (`cache[i]` of a `multihead.cache` KVCache), for
             decoding: the chunk's k and v are appended and its T queries attend
             to every real cached token, causal per sequence (bottom-right
@@ -225,7 +230,8 @@ class MultiHeadAttention(nn.Module):
                     dropout_p=cfg.dropout if self.training else 0.0)
         weights = None
         if need_weights:
-            out, weights = attention_with_weights(q, k, v, **call)  # (B, H, T, Dv), (B, H, T, S)
+            on_demand = attention_and_weights(q, k, v, **call)
+            out, weights = on_demand.out, on_demand.weights  # (B, H, T, Dv), (B, H, T, S)
         else:
             out = attention(q, k, v, backend=cfg.backend, **call)  # (B, H, T, Dv)
         out = out.transpose(1, 2).reshape(B, T, H * Dv)  # (B, H, T, Dv) -> (B, T, H·Dv): concat heads

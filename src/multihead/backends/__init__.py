@@ -110,10 +110,12 @@ def _register_builtin() -> None:
     from .chunked import ChunkedBackend
     from .reference import ReferenceBackend
     from .sdpa import SdpaBackend
+    from .triton import TritonBackend  # imports no triton until a call needs it
 
     register(ReferenceBackend())
     register(ChunkedBackend())
     register(SdpaBackend())
+    register(TritonBackend())
 
 
 _register_builtin()

@@ -1,0 +1,204 @@
+"""The forward kernel: online softmax over key tiles, the logsumexp saved.
+
+One program owns BLOCK_M queries of one (batch, head) and walks the key
+tiles they may see, keeping per query a running maximum m, a running sum
+of exponentials l and an unnormalised output acc (see `backends.chunked`
+for the same algorithm in torch). Scores are taken in base 2: the scale is
+multiplied by log2(e) once, so every exponential is one exp2.
+
+The tiles fall into two runs. The first run holds the tiles that every
+query of the block sees whole (below the causal diagonal and the key
+length): no mask is computed there. The second run holds the tiles the
+diagonal or the key length cuts: those are masked element by element.
+
+    causal, T = S, BLOCK_M = BLOCK_N = 4 (offset 0)
+              keys 0..3   4..7   8..11
+    rows 8..11    full    full   masked    <- one masked tile per block
+    rows 0..3     masked   -      -        <- tiles right of the diagonal are skipped
+
+Grouped-query attention reads kv head h // R for query head h: k and v are
+never copied per head. Head dims that are not powers of two are padded to
+the next one inside the kernel (masked loads, zeros in the padding), which
+changes no dot product.
+
+This module is loaded twice at most by `multihead.backends.triton`: once
+with TRITON_INTERPRET=1 (CPU tensors, the interpreter) and once without
+(CUDA), since triton.jit decides which at decoration time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read when this copy of the module was loaded: the loader sets it to match.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_base, v_base, start_n,
+    offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_len, offset, qk_scale2,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    cols = start_n + offs_n  # (BLOCK_N,) key positions of this tile
+    if MASKED:
+        k_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
+        v_mask = (cols[:, None] < kv_len) & (offs_dv[None, :] < HEAD_DIM_V)
+    else:
+        k_mask = offs_d[None, :] < HEAD_DIM
+        v_mask = offs_dv[None, :] < HEAD_DIM_V
+    k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=k_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N), base-2 scores
+    if MASKED:
+        allowed = cols[None, :] < kv_len
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= offs_m[:, None] + offset)  # bottom-right aligned
+        qk = tl.where(allowed, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row that has seen no key yet keeps m = -inf; exp2(-inf - 0) = 0 instead of NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
+    alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old maximum
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + cols[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)  # (BLOCK_N, BLOCK_DV)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # accumulates in place
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, KeyLen,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_ot,
+    H, T, S, R, qk_scale2,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)  # heads and batch on grid axes 1 and 2: each may reach 65535
+    b = tl.program_id(2)
+    g = h // R  # grouped-query: the kv head this query head reads
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=(offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_M, BLOCK_D)
+
+    if HAS_LENGTHS:
+        kv_len = tl.load(KeyLen + b)
+    else:
+        kv_len = S
+    offset = S - T  # query i sees keys j <= i + offset
+    if CAUSAL:
+        # the block's last real row sees up to key (last + offset); its first row sees whole
+        # every tile that ends at or before key (m0 + offset)
+        hi = tl.minimum(kv_len, tl.minimum(m0 + BLOCK_M, T) + offset)
+        full = tl.minimum(kv_len, m0 + offset + 1)
+    else:
+        hi = kv_len
+        full = kv_len
+    hi = tl.maximum(hi, 0)
+    full = (tl.maximum(full, 0) // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    for start_n in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n,
+                                  offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_len, offset,
+                                  qk_scale2, HEAD_DIM, HEAD_DIM_V, False, CAUSAL, PRECISION)
+    for start_n in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n,
+                                  offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_len, offset,
+                                  qk_scale2, HEAD_DIM, HEAD_DIM_V, True, CAUSAL, PRECISION)
+
+    # A row with no key has l = 0: output 0, lse = -inf. A NaN row keeps its NaN.
+    no_key = l_i == 0.0
+    l_safe = tl.where(no_key, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    # lse in natural log: (m + log2 l) is in base 2, times ln 2
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_dv[None, :], acc.to(Out.dtype.element_ty),
+             mask=(offs_m[:, None] < T) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(Lse + (b * H + h).to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+
+
+def _gpu_configs():
+    # (BLOCK_M, BLOCK_N, warps, stages); the autotuner drops what does not fit the
+    # shared memory of the device at hand and times the rest once per shape key.
+    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+              (128, 32, 4, 2), (64, 64, 4, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    named_args = {**named_args, **kwargs}  # constexprs come as keyword arguments
+    # Head dims above 128 need smaller tiles to keep q, k, v and acc on chip.
+    big = max(named_args["HEAD_DIM"], named_args["HEAD_DIM_V"]) > 128
+    kept = [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs
+
+
+if INTERPRET:
+    _fwd_launch = _fwd_kernel  # block sizes come from the caller
+else:
+    _fwd_launch = triton.autotune(
+        configs=_gpu_configs(),
+        key=["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_LENGTHS", "PRECISION"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(_fwd_kernel)
+
+
+def padded_dim(d: int) -> int:
+    """The power of two (at least 16, tl.dot's smallest) that a head dim is padded to."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def attention_forward(q, k, v, key_lengths, causal: bool, scale: float, precision: str,
+                      block_m: int | None = None, block_n: int | None = None):
+    """Launch the kernel. q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv), last dims contiguous;
+    key_lengths None or int32 (B,) with values in [0, S]. -> out (B, H, T, Dv), lse (B, H, T) float32.
+    precision: tl.dot's input_precision ("ieee" keeps fp32 products exact, "tf32" is faster).
+
+    block_m / block_n pick the tiles in the interpreter (on a GPU the autotuner does).
+    """
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty((B, H, T, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    args = (
+        q, k, v, out, lse, key_lengths if key_lengths is not None else lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, T, S, H // G, scale * LOG2E,
+    )
+    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(Dv),
+                CAUSAL=causal, HAS_LENGTHS=key_lengths is not None, PRECISION=precision)
+    if INTERPRET:
+        bm, bn = block_m or 32, block_n or 32
+        _fwd_launch[(triton.cdiv(T, bm), H, B)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        grid = lambda META: (triton.cdiv(T, META["BLOCK_M"]), H, B)  # noqa: E731
+        _fwd_launch[grid](*args, **meta)
+    return out, lse
