@@ -180,7 +180,7 @@ def attention_table(points, names, repeats, peak):
                     row["fraction_of_peak"] = row["tflops"] / peak if peak else None
                 rows.append(row)
                 q.grad = k.grad = v.grad = None
-        del q, k, v, grad
+        q = k = v = grad = None  # free this point's tensors before the next one is allocated
     return rows
 
 
@@ -203,7 +203,7 @@ def weights_table(points, repeats):
         if "seconds" in forward and "seconds" in one_head:
             row["weights_vs_forward"] = one_head["seconds"] / forward["seconds"]
         rows.append(row)
-        del q, k, v, lse
+        q = k = v = lse = None  # free this point's tensors before the next one is allocated
     return rows
 
 

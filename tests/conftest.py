@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -26,7 +27,7 @@ def _import_triton_language_for_the_interpreter() -> None:
         return
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import triton.language  # noqa: F401
+        importlib.import_module("triton.language")
     finally:
         del os.environ["TRITON_INTERPRET"]
 
