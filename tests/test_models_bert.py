@@ -246,7 +246,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(CheckpointError, match="has no config.json"):
         load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(CheckpointError, match="model_type='t5'; multihead loads 'bert' and 'gpt2'"):
+    with pytest.raises(CheckpointError, match="model_type='t5'; multihead loads 'bert', 'gpt2' and 'llama'"):
         load(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):

@@ -424,6 +424,42 @@ def _cmd_visualize(args, console) -> int:
     return 0
 
 
+def _cmd_generate(args, console) -> int:
+    """Continue PROMPT with a local GPT-2 or Llama folder, writing each piece of text as its token comes."""
+    from .generate import stream
+    from .models import load
+    from .models.weight_map import read_config
+
+    if not args.prompt.strip():
+        raise UsageError("PROMPT is empty; give the text to continue")
+    model = load(args.model)
+    if model.kind not in ("gpt2", "llama"):
+        raise UsageError(f"{args.model} is a {model.kind} encoder; generate needs a decoder (a GPT-2 or Llama folder)")
+    eos = read_config(args.model).get("eos_token_id")
+    stop = [eos] if isinstance(eos, int) else [t for t in (eos or []) if isinstance(t, int)]
+    sample = any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.seed))
+    prompt = model.tokenize([args.prompt])
+    steps = stream(model.network, prompt.input_ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                   temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop_tokens=stop)
+    out = console.file
+    out.write(args.prompt)
+    out.flush()
+    tokens: list[int] = []
+    shown = ""
+    for step in steps:
+        tokens.append(int(step.tokens[0]))
+        text = model.tokenizer.tokenizer.decode(tokens)
+        if text.endswith("\ufffd"):  # a character cut between byte-level tokens: wait for its other bytes
+            continue
+        out.write(text[len(shown):])
+        out.flush()
+        shown = text
+    out.write(model.tokenizer.tokenizer.decode(tokens)[len(shown):] + "\n")
+    out.flush()
+    return 0
+
+
 # --------------------------------------------------------------------------- parser and main
 
 
@@ -473,6 +509,20 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--out", default="multihead-visualize",
                            help="folder for the pictures (default ./multihead-visualize)")
     visualize.set_defaults(func=_cmd_visualize)
+    generate = sub.add_parser("generate", help="continue a prompt with a local GPT-2 or Llama, token by token",
+                              description="Load a Hugging Face GPT-2 or Llama folder through multihead and stream "
+                                          "its continuation of PROMPT (KV cache). Greedy unless --temperature, "
+                                          "--top-k, --top-p or --seed asks for sampling; stops at the folder's "
+                                          "eos_token_id.")
+    generate.add_argument("prompt", metavar="PROMPT", help="the text to continue")
+    generate.add_argument("--model", required=True, help="a local Hugging Face GPT-2 or Llama checkpoint folder")
+    generate.add_argument("--max-new-tokens", type=_positive, default=50, help="tokens to generate (default 50)")
+    generate.add_argument("--temperature", type=float, default=None, help="sample at this temperature (> 0)")
+    generate.add_argument("--top-k", type=_positive, default=None, help="sample among the K most likely tokens")
+    generate.add_argument("--top-p", type=float, default=None,
+                          help="sample among the most likely tokens holding mass P, 0 < P <= 1")
+    generate.add_argument("--seed", type=int, default=None, help="seed of the sampling: same seed, same text")
+    generate.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -5,7 +5,7 @@
     view = model.attention("The artist painted the portrait of a woman with a brush.")
     view.weights                                   # (L, H, T, T) every layer's per-head weights
 
-    multihead.models.load("path/to/checkpoint")    # any local Hugging Face BERT or GPT-2 folder
+    multihead.models.load("path/to/checkpoint")    # any local Hugging Face BERT, GPT-2 or Llama folder
 
 Architectures: `bert.Bert` (encoder) and `gpt2.GPT2` (causal decoder); each
 loads its checkpoints through a declarative weight map (`weight_map.Rule`).
@@ -75,8 +75,16 @@ def load(name_or_path: str | Path = "minilm") -> TextModel:
         network = load_gpt2(directory)
         return TextModel(name, "gpt2", network, TextTokenizer.from_directory(directory, pad_id=0),
                          network.config.max_positions)
+    if model_type == "llama":
+        from .llama import load_llama
+
+        network = load_llama(directory)
+        pad_id = config.get("pad_token_id")
+        return TextModel(name, "llama", network,
+                         TextTokenizer.from_directory(directory, pad_id=pad_id if isinstance(pad_id, int) else 0),
+                         network.config.max_positions)
     raise CheckpointError(
-        f"{directory}/config.json says model_type={model_type!r}; multihead loads 'bert' and 'gpt2'"
+        f"{directory}/config.json says model_type={model_type!r}; multihead loads 'bert', 'gpt2' and 'llama'"
     )
 
 

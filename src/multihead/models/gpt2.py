@@ -7,8 +7,11 @@
     logits = lm_head(final_norm(x))              (B, T, V); lm_head shares token_embedding's matrix
 
 `load_gpt2(directory)` builds the model from a Hugging Face GPT-2 folder
-(config.json + model.safetensors or pytorch_model.bin) through GPT2_WEIGHT_MAP;
-`greedy` decodes by recomputing the whole prefix every step (no KV cache yet).
+(config.json + model.safetensors or pytorch_model.bin) through GPT2_WEIGHT_MAP.
+Decoding: `forward(..., cache=model.make_cache())` runs a chunk against a KV
+cache (each sequence's positions come from the cache's lengths, so the learned
+position embedding is right for every row); `multihead.generate` does the
+loop. `greedy` is the simplest decoder, recomputing the whole prefix each step.
 The model has no dropout: it is meant for running pre-trained weights.
 """
 
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import positive_int
+from ..cache import DynamicCache, KVCache, StaticCache
 from ..module import MultiHeadAttention
 from ._checks import check_token_ids
 from .weight_map import (
@@ -108,7 +112,7 @@ _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "g
 
 class DecoderOutput(NamedTuple):
     logits: Tensor  # (B, T, V)
-    attentions: tuple[Tensor, ...] | None  # per layer (B, H, T, T) when need_weights, else None
+    attentions: tuple[Tensor, ...] | None  # per layer (B, H, T, S) when need_weights, else None; S = T without a cache
 
 
 class BlockOutput(NamedTuple):
@@ -136,8 +140,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool) -> BlockOutput:
-        attended = self.attention(self.attention_norm(x), key_mask=key_mask, need_weights=need_weights)
+    def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool, cache=None) -> BlockOutput:
+        attended = self.attention(self.attention_norm(x), key_mask=key_mask, need_weights=need_weights,
+                                  cache=cache)
         x = x + attended.output
         x = x + self.mlp(self.mlp_norm(x))
         return BlockOutput(x, attended.weights)
@@ -160,26 +165,93 @@ class GPT2(nn.Module):
         self.apply(_init_weights)
 
     def forward(
-        self, input_ids: Tensor, *, key_mask: Tensor | None = None, need_weights: bool = False
+        self, input_ids: Tensor, *, key_mask: Tensor | None = None, cache: KVCache | None = None,
+        need_weights: bool = False,
     ) -> DecoderOutput:
-        """input_ids (B, T) int64 token ids at positions 0..T-1.
+        """input_ids (B, T) int64 token ids at positions 0..T-1 (or after the cache's tokens).
 
         key_mask: (B, T) bool, True = a real token; padding goes on the right,
             so every real token keeps its position. Padded positions' logits
             are meaningless; real tokens' logits do not depend on the padding.
-        need_weights: also return every layer's attention weights (B, H, T, T).
+        cache: a KVCache of num_layers layers (`make_cache()`): the chunk's
+            tokens sit at positions cache.lengths[b] + 0..T-1 of their
+            sequence, attend to everything cached, and are appended (only the
+            real ones, as key_mask says).
+        need_weights: also return every layer's attention weights (B, H, T, S),
+            S = T without a cache, the cache's key slots with one.
         """
         B, T = check_token_ids(input_ids, self.config.vocab_size, self.config.max_positions)
         if key_mask is not None:
             _check_key_mask(key_mask, input_ids)
-        positions = torch.arange(T, device=input_ids.device)  # (T,)
+        if cache is None:
+            positions = torch.arange(T, device=input_ids.device)  # (T,)
+        else:
+            _check_cache(cache, self.config.num_layers)
+            positions = cache.positions(T, batch_size=B, device=input_ids.device).to(input_ids.device)  # (B, T)
+            _check_cached_positions(positions, key_mask, self.config.max_positions)
+            if key_mask is not None:  # a padded token past the last position gets the last row: never used
+                positions = positions.clamp(max=self.config.max_positions - 1)  # (B, T)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T) -> (B, T, C)
         attentions = []
-        for block in self.blocks:
-            x, weights = block(x, key_mask, need_weights)
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, key_mask, need_weights, None if cache is None else cache[i])
             attentions.append(weights)
         logits = self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
         return DecoderOutput(logits, tuple(attentions) if need_weights else None)
+
+    @property
+    def position_limit(self) -> int:
+        """The longest sequence the model takes: its learned positions (what `multihead.generate` checks)."""
+        return self.config.max_positions
+
+    def make_cache(self, batch_size: int | None = None, max_length: int | None = None,
+                   static: bool = False) -> KVCache:
+        """A KV cache for this model, on its parameters' device and dtype.
+
+        Dynamic (grows) by default; static=True preallocates batch_size x
+        max_length tokens per layer (max_length defaults to max_positions).
+        """
+        return make_decoder_cache(self, num_kv_heads=self.config.num_heads,
+                                  head_dim=self.config.d_model // self.config.num_heads,
+                                  batch_size=batch_size, max_length=max_length, static=static,
+                                  default_max_length=self.config.max_positions)
+
+
+def make_decoder_cache(model: nn.Module, *, num_kv_heads: int, head_dim: int, batch_size: int | None,
+                       max_length: int | None, static: bool, default_max_length: int) -> KVCache:
+    """The cache a decoder's `make_cache` returns: one layer cache per block, on the model's device/dtype."""
+    weight = next(model.parameters())
+    num_layers = model.config.num_layers
+    if not isinstance(static, bool):
+        raise TypeError(f"static must be a bool, got {type(static).__name__}")
+    if not static:
+        if max_length is not None:
+            raise ValueError("max_length is for a static cache (static=True); a dynamic cache grows")
+        return DynamicCache(num_layers, batch_size=batch_size, device=weight.device)
+    if batch_size is None:
+        raise ValueError("a static cache needs batch_size (it is preallocated), got None")
+    max_length = default_max_length if max_length is None else positive_int("max_length", max_length)
+    return StaticCache(num_layers, batch_size, max_length, num_kv_heads, head_dim,
+                       dtype=weight.dtype, device=weight.device)
+
+
+def _check_cache(cache, num_layers: int) -> None:
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a multihead.cache.KVCache (model.make_cache()), got {type(cache).__name__}")
+    if cache.num_layers != num_layers:
+        raise ValueError(f"cache has {cache.num_layers} layers, the model has num_layers={num_layers}")
+
+
+def _check_cached_positions(positions: Tensor, key_mask: Tensor | None, max_positions: int) -> None:
+    """Real tokens of a cached chunk must fall inside the learned positions."""
+    if torch.compiler.is_compiling():
+        return
+    real = positions.shape[1] if key_mask is None else key_mask.sum(dim=1)  # (B, T) -> (B,)
+    last = positions[:, 0] + real - 1  # (B,): position of each sequence's last real token in the chunk
+    if bool((last >= max_positions).any()):
+        b = int(torch.argmax(last))
+        raise ValueError(f"sequence {b} would reach position {int(last[b])} with this chunk; the model has "
+                         f"max_positions={max_positions} learned positions (0..{max_positions - 1})")
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -261,7 +333,8 @@ def load_gpt2(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> G
 def greedy(model: GPT2, input_ids: Tensor, max_new_tokens: int) -> Tensor:
     """input_ids (B, T) -> (B, T + max_new_tokens): the most likely next token, appended, each step.
 
-    Every step recomputes the whole prefix; a KV cache comes later.
+    Every step recomputes the whole prefix: the plainest decoder, kept as a reference.
+    `multihead.generate.generate` decodes with a KV cache, in batches, and samples.
     """
     if not isinstance(model, GPT2):
         raise TypeError(f"model must be a GPT2, got {type(model).__name__}")

@@ -1,0 +1,297 @@
+"""Autoregressive decoding for the decoders of `multihead.models` (GPT-2, Llama): greedy or sampled.
+
+    out = generate(model, input_ids, key_mask=key_mask, max_new_tokens=20)             # greedy, KV cache
+    out = generate(model, input_ids, max_new_tokens=20, do_sample=True, top_p=0.9, seed=1)
+    for step in stream(model, input_ids, max_new_tokens=20):                           # token by token
+        step.tokens                                                                    # (B,)
+
+A model is anything with the decoders' contract: `forward(input_ids (B, T), *,
+key_mask, cache) -> (logits (B, T, V), ...)`, `make_cache(batch_size,
+max_length, static)` and `config.vocab_size`; `position_limit` (the longest
+sequence it takes, None for RoPE models) bounds prompt + new tokens.
+
+With the cache (use_cache=True, the default) the prompt runs once and each
+step feeds only the new token; without it every step runs the whole sequence
+again. Both feed the model the same tokens at the same positions and draw the
+same random numbers, so they choose the same tokens (up to float rounding of
+the logits deciding a near tie, which the tests do not meet).
+
+Batches. Prompts of different lengths come right-padded, key_mask (B, T)
+True for the real tokens: each sequence continues from its own last real
+token, at its own positions, and never sees another's padding. The result is
+one tensor (B, T + max_new_tokens), each row its prompt, then its new tokens,
+then pad_token_id; `lengths` says where each row's real tokens end.
+
+Sampling (do_sample=True): logits / temperature, then top_k (keep the k most
+likely, ties kept), then top_p (keep the most likely tokens until their mass
+reaches top_p), softmax in float32, and one uniform number per sequence per
+step mapped through the cumulative distribution. The uniforms come from a
+torch.Generator seeded with `seed` (the global RNG when seed is None), so one
+seed gives the same tokens every time, with or without the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .models._checks import check_token_ids
+
+
+class NewTokens(NamedTuple):
+    """One decoding step, as `stream` yields it."""
+
+    tokens: Tensor  # (B,) int64: each sequence's new token; pad_token_id where the sequence had already stopped
+    real: Tensor  # (B,) bool: True where `tokens` holds a generated token (the sequence was still running)
+    finished: Tensor  # (B,) bool: sequences that have produced a stop token, this step included
+
+
+class GenerateOutput(NamedTuple):
+    """What `generate` returns: every sequence as one padded row."""
+
+    tokens: Tensor  # (B, T + max_new_tokens) int64: prompt's real tokens, new tokens, then pad_token_id
+    lengths: Tensor  # (B,) int64: real tokens per row, prompt + generated (a stop token included)
+    prompt_lengths: Tensor  # (B,) int64: real tokens of each prompt; new tokens start there
+    finished: Tensor  # (B,) bool: the row ended on a stop token (else it ran max_new_tokens steps)
+
+    def new_tokens(self, b: int) -> list[int]:
+        """Row b's generated tokens, as a list (stop token included)."""
+        return self.tokens[b, int(self.prompt_lengths[b]):int(self.lengths[b])].tolist()
+
+    def sequences(self) -> list[list[int]]:
+        """Every row's real tokens, prompt and generated, as lists of their own lengths."""
+        return [self.tokens[b, :int(n)].tolist() for b, n in enumerate(self.lengths)]
+
+
+class _Settings(NamedTuple):
+    do_sample: bool  # sample instead of argmax
+    temperature: float  # logits are divided by it before sampling
+    top_k: int | None  # keep only the k most likely tokens
+    top_p: float | None  # keep the smallest most-likely set whose mass reaches top_p
+    stop: Tensor | None  # (N,) stop token ids, or None
+
+
+def generate(
+    model: nn.Module, input_ids: Tensor, *, key_mask: Tensor | None = None, max_new_tokens: int,
+    do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    seed: int | None = None, stop_tokens: Iterable[int] = (), use_cache: bool = True,
+    static_cache: bool = False, pad_token_id: int = 0,
+) -> GenerateOutput:
+    """Continue every prompt of input_ids (B, T) by up to max_new_tokens tokens.
+
+    key_mask: (B, T) bool, True = a real token, right-padded (prompts of
+        different lengths); None = every token is real.
+    do_sample: False picks the most likely token (greedy); True samples with
+        temperature, top_k and top_p (which greedy refuses: they would be ignored).
+    seed: seeds the sampling's torch.Generator (same seed, same tokens).
+    stop_tokens: ids that end a sequence when generated (kept in the output,
+        then pad_token_id); the loop ends early when every sequence has stopped.
+    use_cache: decode with a KV cache (the default) or recompute every step.
+    static_cache: preallocate the cache to the longest prompt + max_new_tokens.
+    pad_token_id: what fills the rows after their real tokens.
+    """
+    B, T = _batch_shape(input_ids)
+    steps = stream(model, input_ids, key_mask=key_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
+                   use_cache=use_cache, static_cache=static_cache, pad_token_id=pad_token_id)
+    device = input_ids.device
+    real = _real_tokens(key_mask, input_ids)  # (B, T)
+    prompt_lengths = real.sum(dim=1)  # (B, T) -> (B,)
+    tokens = torch.full((B, T + max_new_tokens), pad_token_id, dtype=torch.int64, device=device)  # (B, T + n)
+    tokens[:, :T] = torch.where(real, input_ids.long(), pad_token_id)  # the user's padding becomes pad_token_id
+    lengths = prompt_lengths.clone()
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)
+    for step in steps:
+        # a stopped row writes pad_token_id at its first padding slot, which already holds it
+        tokens[rows, lengths] = step.tokens
+        lengths = lengths + step.real
+        finished = step.finished
+    return GenerateOutput(tokens, lengths, prompt_lengths, finished)
+
+
+def stream(
+    model: nn.Module, input_ids: Tensor, *, key_mask: Tensor | None = None, max_new_tokens: int,
+    do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    seed: int | None = None, stop_tokens: Iterable[int] = (), use_cache: bool = True,
+    static_cache: bool = False, pad_token_id: int = 0,
+) -> Iterator[NewTokens]:
+    """`generate`, one step at a time: an iterator of NewTokens (B,), one per step, as soon as it is chosen.
+
+    Same arguments as `generate`. The arguments are checked here, at the
+    call, not at the first step. Ends after max_new_tokens steps, or when
+    every sequence has produced a stop token.
+    """
+    vocab_size = _check_model(model, use_cache)
+    B, T = _batch_shape(input_ids)
+    check_token_ids(input_ids, vocab_size, sys.maxsize)
+    real = _real_tokens(key_mask, input_ids)  # (B, T)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    settings = _check_settings(do_sample, temperature, top_k, top_p, stop_tokens, vocab_size, input_ids.device)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab_size:
+        raise ValueError(f"pad_token_id must be an int in [0, vocab_size={vocab_size}), got {pad_token_id!r}")
+    for name, flag in (("use_cache", use_cache), ("static_cache", static_cache), ("do_sample", do_sample)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if static_cache and not use_cache:
+        raise ValueError("static_cache=True needs use_cache=True")
+    prompt_lengths = real.sum(dim=1)  # (B, T) -> (B,)
+    longest = int(prompt_lengths.max())
+    if int(prompt_lengths.min()) == 0:
+        b = int(torch.argmin(prompt_lengths))
+        raise ValueError(f"key_mask marks no real token in row {b}: every prompt needs at least one token")
+    limit = getattr(model, "position_limit", None)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(f"input_ids' longest prompt has {longest} tokens and max_new_tokens={max_new_tokens}; "
+                         f"together they exceed max_positions={limit}")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    return _decode(model, input_ids.long(), real, key_mask is not None, prompt_lengths, longest, max_new_tokens,
+                   settings, generator, use_cache, static_cache, pad_token_id)
+
+
+@torch.no_grad()
+def _decode(model, input_ids, real, padded, prompt_lengths, longest, max_new_tokens, settings, generator,
+            use_cache, static_cache, pad_token_id) -> Iterator[NewTokens]:
+    B, T = input_ids.shape
+    device = input_ids.device
+    rows = torch.arange(B, device=device)
+    prompt_mask = real if padded else None
+    if max_new_tokens == 0:
+        return
+    if use_cache:
+        if static_cache:
+            cache = model.make_cache(batch_size=B, max_length=longest + max_new_tokens, static=True)
+        else:
+            cache = model.make_cache(batch_size=B)
+        logits = model(input_ids, key_mask=prompt_mask, cache=cache)[0]  # (B, T, V)
+    else:
+        buffer = torch.full((B, T + max_new_tokens), pad_token_id, dtype=torch.int64, device=device)  # (B, T + n)
+        buffer[:, :T] = torch.where(real, input_ids, pad_token_id)
+        logits = model(buffer[:, :T], key_mask=prompt_mask)[0]  # (B, T, V)
+    lengths = prompt_lengths  # (B,) real tokens so far, per sequence
+    last = logits[rows, lengths - 1]  # (B, T, V) -> (B, V): each sequence's last real token predicts the next
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        chosen = _choose(last, settings, generator)  # (B,)
+        running = ~finished
+        if settings.stop is not None:  # without stop tokens every sequence runs to the end
+            chosen = torch.where(running, chosen, pad_token_id)
+            finished = finished | (running & torch.isin(chosen, settings.stop))
+        yield NewTokens(chosen, running, finished)
+        if step == max_new_tokens - 1:
+            return
+        # only sequences still running go on; a stopped one is fed padding, which is neither cached nor seen
+        feed_mask = None
+        if settings.stop is not None:
+            if bool(finished.all()):
+                return
+            if bool(finished.any()):
+                feed_mask = ~finished
+        if use_cache:
+            logits = model(chosen[:, None], key_mask=None if feed_mask is None else feed_mask[:, None],
+                           cache=cache)[0]  # (B, 1) -> (B, 1, V)
+            lengths = lengths + (1 if feed_mask is None else feed_mask.long())
+            last = logits[:, 0]  # (B, 1, V) -> (B, V)
+        else:
+            buffer[rows, lengths] = chosen  # a stopped sequence's is pad_token_id, written past its tokens
+            lengths = lengths + (1 if feed_mask is None else feed_mask.long())
+            width = longest + step + 1  # every row's real tokens fit; shorter rows are padded
+            all_real = not padded and feed_mask is None and settings.stop is None
+            mask = None if all_real else torch.arange(width, device=device)[None, :] < lengths[:, None]  # (B, width)
+            logits = model(buffer[:, :width], key_mask=mask)[0]  # (B, width, V)
+            last = logits[rows, lengths - 1]  # (B, width, V) -> (B, V)
+
+
+def _choose(logits: Tensor, settings: _Settings, generator: torch.Generator | None) -> Tensor:
+    """The next token of every sequence from its logits (B, V): argmax, or a sample."""
+    if not settings.do_sample:
+        return logits.argmax(dim=-1)  # (B, V) -> (B,)
+    scores = logits.float() / settings.temperature  # (B, V)
+    V = scores.shape[-1]
+    if settings.top_k is not None and settings.top_k < V:
+        kth = torch.topk(scores, settings.top_k, dim=-1).values[:, -1:]  # (B, V) -> (B, 1)
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if settings.top_p is not None and settings.top_p < 1.0:
+        ordered, order = torch.sort(scores, dim=-1, descending=True)  # (B, V)
+        probs = ordered.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # (B, V): mass of the strictly more likely tokens
+        drop = mass_before >= settings.top_p  # the most likely token always stays (mass_before = 0)
+        scores = scores.scatter(-1, order, ordered.masked_fill(drop, -math.inf))
+    probs = scores.softmax(dim=-1)  # (B, V)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    # one uniform per sequence, whatever is filtered: the same draws with or without the cache
+    u = torch.rand(scores.shape[0], 1, generator=generator, device=scores.device, dtype=cdf.dtype)  # (B, 1)
+    # right=True: the first token whose cumulative mass exceeds u·total, so never a token of probability 0
+    chosen = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
+    return chosen.clamp(max=V - 1)[:, 0]  # (B, 1) -> (B,)
+
+
+def _check_model(model, use_cache: bool) -> int:
+    if not isinstance(model, nn.Module) or not hasattr(model, "config") or not hasattr(model.config, "vocab_size"):
+        raise TypeError(f"model must be a decoder of multihead.models (GPT2, Llama), got {type(model).__name__}")
+    if use_cache and not callable(getattr(model, "make_cache", None)):
+        raise TypeError(f"model {type(model).__name__} has no make_cache(); pass use_cache=False")
+    return model.config.vocab_size
+
+
+def _batch_shape(input_ids) -> tuple[int, int]:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor (B, T) of token ids, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids has {input_ids.dim()} dims, (B, T) expected, got {tuple(input_ids.shape)}")
+    return tuple(input_ids.shape)
+
+
+def _real_tokens(key_mask, input_ids: Tensor) -> Tensor:
+    """(B, T) bool of the prompt's real tokens, from key_mask (checked: right padding) or all True."""
+    if key_mask is None:
+        return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+        got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
+        raise TypeError(f"key_mask must be a bool tensor (B, T), True = a real token, got {got}")
+    if key_mask.shape != input_ids.shape:
+        raise ValueError(f"key_mask must have input_ids' shape (B, T) = {tuple(input_ids.shape)}, "
+                         f"got {tuple(key_mask.shape)}")
+    if key_mask.device != input_ids.device:
+        raise ValueError(f"key_mask is on {key_mask.device} but input_ids is on {input_ids.device}")
+    if bool((key_mask[:, 1:] & ~key_mask[:, :-1]).any()):
+        raise ValueError("key_mask must pad on the right (True for the real tokens, then False): "
+                         "a prompt's tokens sit at consecutive positions")
+    return key_mask
+
+
+def _check_settings(do_sample, temperature, top_k, top_p, stop_tokens, vocab_size: int, device) -> _Settings:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+    if not do_sample:
+        given = [f"{name}={value!r}" for name, value, default in
+                 (("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None))
+                 if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to sampling; pass do_sample=True "
+                             f"(greedy decoding would ignore them)")
+    if isinstance(stop_tokens, (int, str, Tensor)):
+        raise TypeError(f"stop_tokens must be a sequence of token ids, e.g. (50256,), "
+                        f"got {type(stop_tokens).__name__} {stop_tokens!r}")
+    stop = list(stop_tokens)
+    bad = [t for t in stop if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"stop_tokens must be token ids in [0, vocab_size={vocab_size}), got {bad[0]!r}")
+    stop_tensor = torch.tensor(sorted(set(stop)), dtype=torch.int64, device=device) if stop else None
+    return _Settings(do_sample, float(temperature), top_k, None if top_p is None else float(top_p), stop_tensor)
