@@ -4,6 +4,8 @@
                       [--no-causal] [--bias] [--text "..."]
     multihead demo [--out DIR]
     multihead visualize "TEXT" [--model minilm|PATH] [--layer L] [--token WORD] [--out DIR]
+    multihead generate "PROMPT" --model PATH [--max-new-tokens N] [--temperature T]
+                      [--top-k K] [--top-p P] [--seed S]
 
 Each subcommand is a function `_cmd_<name>(args, console) -> int` registered in
 `build_parser`. Bad input ends with one line on stderr and exit status 2,
