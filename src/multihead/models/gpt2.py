@@ -19,16 +19,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import positive_int
-from ..cache import DynamicCache, KVCache, StaticCache
+from ..cache import KVCache
 from ..module import MultiHeadAttention
 from ._checks import check_token_ids
+from .decoder import DecoderOutput, PreNormBlock, check_cache, check_key_mask, make_decoder_cache
 from .weight_map import (
     Rule,
     load_state,
@@ -110,16 +110,6 @@ _HF_FIXED = {
 _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
-class DecoderOutput(NamedTuple):
-    logits: Tensor  # (B, T, V)
-    attentions: tuple[Tensor, ...] | None  # per layer (B, H, T, S) when need_weights, else None; S = T without a cache
-
-
-class BlockOutput(NamedTuple):
-    hidden: Tensor  # (B, T, C)
-    weights: Tensor | None  # (B, H, T, T) when need_weights
-
-
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -132,20 +122,14 @@ class MLP(nn.Module):
         return self.down(hidden)  # (B, T, 4·C) -> (B, T, C)
 
 
-class Block(nn.Module):
+class Block(PreNormBlock):
     def __init__(self, config: GPT2Config) -> None:
-        super().__init__()
-        self.attention_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attention = MultiHeadAttention(config.d_model, config.num_heads, causal=True, bias=True)
-        self.mlp_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mlp = MLP(config)
-
-    def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool, cache=None) -> BlockOutput:
-        attended = self.attention(self.attention_norm(x), key_mask=key_mask, need_weights=need_weights,
-                                  cache=cache)
-        x = x + attended.output
-        x = x + self.mlp(self.mlp_norm(x))
-        return BlockOutput(x, attended.weights)
+        super().__init__(
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps),
+            MultiHeadAttention(config.d_model, config.num_heads, causal=True, bias=True),
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps),
+            MLP(config),
+        )
 
 
 class GPT2(nn.Module):
@@ -182,11 +166,11 @@ class GPT2(nn.Module):
         """
         B, T = check_token_ids(input_ids, self.config.vocab_size, self.config.max_positions)
         if key_mask is not None:
-            _check_key_mask(key_mask, input_ids)
+            check_key_mask(key_mask, input_ids)
         if cache is None:
             positions = torch.arange(T, device=input_ids.device)  # (T,)
         else:
-            _check_cache(cache, self.config.num_layers)
+            check_cache(cache, self.config.num_layers)
             positions = cache.positions(T, batch_size=B, device=input_ids.device).to(input_ids.device)  # (B, T)
             _check_cached_positions(positions, key_mask, self.config.max_positions)
             if key_mask is not None:  # a padded token past the last position gets the last row: never used
@@ -217,31 +201,6 @@ class GPT2(nn.Module):
                                   default_max_length=self.config.max_positions)
 
 
-def make_decoder_cache(model: nn.Module, *, num_kv_heads: int, head_dim: int, batch_size: int | None,
-                       max_length: int | None, static: bool, default_max_length: int) -> KVCache:
-    """The cache a decoder's `make_cache` returns: one layer cache per block, on the model's device/dtype."""
-    weight = next(model.parameters())
-    num_layers = model.config.num_layers
-    if not isinstance(static, bool):
-        raise TypeError(f"static must be a bool, got {type(static).__name__}")
-    if not static:
-        if max_length is not None:
-            raise ValueError("max_length is for a static cache (static=True); a dynamic cache grows")
-        return DynamicCache(num_layers, batch_size=batch_size, device=weight.device)
-    if batch_size is None:
-        raise ValueError("a static cache needs batch_size (it is preallocated), got None")
-    max_length = default_max_length if max_length is None else positive_int("max_length", max_length)
-    return StaticCache(num_layers, batch_size, max_length, num_kv_heads, head_dim,
-                       dtype=weight.dtype, device=weight.device)
-
-
-def _check_cache(cache, num_layers: int) -> None:
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"cache must be a multihead.cache.KVCache (model.make_cache()), got {type(cache).__name__}")
-    if cache.num_layers != num_layers:
-        raise ValueError(f"cache has {cache.num_layers} layers, the model has num_layers={num_layers}")
-
-
 def _check_cached_positions(positions: Tensor, key_mask: Tensor | None, max_positions: int) -> None:
     """Real tokens of a cached chunk must fall inside the learned positions."""
     if torch.compiler.is_compiling():
@@ -260,23 +219,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
-
-
-def _check_key_mask(key_mask, input_ids: Tensor) -> None:
-    if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-        got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
-        raise TypeError(f"key_mask must be a bool tensor (B, T), True = a real token, got {got}")
-    if key_mask.shape != input_ids.shape:
-        raise ValueError(f"key_mask must have input_ids' shape (B, T) = {tuple(input_ids.shape)}, "
-                         f"got {tuple(key_mask.shape)}")
-    if key_mask.device != input_ids.device:
-        raise ValueError(f"key_mask is on {key_mask.device} but input_ids is on {input_ids.device}")
-    if (key_mask[:, 1:] & ~key_mask[:, :-1]).any():  # a real token after padding
-        rows = (key_mask[:, 1:] & ~key_mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
-        raise ValueError(
-            f"key_mask must pad on the right (True for the real tokens, then False), "
-            f"got a real token after padding in rows {rows}"
-        )
 
 
 # Hugging Face GPT-2 -> ours. Conv1D stores (in, out), hence the transposes; c_attn

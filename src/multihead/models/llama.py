@@ -30,7 +30,7 @@ from ..cache import KVCache
 from ..module import MultiHeadAttention
 from ..rope import RotaryEmbedding
 from ._checks import check_token_ids
-from .gpt2 import BlockOutput, DecoderOutput, _check_cache, _check_key_mask, make_decoder_cache
+from .decoder import DecoderOutput, PreNormBlock, check_cache, check_key_mask, make_decoder_cache
 from .weight_map import Rule, load_state, read_checkpoint, read_config
 
 
@@ -144,23 +144,17 @@ class SwiGLU(nn.Module):
         return self.down(hidden)  # (B, T, d_mlp) -> (B, T, C)
 
 
-class LlamaBlock(nn.Module):
+class LlamaBlock(PreNormBlock):
     def __init__(self, config: LlamaConfig, rope: RotaryEmbedding) -> None:
-        super().__init__()
-        self.attention_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.attention = MultiHeadAttention(
-            config.d_model, config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-            causal=True, bias=config.attention_bias, rope=rope,
+        super().__init__(
+            RMSNorm(config.d_model, config.rms_norm_eps),
+            MultiHeadAttention(
+                config.d_model, config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                causal=True, bias=config.attention_bias, rope=rope,
+            ),
+            RMSNorm(config.d_model, config.rms_norm_eps),
+            SwiGLU(config),
         )
-        self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.mlp = SwiGLU(config)
-
-    def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool, cache, positions: Tensor) -> BlockOutput:
-        attended = self.attention(self.attention_norm(x), key_mask=key_mask, need_weights=need_weights,
-                                  cache=cache, positions=positions)
-        x = x + attended.output
-        x = x + self.mlp(self.mlp_norm(x))
-        return BlockOutput(x, attended.weights)
 
 
 class Llama(nn.Module):
@@ -195,11 +189,11 @@ class Llama(nn.Module):
         # RoPE has no table to run out of: max_position_embeddings is what the model was trained on, not a limit
         B, T = check_token_ids(input_ids, self.config.vocab_size, sys.maxsize)
         if key_mask is not None:
-            _check_key_mask(key_mask, input_ids)
+            check_key_mask(key_mask, input_ids)
         if cache is None:
             positions = torch.arange(T, device=input_ids.device)  # (T,)
         else:
-            _check_cache(cache, self.config.num_layers)
+            check_cache(cache, self.config.num_layers)
             positions = cache.positions(T, batch_size=B, device=input_ids.device).to(input_ids.device)  # (B, T)
         x = self.token_embedding(input_ids)  # (B, T) -> (B, T, C)
         attentions = []
