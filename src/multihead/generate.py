@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .models._checks import check_token_ids
+from .models.decoder import check_key_mask
 
 
 class NewTokens(NamedTuple):
@@ -256,17 +257,7 @@ def _real_tokens(key_mask, input_ids: Tensor) -> Tensor:
     """(B, T) bool of the prompt's real tokens, from key_mask (checked: right padding) or all True."""
     if key_mask is None:
         return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-        got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
-        raise TypeError(f"key_mask must be a bool tensor (B, T), True = a real token, got {got}")
-    if key_mask.shape != input_ids.shape:
-        raise ValueError(f"key_mask must have input_ids' shape (B, T) = {tuple(input_ids.shape)}, "
-                         f"got {tuple(key_mask.shape)}")
-    if key_mask.device != input_ids.device:
-        raise ValueError(f"key_mask is on {key_mask.device} but input_ids is on {input_ids.device}")
-    if bool((key_mask[:, 1:] & ~key_mask[:, :-1]).any()):
-        raise ValueError("key_mask must pad on the right (True for the real tokens, then False): "
-                         "a prompt's tokens sit at consecutive positions")
+    check_key_mask(key_mask, input_ids)
     return key_mask
 
 

@@ -90,3 +90,11 @@ def check_key_mask(key_mask, input_ids: Tensor) -> None:
             f"key_mask must pad on the right (True for the real tokens, then False), "
             f"got a real token after padding in rows {rows}"
         )
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2's and Llama's initialisation (normal, std 0.02; zero biases), for a model trained rather than loaded."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -28,7 +28,7 @@ from .._checks import positive_int
 from ..cache import KVCache
 from ..module import MultiHeadAttention
 from ._checks import check_token_ids
-from .decoder import DecoderOutput, PreNormBlock, check_cache, check_key_mask, make_decoder_cache
+from .decoder import DecoderOutput, PreNormBlock, check_cache, check_key_mask, init_weights, make_decoder_cache
 from .weight_map import (
     Rule,
     load_state,
@@ -146,7 +146,7 @@ class GPT2(nn.Module):
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied: logits score x against every token's embedding
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(
         self, input_ids: Tensor, *, key_mask: Tensor | None = None, cache: KVCache | None = None,
@@ -211,14 +211,6 @@ def _check_cached_positions(positions: Tensor, key_mask: Tensor | None, max_posi
         b = int(torch.argmax(last))
         raise ValueError(f"sequence {b} would reach position {int(last[b])} with this chunk; the model has "
                          f"max_positions={max_positions} learned positions (0..{max_positions - 1})")
-
-
-def _init_weights(module: nn.Module) -> None:
-    """GPT-2's initialisation, for a model that is trained rather than loaded."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
 
 
 # Hugging Face GPT-2 -> ours. Conv1D stores (in, out), hence the transposes; c_attn

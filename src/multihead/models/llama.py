@@ -30,7 +30,7 @@ from ..cache import KVCache
 from ..module import MultiHeadAttention
 from ..rope import RotaryEmbedding
 from ._checks import check_token_ids
-from .decoder import DecoderOutput, PreNormBlock, check_cache, check_key_mask, make_decoder_cache
+from .decoder import DecoderOutput, PreNormBlock, check_cache, check_key_mask, init_weights, make_decoder_cache
 from .weight_map import Rule, load_state, read_checkpoint, read_config
 
 
@@ -172,7 +172,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.token_embedding.weight
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(
         self, input_ids: Tensor, *, key_mask: Tensor | None = None, cache: KVCache | None = None,
@@ -215,14 +215,6 @@ class Llama(nn.Module):
         return make_decoder_cache(self, num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim,
                                   batch_size=batch_size, max_length=max_length, static=static,
                                   default_max_length=self.config.max_positions)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Llama's initialisation (normal, std 0.02), for a model that is trained rather than loaded."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
 
 
 # Hugging Face Llama -> ours: nn.Linear on both sides, so no conversions. The body sits under
