@@ -230,3 +230,26 @@ def test_argument_errors():
         W.attention_stats(q, k, lse, top_k=-1)
     with pytest.raises(ValueError, match="query heads H=4 must be a multiple"):
         W.attention_weights(q, k[:, :1].expand(2, 3, 7, 8), lse)
+
+
+def test_module_need_weights_through_weights_on_demand(monkeypatch):
+    """The GPU branch of MultiHeadAttention(need_weights=True), forced on the CPU: same output and weights."""
+    import multihead.module as module_file
+    from multihead import MultiHeadAttention
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True).eval()
+    x = torch.randn(2, 9, 32)
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[1, 6:] = False
+    with torch.no_grad():
+        eager = mha(x, key_mask=key_mask, need_weights=True)
+        calls = []
+        real = module_file.attention_and_weights
+        monkeypatch.setattr(module_file, "weights_on_demand", lambda device: True)
+        monkeypatch.setattr(module_file, "attention_and_weights", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        on_demand = mha(x, key_mask=key_mask, need_weights=True)
+    assert calls == [1]
+    assert (on_demand.output - eager.output).abs().max().item() < 1e-5
+    assert (on_demand.weights - eager.weights).abs().max().item() < 1e-5
+    assert on_demand.weights[1, :, :, 6:].abs().max().item() == 0.0  # padding keys get nothing
