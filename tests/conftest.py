@@ -110,3 +110,25 @@ def assert_matches_reference(run, q, k, v, *, backward=True, **call):
 @pytest.fixture
 def qkv_factory():
     return make_qkv
+
+
+def write_random_gpt2(directory, texts, *, n_positions: int, **config):
+    """A random Hugging Face GPT-2 folder with a byte-level BPE tokenizer trained on `texts`: nothing downloaded.
+
+    Returns the tokenizers.Tokenizer; config passes through to transformers.GPT2Config.
+    """
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tokenizer.train_from_iterator(list(texts) * 5, trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    gpt2_config = transformers.GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=n_positions, n_embd=32,
+                                          n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None, **config)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(gpt2_config).save_pretrained(directory)
+    return tokenizer

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from conftest import write_random_gpt2
 from multihead.cli import main
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the random GPT-2 checkpoint")
@@ -67,20 +67,8 @@ def test_visualize_minilm(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     """A random GPT-2 with a small byte-level BPE tokenizer trained here: nothing downloaded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     directory = tmp_path_factory.mktemp("gpt2")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"])
-    tokenizer.train_from_iterator(GPT2_TEXTS * 5, trainer)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    config = transformers.GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=32, n_embd=32,
-                                     n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    write_random_gpt2(directory, GPT2_TEXTS, n_positions=32)
     return directory
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import max_err
+from conftest import max_err, write_random_gpt2
 from multihead.cli import main
 from multihead.generate import GenerateOutput, NewTokens, generate, stream
 from multihead.models.gpt2 import load_gpt2
@@ -270,22 +270,9 @@ def test_bad_inputs(gpt2, llama):
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     """A random GPT-2 with a byte-level BPE tokenizer trained here (as in test_cli_models.py)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     directory = tmp_path_factory.mktemp("gpt2-cli")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"])
     texts = ["the cat sat on the mat", "a dog ate the food because it was hungry", "all is well"]
-    tokenizer.train_from_iterator(texts * 5, trainer)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    config = transformers.GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=64, n_embd=32,
-                                     n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None,
-                                     initializer_range=0.2)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer = write_random_gpt2(directory, texts, n_positions=64, initializer_range=0.2)
     return directory, tokenizer
 
 
