@@ -29,7 +29,7 @@ from .functional import (
 )
 from .cache import DynamicCache, KVCache, StaticCache, kv_bytes_per_token
 from .latent import MultiHeadLatentAttention
-from .module import HeadWeights, MultiHeadAttention, MultiHeadAttentionConfig, MultiHeadAttentionOutput
+from .module import HeadProjections, MultiHeadAttention, MultiHeadAttentionConfig, MultiHeadAttentionOutput
 from .rope import RotaryEmbedding
 
 __version__ = "0.1.0"
@@ -39,7 +39,7 @@ __all__ = [
     "ChunkedOutput",
     "Dispatch",
     "DynamicCache",
-    "HeadWeights",
+    "HeadProjections",
     "KVCache",
     "MultiHeadAttention",
     "MultiHeadAttentionConfig",

@@ -88,7 +88,7 @@ class MultiHeadAttentionOutput(NamedTuple):
 
 
 @dataclass(frozen=True)
-class HeadWeights:
+class HeadProjections:
     """Head i's own matrices, in the seeds' X @ W orientation (views of the fused weights)."""
 
     index: int  # i, the query head
@@ -295,7 +295,7 @@ class MultiHeadAttention(nn.Module):
         attn_mask = masks.combine(check_mask(attn_mask, q, B, H, T, S), cache_mask, q.dtype)
         return q, k, v, attn_mask, key_mask, False
 
-    def head(self, i: int) -> HeadWeights:
+    def head(self, i: int) -> HeadProjections:
         """Head i's W_i^Q, W_i^K, W_i^V and its rows of W^O, cut out of the fused projections."""
         cfg = self.config
         H, G, D, Dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
@@ -313,7 +313,7 @@ class MultiHeadAttention(nn.Module):
         w_k, b_k = rows(self.k_proj, g, D)
         w_v, b_v = rows(self.v_proj, g, Dv)
         w_o = self.out_proj.weight.detach()[:, i * Dv:(i + 1) * Dv].T  # (C, Dv) -> (Dv, C)
-        return HeadWeights(i, g, w_q, w_k, w_v, w_o, b_q, b_k, b_v)
+        return HeadProjections(i, g, w_q, w_k, w_v, w_o, b_q, b_k, b_v)
 
 
 def _right_padded_lengths(key_mask, B: int, T: int) -> Tensor:
