@@ -7,6 +7,7 @@ import torch
 
 import multihead as mh
 from multihead.backends.chunked import chunked_forward, dropout_keep_mask
+from multihead.call import make_call
 from conftest import assert_matches_reference, make_qkv, max_err
 
 BACKENDS = ["reference", "sdpa", "chunked"]
@@ -99,8 +100,7 @@ def test_chunked_dropout_replays_the_reference(causal):
     B, H, G, T, S, p, seed = 2, 4, 2, 23, 31, 0.3, 987
     blocks = dict(block_q=5, block_k=8)
     q, k, v = make_qkv(B, H, G, T, S, 16, dtype=torch.float64, seed=1, requires_grad=True)
-    out = chunked_forward(q, k, v, attn_mask=None, causal=causal, scale=0.25, dropout_p=p,
-                          seed=seed, **blocks).out
+    out = chunked_forward(make_call(q, k, v, causal=causal, scale=0.25, dropout_p=p), seed=seed, **blocks).out
     keep = dropout_keep_mask(B, H, T, S, causal=causal, dropout_p=p, seed=seed, **blocks)
     drawn = mh.masks.causal_mask(T, S) if causal else torch.ones(T, S, dtype=torch.bool)
     assert 0.55 < keep[:, :, drawn].float().mean().item() < 0.85
@@ -159,8 +159,7 @@ def test_gradcheck_chunked_with_dropout():
     q, k, v = make_qkv(1, 2, 1, 5, 7, 4, dtype=torch.float64, seed=4, requires_grad=True)
 
     def f(q, k, v):
-        return chunked_forward(q, k, v, attn_mask=None, causal=False, scale=0.5,
-                               dropout_p=0.4, block_q=2, block_k=3, seed=77).out
+        return chunked_forward(make_call(q, k, v, scale=0.5, dropout_p=0.4), block_q=2, block_k=3, seed=77).out
 
     assert torch.autograd.gradcheck(f, (q, k, v))
 

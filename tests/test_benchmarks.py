@@ -19,7 +19,7 @@ def test_cpu_benchmark_quick_run_writes_its_tables(tmp_path):
     data = json.loads(result.read_text())
     assert data["torch"] and data["device"]
     assert {(r["T"], r["need_weights"]) for r in data["module"]} == {(64, False), (64, True), (128, False), (128, True)}
-    assert {r["backend"] for r in data["backends"]} == {"sdpa", "chunked", "reference"}
+    assert {r["backend"] for r in data["backends"]} == {"sdpa", "cpu_flash", "chunked", "reference"}
     assert all(r["seconds"] > 0 and r["torch_sdpa_s"] > 0 for r in data["backends"])
     memory = {r["backend"]: r["peak_extra_bytes"] for r in data["memory"]}
     assert set(memory) == {"chunked", "reference", "sdpa"}

@@ -284,7 +284,7 @@ def test_module_refuses_what_makes_no_sense_with_a_cache():
         mha(x, cache=cache)
     with pytest.raises(ValueError, match="must pad on the right"):
         mha(x, cache=cache[0], key_mask=torch.tensor([[False, True, True], [True, True, True]]))
-    with pytest.raises(ValueError, match=r"key_mask marks the new chunk's real tokens: \(B, T\) = \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"key_mask must be \(B, T\) = \(2, 3\), got \(2, 4\)"):
         mha(x, cache=cache[0], key_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="positions= is only used by rope"):
         mha(x, positions=torch.arange(3))

@@ -429,7 +429,9 @@ def test_attention_runs_on_multihead_not_on_torchs_mha(monkeypatch):
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(compat, "attention", spy)
+    import multihead.attend as attend_module
+
+    monkeypatch.setattr(attend_module, "attention", spy)
     m = MultiheadAttention(8, 2, batch_first=True)
     x = torch.randn(2, 5, 8)
     m(x, x, x, need_weights=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,16 +14,16 @@ from hypothesis import strategies as st
 import multihead.explain as ex_mod
 from multihead import MultiHeadAttention
 from multihead.explain import (
-    AttentionWeights,
     Check,
     Explanation,
+    Projections,
     check_against_module,
     explain,
     explain_module,
+    projections_from_arrays,
+    projections_from_fused,
+    projections_from_module,
     split_columns,
-    weights_from_arrays,
-    weights_from_fused,
-    weights_from_module,
 )
 
 TOL = 1e-12
@@ -104,13 +105,13 @@ def test_rows_with_no_key_give_zero_and_still_match():
 def test_check_fails_when_the_loop_is_wrong(monkeypatch):
     m = make_module(C=8, H=2, D=4)
     x = np.random.default_rng(4).normal(size=(5, 8))
-    real = ex_mod.weights_from_module
+    real = ex_mod.projections_from_module
 
     def swapped(module):  # the loop reads head 1's W^Q as head 0's and vice versa
-        w = real(module)
-        return AttentionWeights(w.w_q[::-1], w.w_k, w.w_v, w.w_o, w.b_q, w.b_k, w.b_v, w.b_o)
+        proj = real(module)
+        return dataclasses.replace(proj, w_q=proj.w_q[::-1])
 
-    monkeypatch.setattr(ex_mod, "weights_from_module", swapped)
+    monkeypatch.setattr(ex_mod, "projections_from_module", swapped)
     check = ex_mod.check_against_module(m, x)
     assert not check.passed
     assert check.max_abs_diff > 1e-6
@@ -147,17 +148,19 @@ def test_check_leaves_the_callers_module_alone():
 # --------------------------------------------------------------------------- the intermediates
 
 
-def test_every_step_is_what_the_seeds_write():
+def test_every_step_is_what_the_textbook_writes():
     m = make_module(C=8, H=2, D=3, bias=True, causal=True)
     X = np.random.default_rng(6).normal(size=(6, 8))
     key_mask = np.array([True, True, True, False, True, True])
     ex = explain_module(m, X, key_mask=key_mask)
-    w = ex.weights
+    w = ex.projections
+    assert w.rope_base is None and ex.rope_angles is None
     for h in ex.heads:
         i = h.index
         np.testing.assert_allclose(h.q, X @ w.w_q[i] + w.b_q[i], rtol=0, atol=TOL)
         np.testing.assert_allclose(h.k, X @ w.w_k[i] + w.b_k[i], rtol=0, atol=TOL)
         np.testing.assert_allclose(h.v, X @ w.w_v[i] + w.b_v[i], rtol=0, atol=TOL)
+        assert h.q_rotated is h.q and h.k_rotated is h.k  # no RoPE: nothing turned
         np.testing.assert_allclose(h.scores, h.q @ h.k.T, rtol=0, atol=TOL)
         np.testing.assert_allclose(h.scaled, h.scores / math.sqrt(3), rtol=0, atol=TOL)
         # causal and the padding key 3: allowed is the lower triangle minus column 3
@@ -177,9 +180,9 @@ def test_every_step_is_what_the_seeds_write():
     np.testing.assert_allclose(ex.output, ex.concat @ w.w_o + w.b_o, rtol=0, atol=TOL)
 
 
-def test_head_weights_are_cut_out_by_head_i():
+def test_head_projections_are_cut_out_by_head_i():
     m = make_module(C=8, H=4, G=2, D=2)
-    w = weights_from_module(m)
+    w = projections_from_module(m)
     assert (w.num_heads, w.num_kv_heads, w.head_dim, w.v_head_dim, w.d_model, w.d_out) == (4, 2, 2, 2, 8, 8)
     for i in range(4):
         hw = m.head(i)
@@ -228,14 +231,14 @@ def test_check_compares_the_concatenation_not_only_the_output(monkeypatch):
     # Reverse the heads AND W^O's row blocks: the output is unchanged, the concat order is wrong.
     m = make_module(C=8, H=2, D=4, bias=False)
     x = np.random.default_rng(9).normal(size=(5, 8))
-    real = ex_mod.weights_from_module
+    real = ex_mod.projections_from_module
 
     def reversed_heads(module):
-        w = real(module)
-        w_o = np.concatenate([w.w_o[4:], w.w_o[:4]])  # (H·Dv, C) with head blocks swapped
-        return AttentionWeights(w.w_q[::-1], w.w_k[::-1], w.w_v[::-1], w_o, None, None, None, None)
+        proj = real(module)
+        w_o = np.concatenate([proj.w_o[4:], proj.w_o[:4]])  # (H·Dv, C) with head blocks swapped
+        return dataclasses.replace(proj, w_q=proj.w_q[::-1], w_k=proj.w_k[::-1], w_v=proj.w_v[::-1], w_o=w_o)
 
-    monkeypatch.setattr(ex_mod, "weights_from_module", reversed_heads)
+    monkeypatch.setattr(ex_mod, "projections_from_module", reversed_heads)
     check = ex_mod.check_against_module(m, x)
     assert check.output_diff <= TOL  # the output alone cannot tell
     assert check.concat_diff > 1e-6 and not check.passed
@@ -244,28 +247,29 @@ def test_check_compares_the_concatenation_not_only_the_output(monkeypatch):
 def test_fused_split_equals_per_head():
     m = make_module(C=8, H=2, D=2, bias=True)
     x = np.random.default_rng(10).normal(size=(11, 8))
-    fused = weights_from_fused(
+    fused = projections_from_fused(
         m.q_proj.weight.detach().T, m.k_proj.weight.detach().T, m.v_proj.weight.detach().T,
         m.out_proj.weight.detach().T, num_heads=2,
         b_q=m.q_proj.bias.detach(), b_k=m.k_proj.bias.detach(), b_v=m.v_proj.bias.detach(),
         b_o=m.out_proj.bias.detach(),
     )
     a = explain(x, fused, causal=True)
-    b = explain(x, weights_from_module(m), causal=True)
+    b = explain(x, projections_from_module(m), causal=True)
     np.testing.assert_array_equal(a.output, b.output)
     # X W_q then cut into column blocks == X W_qi per head
-    w_q = m.q_proj.weight.detach().double().numpy().T  # (8, 4)
+    w_q = m.q_proj.weight.detach().double().numpy().T  # (H·D, C) = (4, 8) -> (C, H·D) = (8, 4)
     for i, part in enumerate(split_columns("W_q", x @ w_q, 2)):
         np.testing.assert_allclose(part, a.heads[i].q - fused.b_q[i], rtol=0, atol=TOL)
 
 
-def test_plain_numpy_weights():
+def test_plain_numpy_projections():
     rng = np.random.default_rng(11)
     H, C, D = 2, 8, 2
-    w = weights_from_arrays(
+    w = projections_from_arrays(
         [rng.normal(size=(C, D)) for _ in range(H)], [rng.normal(size=(C, D)) for _ in range(H)],
         [rng.normal(size=(C, D)) for _ in range(H)], rng.normal(size=(H * D, 4)),
     )
+    assert isinstance(w, Projections) and w.rope_base is None
     x = rng.normal(size=(11, C))
     ex = explain(x, w, causal=True)
     assert isinstance(ex, Explanation)
@@ -294,12 +298,12 @@ def test_dropout_scales_kept_weights_and_is_reproducible():
     assert not np.array_equal(a.output, plain.output)
 
 
-def test_the_seeds_11_by_8_two_head_example_shapes():
+def test_the_classic_11_by_8_two_head_example_shapes():
     # 11 tokens of width d_in = 8, projected to d_out = 4, two heads of size 2.
     m = MultiHeadAttention(8, 2, head_dim=2, bias=False, causal=True)
     x = np.random.default_rng(13).normal(size=(11, 8))
     ex = explain_module(m, x)
-    w = ex.weights
+    w = ex.projections
     assert [a.shape for a in w.w_q] == [(8, 2), (8, 2)]
     assert w.w_o.shape == (4, 8)
     assert len(ex.heads) == 2
@@ -330,7 +334,7 @@ def test_records_are_frozen_snapshots():
 
 def test_wrong_shapes_and_types_give_clear_errors():
     m = make_module(C=8, H=2, D=4)
-    w = weights_from_module(m)
+    w = projections_from_module(m)
     x = np.zeros((5, 8))
     with pytest.raises(ValueError, match=r"x has 3 dims, \(tokens, C=8\) expected, got \(1, 5, 8\); pass one sequence"):
         explain(x[None], w)
@@ -344,18 +348,18 @@ def test_wrong_shapes_and_types_give_clear_errors():
         explain(x, w, dropout=1.0)
     with pytest.raises(ValueError, match="value was given without key"):
         explain(x, w, value=x)
-    with pytest.raises(TypeError, match="weights must be an AttentionWeights"):
+    with pytest.raises(TypeError, match="projections must be a Projections"):
         explain(x, m)
     with pytest.raises(TypeError, match="must be a multihead.MultiHeadAttention"):
         check_against_module(torch.nn.Linear(8, 8), x)
     with pytest.raises(ValueError, match=r"w_q\[1\] must be \(C, D\) with D=2, got \(8, 3\)"):
-        weights_from_arrays([np.zeros((8, 2)), np.zeros((8, 3))], [np.zeros((8, 2))] * 2,
-                            [np.zeros((8, 2))] * 2, np.zeros((4, 8)))
+        projections_from_arrays([np.zeros((8, 2)), np.zeros((8, 3))], [np.zeros((8, 2))] * 2,
+                                [np.zeros((8, 2))] * 2, np.zeros((4, 8)))
     with pytest.raises(ValueError, match=r"w_o must be \(H·Dv, C_out\) with H·Dv=4, got \(5, 8\)"):
-        weights_from_arrays([np.zeros((8, 2))] * 2, [np.zeros((8, 2))] * 2, [np.zeros((8, 2))] * 2,
-                            np.zeros((5, 8)))
+        projections_from_arrays([np.zeros((8, 2))] * 2, [np.zeros((8, 2))] * 2, [np.zeros((8, 2))] * 2,
+                                np.zeros((5, 8)))
     with pytest.raises(ValueError, match="H must be a multiple of G"):
-        weights_from_arrays([np.zeros((8, 2))] * 3, [np.zeros((8, 2))] * 2, [np.zeros((8, 2))] * 2,
-                            np.zeros((6, 8)))
+        projections_from_arrays([np.zeros((8, 2))] * 3, [np.zeros((8, 2))] * 2, [np.zeros((8, 2))] * 2,
+                                np.zeros((6, 8)))
     with pytest.raises(ValueError, match="not divisible into 3 heads"):
         split_columns("W_q", np.zeros((8, 4)), 3)

@@ -152,10 +152,10 @@ def test_absorbed_gradients_equal_plain():
 def test_absorbed_path_attends_the_latent_as_one_shared_head(monkeypatch):
     # What reaches the attention call: absorbed = one key/value "head" (G = 1) over [c_KV; k^R] and
     # c_KV; plain = H heads of width D + d_rope and Dv. The module's `absorb` picks when forward's is None.
-    import multihead.latent as latent
+    import multihead.attend as attend_module
     seen = []
-    real = latent.attention
-    monkeypatch.setattr(latent, "attention", lambda q, k, v, **kw: seen.append(
+    real = attend_module.attention
+    monkeypatch.setattr(attend_module, "attention", lambda q, k, v, **kw: seen.append(
         (tuple(q.shape), tuple(k.shape), tuple(v.shape), kw["scale"])) or real(q, k, v, **kw))
     x = randn(2, 5, C)
     m = make_mla(absorb=True)
@@ -212,9 +212,9 @@ class RecordingCache(DynamicLayerCache):
         super().__init__()
         self.seen = []
 
-    def update(self, k, v, chunk_lengths=None):
-        self.seen.append((k.clone(), v.clone()))
-        return super().update(k, v, chunk_lengths)
+    def append(self, plan):
+        self.seen.append((plan.k.clone(), plan.v.clone()))
+        return super().append(plan)
 
 
 def test_cache_holds_only_the_latent_and_the_rotary_key():

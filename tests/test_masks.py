@@ -30,7 +30,7 @@ def test_sliding_window():
                              [0, 0, 0, 1, 1]], dtype=torch.bool)
     assert torch.equal(m, expected)
     assert torch.equal(masks.sliding_window_mask(4, 4, window=4), masks.causal_mask(4, 4))
-    with pytest.raises(ValueError, match="window must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="window must be an int >= 1, got 0"):
         masks.sliding_window_mask(3, 3, window=0)
 
 

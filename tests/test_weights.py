@@ -20,9 +20,8 @@ def lse_from(source, q, k, v, **call):
     if source == "chunked":
         return mh.chunked_attention(q, k, v, block_q=8, block_k=16, **call).lse
     if source == "cpu_flash":
-        result = W.attention_with_lse(q, k, v, **call)
-        assert result.backend == "cpu_flash"
-        return result.lse
+        assert mh.explain_dispatch(q, k, v, need_lse=True, **call).chosen == "cpu_flash"
+        return mh.attention_with_lse(q, k, v, backend="cpu_flash", **call).lse
     raise AssertionError(source)
 
 
@@ -170,8 +169,8 @@ def test_attention_with_lse_paths(case, backend):
         call["dropout_p"] = 0.2
     if case == "mask_with_grad":
         call["attn_mask"] = torch.randn(1, H, T, S, requires_grad=True)
-    result = W.attention_with_lse(q, k, v, **call)
-    assert result.backend == backend
+    assert mh.explain_dispatch(q, k, v, need_lse=True, **call).chosen == backend
+    result = mh.attention_with_lse(q, k, v, **call)
     ref_call = {key: value for key, value in call.items() if key != "dropout_p"}
     scores_ref = mh.attention_ref(q.double(), k.double(), v.double(), **{
         key: (value.detach().double() if isinstance(value, torch.Tensor) else value) for key, value in ref_call.items()})
@@ -232,24 +231,28 @@ def test_argument_errors():
         W.attention_weights(q, k[:, :1].expand(2, 3, 7, 8), lse)
 
 
-def test_module_need_weights_through_weights_on_demand(monkeypatch):
-    """The GPU branch of MultiHeadAttention(need_weights=True), forced on the CPU: same output and weights."""
-    import multihead.module as module_file
+def test_module_need_weights_reads_the_weights_off_the_backends_lse(monkeypatch):
+    """need_weights without a gradient: output from the module's backend, weights from its lse, equal to eager."""
+    import multihead.attend as attend_module
     from multihead import MultiHeadAttention
 
     torch.manual_seed(0)
     mha = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True).eval()
-    x = torch.randn(2, 9, 32)
+    x = torch.randn(2, 9, 32, requires_grad=True)
     key_mask = torch.ones(2, 9, dtype=torch.bool)
     key_mask[1, 6:] = False
+    eager = mha(x, key_mask=key_mask, need_weights=True)  # x requires grad: the eager path
+    assert eager.weights.requires_grad
+    calls = []
+    real = attend_module.attention_and_weights
+    monkeypatch.setattr(attend_module, "attention_and_weights",
+                        lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
     with torch.no_grad():
-        eager = mha(x, key_mask=key_mask, need_weights=True)
-        calls = []
-        real = module_file.attention_and_weights
-        monkeypatch.setattr(module_file, "weights_on_demand", lambda device: True)
-        monkeypatch.setattr(module_file, "attention_and_weights", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         on_demand = mha(x, key_mask=key_mask, need_weights=True)
-    assert calls == [1]
+        chunked = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, backend="chunked").eval()
+        chunked.load_state_dict(mha.state_dict())
+        chunked(x, key_mask=key_mask, need_weights=True)
+    assert calls == ["auto", "chunked"]
     assert (on_demand.output - eager.output).abs().max().item() < 1e-5
     assert (on_demand.weights - eager.weights).abs().max().item() < 1e-5
     assert on_demand.weights[1, :, :, 6:].abs().max().item() == 0.0  # padding keys get nothing

@@ -15,6 +15,13 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def flag(name: str, value) -> bool:
+    """A bool, and only a bool: "false" or 0 would otherwise pass as a truth value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def probability(name: str, value) -> float:
     """A dropout probability in [0, 1): 1 would drop every weight and divide by zero."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -37,3 +44,15 @@ def mask_tensor(name: str, mask, device: torch.device, bool_meaning: str) -> Ten
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}")
     return mask
+
+
+def key_mask(value, batch: int, length: int, device: torch.device, what: str = "S") -> Tensor:
+    """key_mask (B, length) bool, True = a real token, on `device`; else TypeError/ValueError saying so."""
+    if not isinstance(value, Tensor) or value.dtype != torch.bool:
+        got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(f"key_mask must be a bool tensor (B, {what}), True = a real token, got {got}")
+    if tuple(value.shape) != (batch, length):
+        raise ValueError(f"key_mask must be (B, {what}) = {(batch, length)}, got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"key_mask is on {value.device} but the input is on {device}")
+    return value

@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._checks import key_mask as check_key_mask
 from ._checks import positive_int
 
 
@@ -51,6 +52,15 @@ class CachedKV(NamedTuple):
     k: Tensor  # (B, G, S, D): every cached key of the layer, the new chunk's included
     v: Tensor  # (B, G, S, Dv): likewise for the values
     attn_mask: Tensor  # (B, 1, T, S) bool, True = may attend: causal per sequence, real tokens only
+
+
+class Append(NamedTuple):
+    """A checked update, not yet written (`LayerCache.prepare`): what `append` will do."""
+
+    k: Tensor  # (B, G, T, D) the chunk's keys
+    v: Tensor  # (B, G, T, Dv) the chunk's values
+    new_lengths: Tensor  # (B,) int64 each sequence's length after the chunk
+    kv_len: int  # S, the key length that `append` will return
 
 
 def kv_bytes_per_token(
@@ -95,7 +105,11 @@ def _check_chunk_lengths(chunk_lengths, B: int, T: int, device: torch.device) ->
     if chunk_lengths is None:
         return None
     if not isinstance(chunk_lengths, Tensor):
-        chunk_lengths = torch.as_tensor(chunk_lengths)
+        items = list(chunk_lengths) if isinstance(chunk_lengths, (list, tuple)) else None
+        if items is None or not all(isinstance(n, int) and not isinstance(n, bool) for n in items):
+            raise TypeError(f"chunk_lengths must be a (B,) tensor or a list of ints (real tokens per sequence), "
+                            f"got {chunk_lengths!r}")
+        chunk_lengths = torch.tensor(items, dtype=torch.int64)
     if chunk_lengths.dtype == torch.bool or chunk_lengths.is_floating_point() or chunk_lengths.is_complex():
         raise TypeError(f"chunk_lengths must hold integers (real tokens per sequence), got {chunk_lengths.dtype}")
     if tuple(chunk_lengths.shape) != (B,):
@@ -106,6 +120,19 @@ def _check_chunk_lengths(chunk_lengths, B: int, T: int, device: torch.device) ->
         raise ValueError(f"chunk_lengths must lie in [0, T={T}] (real tokens among the chunk's T), "
                          f"got {chunk_lengths.tolist()}")
     return chunk_lengths
+
+
+def chunk_lengths_from_key_mask(key_mask, batch: int, length: int, device: torch.device) -> Tensor:
+    """key_mask (B, T) of a chunk to cache, True = real, right-padded -> real tokens per sequence (B,).
+
+    A cached sequence's tokens sit at consecutive positions, so padding may
+    only follow the real tokens (checked on the host, except under torch.compile).
+    """
+    key_mask = check_key_mask(key_mask, batch, length, device, what="T")
+    if not _compiling() and bool((key_mask[:, 1:] & ~key_mask[:, :-1]).any()):
+        raise ValueError("with a cache, key_mask must pad on the right (True for the real tokens, then False): "
+                         "a cached sequence's tokens sit at consecutive positions")
+    return key_mask.sum(dim=-1)  # (B, T) -> (B,)
 
 
 def _decode_mask(lengths: Tensor, new_lengths: Tensor, T: int, S: int) -> Tensor:
@@ -165,8 +192,21 @@ class LayerCache:
 
         chunk_lengths (B,) ints: how many of the T new tokens of each sequence
         are real (the rest is right padding, never attended to later); None
-        means all T. Each sequence's length grows by its count.
+        means all T. Each sequence's length grows by its count. A chunk that
+        is refused raises before anything is written.
         """
+        return self.append(self.prepare(k, v, chunk_lengths))
+
+    def prepare(self, k: Tensor, v: Tensor, chunk_lengths: Tensor | None = None) -> Append:
+        """Every check `update` makes, and the key length S it will return; nothing is written or allocated.
+
+        A caller with checks of its own (a mask over the S keys) runs them
+        between `prepare` and `append`, so a refused call leaves the cache as it was.
+        """
+        raise NotImplementedError
+
+    def append(self, plan: Append) -> CachedKV:
+        """Write a prepared chunk; return all cached keys, values and the mask (B, 1, T, S)."""
         raise NotImplementedError
 
     def bytes_per_token(self) -> int:
@@ -213,7 +253,7 @@ class DynamicLayerCache(LayerCache):
         G, D, Dv = self._k.shape[1], self._k.shape[3], self._v.shape[3]
         return G * (D + Dv) * self._k.dtype.itemsize
 
-    def update(self, k: Tensor, v: Tensor, chunk_lengths: Tensor | None = None) -> CachedKV:
+    def prepare(self, k: Tensor, v: Tensor, chunk_lengths: Tensor | None = None) -> Append:
         _check_chunk(k, v)
         B, G, T, D = k.shape
         Dv = v.shape[3]
@@ -221,11 +261,6 @@ class DynamicLayerCache(LayerCache):
             if self.batch_size is not None and B != self.batch_size:
                 raise ValueError(f"k has batch size {B}, this cache was made for batch_size={self.batch_size}; "
                                  f"got k {tuple(k.shape)}")
-            capacity = max(self.initial_capacity, T)
-            self._k = torch.zeros(B, G, capacity, D, dtype=k.dtype, device=k.device)
-            self._v = torch.zeros(B, G, capacity, Dv, dtype=k.dtype, device=k.device)
-            if self._lengths is None or self._lengths.device != k.device:
-                self._lengths = torch.zeros(B, dtype=torch.int64, device=k.device)
         else:
             held = (self._k.shape[0], self._k.shape[1], self._k.shape[3], self._v.shape[3])
             if (B, G, D, Dv) != held:
@@ -237,25 +272,36 @@ class DynamicLayerCache(LayerCache):
                 raise TypeError(f"this cache holds {self._k.dtype} on {self._k.device}, "
                                 f"got k {k.dtype} on {k.device}")
         chunk_lengths = _check_chunk_lengths(chunk_lengths, B, T, k.device)
+        lengths = self._current_lengths(B, k.device)
+        if chunk_lengths is None:
+            return Append(k, v, lengths + T, self._high + T)
+        new_lengths = lengths + chunk_lengths
+        # exact when it costs nothing more than the check above; an upper bound under compile
+        return Append(k, v, new_lengths, self._high + T if _compiling() else int(new_lengths.max()))
 
+    def _current_lengths(self, B: int, device: torch.device) -> Tensor:
+        """(B,) lengths before the chunk: zeros for a cache that has seen nothing on this device yet."""
+        if self._lengths is None or self._lengths.device != device:
+            return torch.zeros(B, dtype=torch.int64, device=device)
+        return self._lengths
+
+    def append(self, plan: Append) -> CachedKV:
+        k, v = plan.k, plan.v
+        B, G, T, D = k.shape
+        if self._k is None:
+            capacity = max(self.initial_capacity, T)
+            self._k = torch.zeros(B, G, capacity, D, dtype=k.dtype, device=k.device)
+            self._v = torch.zeros(B, G, capacity, v.shape[3], dtype=k.dtype, device=k.device)
+        lengths = self._current_lengths(B, k.device)
         needed = self._high + T  # padded tokens are written too (after the real ones), then overwritten later
         if needed > self.capacity:
             self._grow(max(needed, 2 * self.capacity))
-        lengths = self._lengths
         slots = lengths[:, None] + torch.arange(T, device=k.device)  # (B, 1) + (T,) -> (B, T)
         _write(self._k, slots, k)
         _write(self._v, slots, v)
-
-        if chunk_lengths is None:
-            new_lengths = lengths + T
-            self._high = needed
-        else:
-            new_lengths = lengths + chunk_lengths
-            # exact when it costs nothing more than the check above; an upper bound under compile
-            self._high = needed if _compiling() else int(new_lengths.max())
-        self._lengths = new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid
-        S = self._high
-        mask = _decode_mask(lengths, new_lengths, T, S)  # (B, 1, T, S)
+        self._lengths = plan.new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid
+        self._high = S = plan.kv_len
+        mask = _decode_mask(lengths, plan.new_lengths, T, S)  # (B, 1, T, S)
         # (B, G, capacity, D) -> (B, G, S, D): views, no copy
         return CachedKV(self._k[:, :, :S], self._v[:, :, :S], mask)
 
@@ -303,7 +349,7 @@ class StaticLayerCache(LayerCache):
     def bytes_per_token(self) -> int:
         return self.num_kv_heads * (self.head_dim + self.v_head_dim) * self._k.dtype.itemsize
 
-    def update(self, k: Tensor, v: Tensor, chunk_lengths: Tensor | None = None) -> CachedKV:
+    def prepare(self, k: Tensor, v: Tensor, chunk_lengths: Tensor | None = None) -> Append:
         _check_chunk(k, v)
         B, G, T, D = k.shape
         Dv = v.shape[3]
@@ -315,8 +361,7 @@ class StaticLayerCache(LayerCache):
             raise TypeError(f"this StaticCache holds {self._k.dtype} on {self._k.device}, "
                             f"got k {k.dtype} on {k.device}")
         chunk_lengths = _check_chunk_lengths(chunk_lengths, B, T, k.device)
-        L = self.max_length
-        lengths = self._lengths
+        L, lengths = self.max_length, self._lengths
         new_lengths = lengths + (T if chunk_lengths is None else chunk_lengths)
         if not _compiling() and bool((new_lengths > L).any()):
             b = int(torch.argmax(new_lengths))
@@ -326,15 +371,19 @@ class StaticLayerCache(LayerCache):
                 f"{added} real ones (T={T}), {int(new_lengths[b])} > max_length={L}; "
                 f"make a StaticCache with a larger max_length"
             )
-        new_lengths = new_lengths.clamp(max=L)  # only reached under torch.compile, where nothing is checked
+        return Append(k, v, new_lengths.clamp(max=L), L)  # the clamp only acts under torch.compile, unchecked
+
+    def append(self, plan: Append) -> CachedKV:
+        k, v = plan.k, plan.v
+        T, L, lengths = k.shape[2], self.max_length, self._lengths
         steps = torch.arange(T, device=k.device)  # (T,)
         slots = lengths[:, None] + steps  # (B, 1) + (T,) -> (B, T)
-        real = steps[None, :] < (new_lengths - lengths)[:, None]  # (1, T) < (B, 1) -> (B, T)
+        real = steps[None, :] < (plan.new_lengths - lengths)[:, None]  # (1, T) < (B, 1) -> (B, T)
         slots = torch.where(real, slots, L)  # (B, T): padding (and, compiled, any excess) to the scratch slot
         _write(self._k, slots, k)
         _write(self._v, slots, v)
-        self._lengths = new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid
-        mask = _decode_mask(lengths, new_lengths, T, L)  # (B, 1, T, L)
+        self._lengths = plan.new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid
+        mask = _decode_mask(lengths, plan.new_lengths, T, L)  # (B, 1, T, L)
         # (B, G, L + 1, D) -> (B, G, L, D): views without the scratch slot
         return CachedKV(self._k[:, :, :L], self._v[:, :, :L], mask)
 

@@ -155,7 +155,7 @@ def _cols(prefix: str, n: int) -> list[str]:
 
 
 def _walkthrough(args, out: _Writer) -> int:
-    from .explain import check_against_module, split_columns, weights_from_module
+    from .explain import check_against_module, split_columns, projections_from_module
 
     module, x, tokens = _example(args)
     cfg = module.config
@@ -164,7 +164,7 @@ def _walkthrough(args, out: _Writer) -> int:
     d_out = H * D
     check = check_against_module(module, x)
     ex = check.explanation
-    w = weights_from_module(module)
+    w = projections_from_module(module)
     rows_in = _cols("x", C)
 
     out.console.print()

@@ -5,7 +5,8 @@ the same constructor, the same forward, the same parameters under the same
 names (so state dicts move between the two in both directions), the same
 initialisation (same seed, same weights). The projections are done here and
 the attention itself runs through `multihead.attention` /
-`multihead.attention_with_weights`, so it gets multihead's backends.
+`multihead.attend`, the step every multihead module shares, so it gets
+multihead's backends and its weights on demand.
 
 This is the only place in multihead that speaks torch's inverted mask
 convention, and it converts at the edge:
@@ -51,9 +52,9 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._checks import mask_tensor, positive_int, probability
-from .backends.reference import attention_ref
-from .functional import attention, attention_with_weights
-from .masks import combine
+from .attend import attend
+from .functional import attention_with_weights
+from .masks import combine, drop, keep_mask
 from .module import MultiHeadAttention
 
 __all__ = [
@@ -257,9 +258,35 @@ class MultiheadAttention(nn.Module):
         weights are None when need_weights is False.
         """
         query, key, value, batched = self._check_inputs(query, key, value)
-        for name, flag in (("need_weights", need_weights), ("average_attn_weights", average_attn_weights),
-                           ("is_causal", is_causal)):
-            _check_flag(name, flag)
+        self._check_flags(need_weights, average_attn_weights, is_causal, attn_mask)
+        # The self-attention identity is read before the layout edge makes new tensor objects.
+        self_attention = query is key and key is value
+        query, key, value = (self._to_batch_first(x, batched) for x in (query, key, value))  # (B, ·, ·)
+        B, T, S = query.shape[0], query.shape[1], key.shape[1]
+
+        q, k, v = self._project(query, key, value, self_attention)  # (B, H, T, D), (B, H, S, D) x2
+        mask = combine(
+            self._attn_mask_may_attend(attn_mask, batched, B, T, S, q),
+            self._padding_may_attend(key_padding_mask, batched, B, S, q),
+        )  # broadcastable to (B, H, T, S), True / finite = may attend
+        k, v, mask = self._extra_keys(k, v, mask)  # (B, H, S', D) with S' = S + bias_kv + zero_attn
+        out, weights = self._attend(q, k, v, mask, need_weights)  # (B, H, T, D), (B, H, T, S') or None
+
+        out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.embed_dim))  # (B, H, T, D) -> (B, T, C)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)  # (B, H, T, S') -> (B, T, S')
+        if not batched and weights is not None:
+            weights = weights.squeeze(0)  # (1, ...) -> (...)
+        return CompatAttentionOutput(self._from_batch_first(out, batched), weights)
+
+    def __prepare_scriptable__(self):
+        raise TypeError("multihead.compat.MultiheadAttention does not support torch.jit.script; "
+                        "use torch.compile, or torch.jit.trace for a fixed-shape graph")
+
+    def _check_flags(self, need_weights, average_attn_weights, is_causal, attn_mask) -> None:
+        for name, value in (("need_weights", need_weights), ("average_attn_weights", average_attn_weights),
+                            ("is_causal", is_causal)):
+            _check_flag(name, value)
         if is_causal and attn_mask is None:
             raise ValueError(
                 "is_causal=True is a hint that attn_mask is causal and needs attn_mask, as in torch; "
@@ -268,65 +295,53 @@ class MultiheadAttention(nn.Module):
             )
         _check_dropout(self.dropout)  # it is a plain attribute in torch, so it may have been reassigned
 
-        # The edge: every layout becomes batch-first (B, T, C); the self-attention
-        # identity is read before the transposes make new tensor objects.
-        self_attention = query is key and key is value
+    def _to_batch_first(self, x: Tensor, batched: bool) -> Tensor:
+        """The layout edge: (T, C) unbatched -> (1, T, C); (T, B, C) -> (B, T, C) unless batch_first."""
         if not batched:
-            query, key, value = (x.unsqueeze(0) for x in (query, key, value))  # (T, C) -> (1, T, C)
-        elif not self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))  # (T, B, C) -> (B, T, C)
-        B, T, _ = query.shape
-        S = key.shape[1]
-        H, D = self.num_heads, self.head_dim
+            return x.unsqueeze(0)  # (T, C) -> (1, T, C)
+        return x if self.batch_first else x.transpose(0, 1)  # (T, B, C) -> (B, T, C)
 
-        q, k, v = self._project(query, key, value, self_attention)  # (B, H, T, D), (B, H, S, D) x2
-        mask = combine(
-            self._attn_mask_may_attend(attn_mask, batched, B, T, S, q),
-            self._padding_may_attend(key_padding_mask, batched, B, S, q),
-            q.dtype,
-        )  # broadcastable to (B, H, T, S), True / finite = may attend
+    def _from_batch_first(self, out: Tensor, batched: bool) -> Tensor:
+        """(B, T, C) back to the caller's layout."""
+        if not batched:
+            return out.squeeze(0)  # (1, T, C) -> (T, C)
+        return out if self.batch_first else out.transpose(0, 1)  # (B, T, C) -> (T, B, C)
 
-        extra = []  # keys appended after the S real ones, which every query may attend
+    def _extra_keys(self, k: Tensor, v: Tensor, mask: Tensor | None):
+        """add_bias_kv and add_zero_attn: keys appended after the S real ones, which every query may attend."""
+        B, H, _, D = k.shape
+        extra = []
         if self.bias_k is not None:
             extra.append((self.bias_k.reshape(1, H, 1, D).expand(B, H, 1, D),  # (1, 1, C) -> (B, H, 1, D)
                           self.bias_v.reshape(1, H, 1, D).expand(B, H, 1, D)))  # (1, 1, C) -> (B, H, 1, D)
         if self.add_zero_attn:
-            zeros = q.new_zeros(B, H, 1, D)  # (B, H, 1, D)
+            zeros = k.new_zeros(B, H, 1, D)  # (B, H, 1, D)
             extra.append((zeros, zeros))
-        if extra:
-            k = torch.cat([k, *(ek for ek, _ in extra)], dim=2)  # (B, H, S, D) -> (B, H, S + n, D)
-            v = torch.cat([v, *(ev for _, ev in extra)], dim=2)  # (B, H, S, D) -> (B, H, S + n, D)
-            if mask is not None:
-                # bool pads with True (may attend), float with 0 (no bias): torch pads its
-                # additive masks with 0, which is the same.
-                pad_value = True if mask.dtype == torch.bool else 0.0
-                mask = F.pad(mask, (0, len(extra)), value=pad_value)  # (..., S) -> (..., S + n)
+        if not extra:
+            return k, v, mask
+        k = torch.cat([k, *(ek for ek, _ in extra)], dim=2)  # (B, H, S, D) -> (B, H, S + n, D)
+        v = torch.cat([v, *(ev for _, ev in extra)], dim=2)  # (B, H, S, D) -> (B, H, S + n, D)
+        if mask is not None:
+            # bool pads with True (may attend), float with 0 (no bias): torch pads its
+            # additive masks with 0, which is the same.
+            mask = F.pad(mask, (0, len(extra)), value=True if mask.dtype == torch.bool else 0.0)  # (..., S + n)
+        return k, v, mask
 
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_weights: bool):
+        """(out, weights or None); in training with dropout the weights are the dropped ones, as torch's."""
         dropout_p = self.dropout if self.training else 0.0
-        weights = None
-        if not need_weights:
-            out = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, T, D)
-        elif dropout_p == 0.0:
-            out, weights = attention_with_weights(q, k, v, attn_mask=mask)  # (B, H, T, D), (B, H, T, S')
-        else:
-            out, weights = _attention_with_dropped_weights(q, k, v, mask, dropout_p)
-
-        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, C): concat heads
-        out = self.out_proj(out)  # (B, T, C)
-        if weights is not None and average_attn_weights:
-            weights = weights.mean(dim=1)  # (B, H, T, S') -> (B, T, S')
-        if not batched:
-            out = out.squeeze(0)  # (1, T, C) -> (T, C)
-            weights = None if weights is None else weights.squeeze(0)  # (1, ...) -> (...)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)  # (B, T, C) -> (T, B, C)
-        return CompatAttentionOutput(out, weights)
+        if need_weights and dropout_p > 0.0:
+            return _attention_with_dropped_weights(q, k, v, mask, dropout_p)
+        return attend(q, k, v, attn_mask=mask, dropout_p=dropout_p, need_weights=need_weights)
 
     def _check_inputs(self, query, key, value) -> tuple[Tensor, Tensor, Tensor, bool]:
         """Types, dims, widths, dtypes and the agreement of B and S; returns (q, k, v, batched)."""
         for name, x in (("query", query), ("key", key), ("value", value)):
             if not isinstance(x, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.is_nested:
+                raise TypeError(f"{name} is a nested tensor; multihead.compat.MultiheadAttention takes dense "
+                                f"tensors (pad the batch and pass key_padding_mask)")
         if query.dim() not in (2, 3):
             raise ValueError(
                 f"query has {query.dim()} dims, (T, B, C) / (B, T, C) batched or (T, C) unbatched "
@@ -423,18 +438,14 @@ def _may_attend(torch_mask: Tensor) -> Tensor:
 def _attention_with_dropped_weights(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float):
     """Attention whose returned weights are the dropped ones, as torch returns in training.
 
-    attention_with_weights gives the weights before dropout and keeps its keep
-    mask to itself, so the keep mask is drawn here (from torch's default
-    generator, like every other multihead dropout) and handed to the reference,
-    which applies exactly it: output and returned weights then agree.
+    The keep mask is drawn here (`masks.keep_mask`, torch's default
+    generator) and replayed by the eager path, so the output and the
+    returned weights are made with the same draw.
     """
     B, H, T, _ = q.shape
-    S = k.shape[2]
-    keep = torch.rand((B, H, T, S), device=q.device) >= dropout_p  # (B, H, T, S)
-    upcast = q.dtype in (torch.float16, torch.bfloat16)  # as attention_with_weights: softmax in float32
-    out, probs = attention_ref(q, k, v, attn_mask=mask, dropout_p=dropout_p, dropout_mask=keep, upcast=upcast)
-    weights = probs * keep / (1.0 - dropout_p)  # (B, H, T, S): the weights the output was made with
-    return out, weights.to(q.dtype)
+    keep = keep_mask((B, H, T, k.shape[2]), dropout_p, device=q.device)  # (B, H, T, S)
+    out, probs = attention_with_weights(q, k, v, attn_mask=mask, dropout_p=dropout_p, dropout_mask=keep)
+    return out, drop(probs, keep, dropout_p)  # (B, H, T, S): the weights the output was made with
 
 
 # ---------------------------------------------------------------------------

@@ -46,10 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, masks
-from ._checks import positive_int
-from .cache import LayerCache, StaticCache
-from .functional import attention, attention_with_weights
-from .module import MultiHeadAttentionOutput, _right_padded_lengths
+from ._checks import flag, positive_int
+from ._checks import key_mask as check_key_mask
+from .attend import attend
+from .cache import LayerCache, StaticCache, chunk_lengths_from_key_mask
+from .module import MultiHeadAttentionOutput
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
 __all__ = [
@@ -101,13 +102,10 @@ def make_latent_config(
         raise ValueError(f"rope_base must be a finite number > 1 (10000.0 in DeepSeek-V2), got {rope_base!r}")
     if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
         raise ValueError(f"norm_eps must be a number > 0, got {norm_eps!r}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str ('auto' or one of {backends.names()}), got {type(backend).__name__}")
-    if backend != "auto":
-        backends.get(backend)  # unknown name -> ValueError listing the known ones
+    backends.check_name(backend)  # unknown name -> ValueError listing the known ones
     return MultiHeadLatentAttentionConfig(
         d_model, num_heads, head_dim, rope_dim, v_head_dim, kv_latent_dim, q_latent_dim,
-        float(rope_base), bool(bias), bool(latent_norm), float(norm_eps), backend,
+        float(rope_base), flag("bias", bias), flag("latent_norm", latent_norm), float(norm_eps), backend,
     )
 
 
@@ -255,94 +253,97 @@ class MultiHeadLatentAttention(nn.Module):
         cache: one layer's cache (`cache[i]` of a `multihead.cache`
             DynamicCache, or a StaticCache from `make_static_cache`): the
             chunk's c_KV and k^R are appended, and its T queries attend to
-            every real cached token, causal per sequence (bottom-right aligned
-            at each sequence's own length).
-        positions: (B, T) or (T,) absolute positions of the chunk's tokens,
+            every real cached token, causal per sequence (bottom-right
+            aligned at each sequence's own length). A refused call leaves it
+            as it was.
+        positions: (B, T) or (T,) absolute positions >= 0 of the chunk's tokens,
             for RoPE; default the cache's lengths[:, None] + arange(T), or
             arange(T) without a cache.
-        need_weights: also return the per-head softmax weights (eager path);
-            the same numbers on both paths.
+        need_weights: also return the per-head softmax weights, the same
+            numbers on both paths; chosen as in `MultiHeadAttention`
+            (`multihead.attend`: read off the backend's logsumexp, or the
+            eager path where they need a gradient).
         absorb: True = the absorbed path, False = the plain one, None = the
             module's `absorb` attribute.
         """
-        cfg = self.config
-        self._check_input(x)
-        if absorb is None:
-            absorb = self.absorb
-        if not isinstance(absorb, bool):
-            raise TypeError(f"absorb must be a bool or None (= the module's absorb), got {type(absorb).__name__}")
-        if not isinstance(need_weights, bool):
-            raise TypeError(f"need_weights must be a bool, got {type(need_weights).__name__}")
-        B, T, _ = x.shape
-        H, D, Dr, Dv, Dc = cfg.num_heads, cfg.head_dim, cfg.rope_dim, cfg.v_head_dim, cfg.kv_latent_dim
-
-        chunk_lengths = None
-        if cache is not None:
-            if not isinstance(cache, LayerCache):
-                hint = "; pass one layer's cache, cache[i]" if hasattr(cache, "layers") else ""
-                raise TypeError(f"cache must be a multihead.cache.LayerCache, got {type(cache).__name__}{hint}")
-            if key_mask is not None:
-                chunk_lengths = _right_padded_lengths(key_mask, B, T)
-        elif key_mask is not None:
-            if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-                got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
-                raise TypeError(f"key_mask must be a bool tensor (B, T), True = a real token, got {got}")
-            if tuple(key_mask.shape) != (B, T):
-                raise ValueError(f"key_mask must be (B, T) = {(B, T)}, got {tuple(key_mask.shape)}")
-            if key_mask.device != x.device:
-                raise ValueError(f"key_mask is on {key_mask.device} but x is on {x.device}")
-
-        if positions is None:
-            positions = (torch.arange(T, device=x.device) if cache is None
-                         else cache.positions(T, batch_size=B, device=x.device).to(x.device))  # (B, T)
-        check_positions(positions, batch_size=B, length=T)
-        if positions.device != x.device:
-            raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
-        cos, sin = self.rope(positions, dtype=x.dtype)  # (B|1, 1, T, d_rope) each
-
+        absorb = self._check_call(x, key_mask, cache, positions, need_weights, absorb)
+        cos, sin = self.rope(self._positions(positions, cache, x), dtype=x.dtype)  # (B|1, 1, T, d_rope) each
         c_kv = self.latent(x)[:, None]  # (B, T, d_c) -> (B, 1, T, d_c): one "kv head"
         k_rot = apply_rotary(self.k_rope(x)[:, None], cos, sin)  # (B, T, d_rope) -> (B, 1, T, d_rope)
         q_nope, q_rot = self._queries(x)  # (B, H, T, D), (B, H, T, d_rope)
         q_rot = apply_rotary(q_rot, cos, sin)  # (B, H, T, d_rope)
-
-        if cache is None:
-            attn_mask = None if key_mask is None else masks.key_mask_to_attn_mask(key_mask)  # (B, 1, 1, S)
-            causal = True
-        else:
-            # c_KV rides in the cache's "k" slot and k^R in its "v" slot: two tensors of any widths.
-            cached = cache.update(c_kv, k_rot, chunk_lengths)
-            c_kv, k_rot = cached.k, cached.v  # (B, 1, T, ·) -> (B, 1, S, d_c), (B, 1, S, d_rope): all cached
-            attn_mask = cached.attn_mask  # (B, 1, T, S)
-            causal = False  # the cache's mask is the causal mask, per sequence
-        S = c_kv.shape[2]
-
-        if absorb:
-            # W_UK,h as (D, d_c) per head: q^C_h·(W_UK,h c) = (W_UK,hᵀ q^C_h)·c, so the query meets c itself.
-            w_uk = self.k_up.weight.view(H, D, Dc)  # (H·D, d_c) -> (H, D, d_c)
-            q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, D) -> (B, H, T, d_c)
-            q = torch.cat((q_lat, q_rot), dim=-1)  # (B, H, T, d_c + d_rope)
-            k = torch.cat((c_kv, k_rot), dim=-1)  # (B, 1, S, d_c + d_rope): one key for all heads (G = 1)
-            v = c_kv  # (B, 1, S, d_c): the heads' weights average the latent, W_UV comes after
-        else:
-            k_nope = self.k_up(c_kv[:, 0]).view(B, S, H, D).transpose(1, 2)  # (B, S, d_c) -> (B, H, S, D)
-            v = self.v_up(c_kv[:, 0]).view(B, S, H, Dv).transpose(1, 2)  # (B, S, d_c) -> (B, H, S, Dv)
-            q = torch.cat((q_nope, q_rot), dim=-1)  # (B, H, T, D + d_rope)
-            k = torch.cat((k_nope, k_rot.expand(B, H, S, Dr)), dim=-1)  # (B, H, S, D + d_rope): k^R to every head
-
+        c_kv, k_rot, mask = self._cached(c_kv, k_rot, key_mask, cache)  # (B, 1, S, d_c), (B, 1, S, d_rope)
+        q, k, v = (self._absorbed if absorb else self._plain)(q_nope, q_rot, c_kv, k_rot)
         # The explicit scale matters on the absorbed path, whose q is d_c + d_rope wide but means D + d_rope.
-        call = dict(attn_mask=attn_mask, causal=causal, scale=self.scale)
-        weights = None
-        if need_weights:
-            out, weights = attention_with_weights(q, k, v, **call)  # (B, H, T, Dv | d_c), (B, H, T, S)
-        else:
-            out = attention(q, k, v, backend=cfg.backend, **call)  # (B, H, T, Dv | d_c)
-
-        if absorb:
-            # Σ_j p_j W_UV,h c_j = W_UV,h (Σ_j p_j c_j): the per-head value projection after the weights.
-            w_uv = self.v_up.weight.view(H, Dv, Dc)  # (H·Dv, d_c) -> (H, Dv, d_c)
-            out = torch.einsum("bhtc,hvc->bhtv", out, w_uv)  # (B, H, T, d_c) -> (B, H, T, Dv)
+        attended = attend(q, k, v, attn_mask=mask, causal=cache is None, scale=self.scale,
+                          backend=self.config.backend, need_weights=need_weights)  # (B, H, T, Dv | d_c)
+        out = self._values_up(attended.out) if absorb else attended.out  # (B, H, T, Dv)
+        B, H, T, Dv = out.shape
         out = out.transpose(1, 2).reshape(B, T, H * Dv)  # (B, H, T, Dv) -> (B, T, H·Dv): concat heads
-        return MultiHeadAttentionOutput(self.out_proj(out), weights)
+        return MultiHeadAttentionOutput(self.out_proj(out), attended.weights)
+
+    def _check_call(self, x, key_mask, cache, positions, need_weights, absorb) -> bool:
+        """Every argument of forward checked before anything is computed or cached; returns absorb."""
+        self._check_input(x)
+        absorb = self.absorb if absorb is None else absorb
+        flag("absorb", absorb)
+        flag("need_weights", need_weights)
+        B, T = x.shape[0], x.shape[1]
+        if cache is not None and not isinstance(cache, LayerCache):
+            hint = "; pass one layer's cache, cache[i]" if hasattr(cache, "layers") else ""
+            raise TypeError(f"cache must be a multihead.cache.LayerCache, got {type(cache).__name__}{hint}")
+        if key_mask is not None and cache is None:
+            check_key_mask(key_mask, B, T, x.device, what="T")
+        if positions is not None:
+            check_positions(positions, batch_size=B, length=T)
+            if positions.device != x.device:
+                raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
+        return absorb
+
+    def _positions(self, positions: Tensor | None, cache: LayerCache | None, x: Tensor) -> Tensor:
+        if positions is not None:
+            return positions
+        B, T = x.shape[0], x.shape[1]
+        if cache is None:
+            return torch.arange(T, device=x.device)  # (T,)
+        return cache.positions(T, batch_size=B, device=x.device).to(x.device)  # (B, T)
+
+    def _cached(self, c_kv, k_rot, key_mask, cache) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(c_KV, k^R, mask) to attend: the chunk's own, or everything cached after appending it."""
+        if cache is None:
+            mask = None if key_mask is None else masks.key_mask_to_attn_mask(key_mask)  # (B, 1, 1, S)
+            return c_kv, k_rot, mask
+        B, T = c_kv.shape[0], c_kv.shape[2]
+        chunk_lengths = None if key_mask is None else chunk_lengths_from_key_mask(key_mask, B, T, c_kv.device)
+        # c_KV rides in the cache's "k" slot and k^R in its "v" slot: two tensors of any widths.
+        cached = cache.append(cache.prepare(c_kv, k_rot, chunk_lengths))
+        return cached.k, cached.v, cached.attn_mask  # (B, 1, S, d_c), (B, 1, S, d_rope), (B, 1, T, S)
+
+    def _plain(self, q_nope, q_rot, c_kv, k_rot) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head k and v up-projected from the latent: q (B, H, T, D + d_rope), k (B, H, S, ·), v (B, H, S, Dv)."""
+        cfg = self.config
+        B, S, H = c_kv.shape[0], c_kv.shape[2], cfg.num_heads
+        k_nope = self.k_up(c_kv[:, 0]).view(B, S, H, cfg.head_dim).transpose(1, 2)  # (B, S, d_c) -> (B, H, S, D)
+        v = self.v_up(c_kv[:, 0]).view(B, S, H, cfg.v_head_dim).transpose(1, 2)  # (B, S, d_c) -> (B, H, S, Dv)
+        q = torch.cat((q_nope, q_rot), dim=-1)  # (B, H, T, D + d_rope)
+        k = torch.cat((k_nope, k_rot.expand(B, H, S, cfg.rope_dim)), dim=-1)  # (B, H, S, D + d_rope): k^R to every head
+        return q, k, v
+
+    def _absorbed(self, q_nope, q_rot, c_kv, k_rot) -> tuple[Tensor, Tensor, Tensor]:
+        """W_UK folded into the query: every head meets the same key [c_KV; k^R] and value c_KV (G = 1)."""
+        cfg = self.config
+        # W_UK,h as (D, d_c) per head: q^C_h·(W_UK,h c) = (W_UK,hᵀ q^C_h)·c, so the query meets c itself.
+        w_uk = self.k_up.weight.view(cfg.num_heads, cfg.head_dim, cfg.kv_latent_dim)  # (H·D, d_c) -> (H, D, d_c)
+        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, D) -> (B, H, T, d_c)
+        q = torch.cat((q_lat, q_rot), dim=-1)  # (B, H, T, d_c + d_rope)
+        k = torch.cat((c_kv, k_rot), dim=-1)  # (B, 1, S, d_c + d_rope): one key for all heads
+        return q, k, c_kv  # the heads' weights average the latent; W_UV comes after
+
+    def _values_up(self, out: Tensor) -> Tensor:
+        """Σ_j p_j W_UV,h c_j = W_UV,h (Σ_j p_j c_j): (B, H, T, d_c) -> (B, H, T, Dv)."""
+        cfg = self.config
+        w_uv = self.v_up.weight.view(cfg.num_heads, cfg.v_head_dim, cfg.kv_latent_dim)  # (H·Dv, d_c) -> (H, Dv, d_c)
+        return torch.einsum("bhtc,hvc->bhtv", out, w_uv)  # (B, H, T, d_c) -> (B, H, T, Dv)
 
 
 def make_static_cache(

@@ -1,6 +1,6 @@
-"""MultiHeadAttention: projections, split into heads, attend, merge, W^O.
+"""MultiHeadAttention: project -> rotate -> cache -> attend -> merge.
 
-The seeds' picture, batched: every head i has its own W_i^Q, W_i^K, W_i^V;
+The textbook picture, batched: every head i has its own W_i^Q, W_i^K, W_i^V;
 here they are stacked side by side into one projection per role, so a single
 matmul computes all heads at once, and `head(i)` cuts head i's matrices back
 out. Grouped-query attention (num_kv_heads < num_heads) lets R = H / G query
@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, masks
-from ._checks import positive_int, probability
-from .cache import LayerCache
-from .functional import attention, attention_with_weights, check_mask
-from .weights import attention_and_weights
+from ._checks import flag, positive_int, probability
+from ._checks import key_mask as check_key_mask
+from .attend import attend
+from .cache import LayerCache, chunk_lengths_from_key_mask
+from .call import check_mask
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
 
@@ -69,17 +70,11 @@ def make_config(
     kdim = d_model if kdim is None else positive_int("kdim", kdim)
     vdim = d_model if vdim is None else positive_int("vdim", vdim)
     probability("dropout", dropout)
-    if backend != "auto":
-        backends.get(backend)  # unknown name -> ValueError listing the known ones
+    backends.check_name(backend)  # unknown name -> ValueError listing the known ones
     return MultiHeadAttentionConfig(
         d_model, num_heads, num_kv_heads, head_dim, v_head_dim, kdim, vdim,
-        bool(bias), float(dropout), bool(causal), backend,
+        flag("bias", bias), float(dropout), flag("causal", causal), backend,
     )
-
-
-def weights_on_demand(device: torch.device) -> bool:
-    """Whether need_weights reads the weights off a fused kernel's logsumexp on this device (see forward)."""
-    return device.type != "cpu"
 
 
 class MultiHeadAttentionOutput(NamedTuple):
@@ -89,7 +84,7 @@ class MultiHeadAttentionOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class HeadProjections:
-    """Head i's own matrices, in the seeds' X @ W orientation (views of the fused weights)."""
+    """Head i's own projection matrices, in the textbook's X @ W orientation (views of the fused parameters)."""
 
     index: int  # i, the query head
     kv_index: int  # the key/value head it reads: i // (num_heads / num_kv_heads)
@@ -116,6 +111,8 @@ class MultiHeadAttention(nn.Module):
     to their positions after the projections and before the cache (Llama's
     order), so cached keys keep the rotation of the position they were
     written at.
+    backend: "auto" or a registered backend name, for every call of this
+    module (with need_weights too; see forward).
     """
 
     def __init__(
@@ -135,7 +132,7 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(f"rope must be a multihead.rope.RotaryEmbedding or None, got {type(rope).__name__}")
         if rope is not None and rope.head_dim != cfg.head_dim:
             raise ValueError(f"rope rotates head_dim={rope.head_dim}, the heads have head_dim={cfg.head_dim}")
-        self.rope = rope  # a module without weights: the state dict is unchanged
+        self.rope = rope  # a module without parameters: the state dict is unchanged
         factory = dict(device=device, dtype=dtype)
         H, G, D, Dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
         # W^Q = [W_1^Q | ... | W_H^Q] as one Linear; likewise W^K, W^V over the G kv heads.
@@ -150,13 +147,9 @@ class MultiHeadAttention(nn.Module):
                 f"head_dim={c.head_dim}, v_head_dim={c.v_head_dim}, causal={c.causal}, "
                 f"backend={c.backend!r}")
 
-    def _check_input(self, name: str, x, width: int, width_name: str) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (B, len, {width_name}), got {type(x).__name__}")
-        if x.dim() != 3:
-            raise ValueError(f"{name} has {x.dim()} dims, (B, len, {width_name}={width}) expected, got {tuple(x.shape)}")
-        if x.shape[-1] != width:
-            raise ValueError(f"{name} has width {x.shape[-1]}, {width_name}={width} expected, got {tuple(x.shape)}")
+    def __prepare_scriptable__(self):
+        raise TypeError(f"{type(self).__name__} does not support torch.jit.script; "
+                        f"use torch.compile, or torch.jit.trace for a fixed-shape graph")
 
     def forward(
         self,
@@ -176,124 +169,127 @@ class MultiHeadAttention(nn.Module):
             (T, S) or (B|1, H|1, T|1, S).
         key_mask: (B, S) bool, True = a real token, False = padding.
         need_weights: also return the per-head weights (B, H, T, S), the softmax
-            probabilities before dropout. On a GPU the output still comes from
-            the fused kernel, which returns the logsumexp, and the weights are
-            read off it exactly (`multihead.weights.attention_and_weights`);
-            those weights carry no gradient (the output does). On the CPU the
-            eager path (`attention_with_weights`, one T x S buffer worked in
-            place, weights differentiable) is faster than recomputing from the
-            logsumexp (0.98x against 0.57x of torch's time at T=128 here), so
-            it runs there.
+            probabilities before dropout. Where nothing needs a gradient, the
+            output comes from the module's backend with its logsumexp and the
+            weights are read off it exactly (no gradient flows through them);
+            where the weights must carry a gradient (training), the eager path
+            computes both and `backend` does not apply (`multihead.attend`).
         cache: a layer cache (`cache[i]` of a `multihead.cache` KVCache), for
             decoding: the chunk's k and v are appended and its T queries attend
             to every real cached token, causal per sequence (bottom-right
             aligned at each sequence's own length). Self-attention of a causal
-            module only (key and value are the query; a non-causal module
-            would let cached tokens see the future, so it is refused).
-            key_mask (B, T) then marks the chunk's real tokens, right-padded:
-            padded ones are not cached. attn_mask, if any, is over the cache's
-            S keys (S = k.shape[2] after the update) and is combined with it.
-        positions: (B, T) or (T,) absolute positions of the query tokens, for
-            rope only; default: the cache's lengths[:, None] + arange(T), or
+            module only. key_mask (B, T) then marks the chunk's real tokens,
+            right-padded: padded ones are not cached. attn_mask, if any, is
+            over the S keys held after the chunk is appended, and is combined
+            with the cache's mask. Every argument is checked before the cache
+            is written: a refused call leaves it as it was.
+        positions: (B, T) or (T,) absolute positions >= 0 of the query tokens,
+            for rope only; default: the cache's lengths[:, None] + arange(T), or
             arange(T) without a cache.
         """
+        query, key, value = self._check_inputs(query, key, value, cache, positions)
+        flag("need_weights", need_weights)
+        q, k, v = self.project(query, key, value)  # (B, H, T, D), (B, G, S, D), (B, G, S, Dv)
+        if self.rope is not None:
+            q, k = self.rotate(q, k, self._positions(positions, cache, q))
+        k, v, mask = self._keys_and_mask(q, k, v, attn_mask, key_mask, cache)  # with a cache: all S cached
+        attended = attend(q, k, v, attn_mask=mask, causal=self.config.causal and cache is None,
+                          dropout_p=self.config.dropout if self.training else 0.0,
+                          backend=self.config.backend, need_weights=need_weights)
+        return MultiHeadAttentionOutput(self.merge(attended.out), attended.weights)
+
+    # -- the stages ------------------------------------------------------------------
+
+    def project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, C), (B, S, kdim), (B, S, vdim) -> q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv)."""
+        cfg = self.config
+        B, T, S = query.shape[0], query.shape[1], key.shape[1]
+        q = self.q_proj(query).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+        k = self.k_proj(key).view(B, S, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # -> (B, G, S, D)
+        v = self.v_proj(value).view(B, S, cfg.num_kv_heads, cfg.v_head_dim).transpose(1, 2)  # -> (B, G, S, Dv)
+        return q, k, v
+
+    def rotate(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE: q (B, H, T, D) and k (B, G, T, D) turned to their positions (B, T) or (T,)."""
+        cos, sin = self.rope(positions, dtype=q.dtype)  # (B|1, 1, T, D) each
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def merge(self, out: Tensor) -> Tensor:
+        """Concatenate the heads and apply W^O: (B, H, T, Dv) -> (B, T, C)."""
+        B, H, T, Dv = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dv))  # (B, H, T, Dv) -> (B, T, H·Dv) -> (B, T, C)
+
+    # -- checks and the cache ---------------------------------------------------------
+
+    def _check_inputs(self, query, key, value, cache, positions) -> tuple[Tensor, Tensor, Tensor]:
+        """The inputs as (query, key, value), key and value defaulting to the query; every shape checked."""
         cfg = self.config
         if key is None and value is not None:
             raise ValueError("value was given without key; pass key too (value alone is ambiguous)")
         key = query if key is None else key
         value = key if value is None else value
-        self._check_input("query", query, cfg.d_model, "d_model")
-        self._check_input("key", key, cfg.kdim, "kdim")
-        self._check_input("value", value, cfg.vdim, "vdim")
-        B, T, _ = query.shape
-        S = key.shape[1]
+        for name, x, width, width_name in (("query", query, cfg.d_model, "d_model"), ("key", key, cfg.kdim, "kdim"),
+                                           ("value", value, cfg.vdim, "vdim")):
+            _check_input(name, x, width, width_name)
+        B, S = query.shape[0], key.shape[1]
         if key.shape[0] != B or value.shape[0] != B or value.shape[1] != S:
             raise ValueError(
                 f"query (B, T, C), key (B, S, kdim), value (B, S, vdim) must agree on B and S, "
                 f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
             )
-        H, G, D, Dv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
+        self._check_cache_use(query, key, value, cache, positions)
+        return query, key, value
 
-        q = self.q_proj(query).view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
-        k = self.k_proj(key).view(B, S, G, D).transpose(1, 2)  # (B, S, kdim) -> (B, G, S, D)
-        v = self.v_proj(value).view(B, S, G, Dv).transpose(1, 2)  # (B, S, vdim) -> (B, G, S, Dv)
-
-        causal = cfg.causal
-        if cache is not None or positions is not None or self.rope is not None:
-            q, k, v, attn_mask, key_mask, causal = self._rotate_and_cache(
-                query, key, value, q, k, v, attn_mask, key_mask, cache, positions)
-            S = k.shape[2]  # with a cache: every cached slot, (B, G, S, D)
-
-        mask = check_mask(attn_mask, q, B, H, T, S)
-        if key_mask is not None:
-            if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-                got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
-                raise TypeError(f"key_mask must be a bool tensor (B, S), True = a real token, got {got}")
-            if tuple(key_mask.shape) != (B, S):
-                raise ValueError(f"key_mask must be (B, S) = {(B, S)}, got {tuple(key_mask.shape)}")
-            mask = masks.combine(mask, masks.key_mask_to_attn_mask(key_mask), q.dtype)
-
-        call = dict(attn_mask=mask, causal=causal,
-                    dropout_p=cfg.dropout if self.training else 0.0)
-        weights = None
-        if need_weights:
-            if not weights_on_demand(q.device):
-                out, weights = attention_with_weights(q, k, v, **call)  # (B, H, T, Dv), (B, H, T, S)
-            else:
-                on_demand = attention_and_weights(q, k, v, **call)
-                out, weights = on_demand.out, on_demand.weights  # (B, H, T, Dv), (B, H, T, S)
-        else:
-            out = attention(q, k, v, backend=cfg.backend, **call)  # (B, H, T, Dv)
-        out = out.transpose(1, 2).reshape(B, T, H * Dv)  # (B, H, T, Dv) -> (B, T, H·Dv): concat heads
-        return MultiHeadAttentionOutput(self.out_proj(out), weights)
-
-    def _rotate_and_cache(self, query, key, value, q, k, v, attn_mask, key_mask, cache, positions):
-        """RoPE on q and k, then the cache: (q, k, v, attn_mask, key_mask, causal) for the attention call.
-
-        With a cache, k and v become everything cached (B, G, S, ·), the cache's
-        mask (causal per sequence) joins attn_mask, key_mask is used up as the
-        chunk's real tokens, and causal is off: the cache's mask already is it.
-        """
-        cfg = self.config
-        B, H, T, _ = q.shape
+    def _check_cache_use(self, query, key, value, cache, positions) -> None:
+        if cache is None and positions is None and self.rope is None:
+            return
         if key is not query or value is not query:
             raise ValueError(
                 "cache= and rope= are for self-attention: key and value must be the query itself "
                 "(leave them None); a separate key/value has positions and a history of its own"
             )
-        chunk_lengths = None
+        if positions is not None and self.rope is None:
+            raise ValueError("positions= is only used by rope, and this module has rope=None")
         if cache is not None:
             if not isinstance(cache, LayerCache):
                 hint = "; pass one layer's cache, cache[i]" if hasattr(cache, "layers") else ""
                 raise TypeError(f"cache must be a multihead.cache.LayerCache, got {type(cache).__name__}{hint}")
-            if not cfg.causal:
+            if not self.config.causal:
                 raise ValueError(
                     "cache= needs a causal module (MultiHeadAttention(..., causal=True)): decoding appends "
                     "tokens that must not be seen by the ones before them"
                 )
-            if key_mask is not None:
-                chunk_lengths = _right_padded_lengths(key_mask, B, T)
-                key_mask = None  # the cache's mask now says which keys are real
+        if positions is not None:
+            check_positions(positions, batch_size=query.shape[0], length=query.shape[1])
+            if positions.device != query.device:
+                raise ValueError(f"positions is on {positions.device} but the query is on {query.device}")
 
-        if positions is not None and self.rope is None:
-            raise ValueError("positions= is only used by rope, and this module has rope=None")
-        if self.rope is not None:
-            if positions is None:
-                positions = (torch.arange(T, device=q.device) if cache is None
-                             else cache.positions(T, batch_size=B, device=q.device).to(q.device))  # (B, T)
-            check_positions(positions, batch_size=B, length=T)
-            if positions.device != q.device:
-                raise ValueError(f"positions is on {positions.device} but the query is on {q.device}")
-            cos, sin = self.rope(positions, dtype=q.dtype)  # (B|1, 1, T, D) each
-            q = apply_rotary(q, cos, sin)  # (B, H, T, D)
-            k = apply_rotary(k, cos, sin)  # (B, G, T, D)
+    def _positions(self, positions: Tensor | None, cache: LayerCache | None, q: Tensor) -> Tensor:
+        """The query tokens' positions: the given ones, else after the cache's tokens, else 0..T-1."""
+        if positions is not None:
+            return positions
+        B, T = q.shape[0], q.shape[2]
         if cache is None:
-            return q, k, v, attn_mask, key_mask, cfg.causal
+            return torch.arange(T, device=q.device)  # (T,)
+        return cache.positions(T, batch_size=B, device=q.device).to(q.device)  # (B, T)
 
-        k, v, cache_mask = cache.update(k, v, chunk_lengths)  # (B, G, S, D), (B, G, S, Dv), (B, 1, T, S)
-        S = k.shape[2]
-        attn_mask = masks.combine(check_mask(attn_mask, q, B, H, T, S), cache_mask, q.dtype)
-        return q, k, v, attn_mask, key_mask, False
+    def _keys_and_mask(self, q, k, v, attn_mask, key_mask, cache) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(k, v, mask) to attend: with a cache, everything cached after appending the chunk.
+
+        Every check runs before the cache is written (`LayerCache.prepare`).
+        """
+        B, T = q.shape[0], q.shape[2]
+        if cache is None:
+            mask = check_mask(attn_mask, q, k.shape[2])
+            if key_mask is not None:
+                real = check_key_mask(key_mask, B, k.shape[2], q.device)
+                mask = masks.combine(mask, masks.key_mask_to_attn_mask(real))
+            return k, v, mask
+        chunk_lengths = None if key_mask is None else chunk_lengths_from_key_mask(key_mask, B, T, q.device)
+        plan = cache.prepare(k, v, chunk_lengths)
+        mask = check_mask(attn_mask, q, plan.kv_len)
+        cached = cache.append(plan)  # (B, G, S, D), (B, G, S, Dv), (B, 1, T, S)
+        return cached.k, cached.v, masks.combine(mask, cached.attn_mask)
 
     def head(self, i: int) -> HeadProjections:
         """Head i's W_i^Q, W_i^K, W_i^V and its rows of W^O, cut out of the fused projections."""
@@ -316,15 +312,12 @@ class MultiHeadAttention(nn.Module):
         return HeadProjections(i, g, w_q, w_k, w_v, w_o, b_q, b_k, b_v)
 
 
-def _right_padded_lengths(key_mask, B: int, T: int) -> Tensor:
-    """key_mask (B, T) of a cached chunk, True = real, right-padded -> real tokens per sequence (B,)."""
-    if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-        got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
-        raise TypeError(f"key_mask must be a bool tensor (B, T), True = a real token, got {got}")
-    if tuple(key_mask.shape) != (B, T):
-        raise ValueError(f"with a cache, key_mask marks the new chunk's real tokens: (B, T) = {(B, T)} "
-                         f"expected, got {tuple(key_mask.shape)}")
-    if not torch.compiler.is_compiling() and bool((key_mask[:, 1:] & ~key_mask[:, :-1]).any()):
-        raise ValueError("with a cache, key_mask must pad on the right (True for the real tokens, then False): "
-                         "a cached sequence's tokens sit at consecutive positions")
-    return key_mask.sum(dim=-1)  # (B, T) -> (B,)
+def _check_input(name: str, x, width: int, width_name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (B, len, {width_name}), got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"{name} is a nested tensor; pass a padded (B, len, {width_name}) tensor and a key_mask")
+    if x.dim() != 3:
+        raise ValueError(f"{name} has {x.dim()} dims, (B, len, {width_name}={width}) expected, got {tuple(x.shape)}")
+    if x.shape[-1] != width:
+        raise ValueError(f"{name} has width {x.shape[-1]}, {width_name}={width} expected, got {tuple(x.shape)}")

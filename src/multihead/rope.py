@@ -105,7 +105,12 @@ class RotaryEmbedding(nn.Module):
         return self._inv_freq[key]
 
     def forward(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> Rotary:
-        positions = check_positions(positions)
+        """cos and sin (B|1, 1, T, D) for integer positions (B, T) or (T,).
+
+        The values are not read (no host sync per step): callers that take
+        positions from a user check them with `check_positions`.
+        """
+        positions = _check_kind(positions)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         # Angles in float32 (HF's arithmetic) unless float64 is asked for; cast at the end.
@@ -126,17 +131,27 @@ class RotaryEmbedding(nn.Module):
 
 
 def check_positions(positions, batch_size: int | None = None, length: int | None = None) -> Tensor:
-    """positions: an integer tensor (T,) or (B, T) of absolute positions >= 0 (sizes checked when given)."""
-    if not isinstance(positions, Tensor):
-        raise TypeError(f"positions must be an integer torch.Tensor (B, T) or (T,), got {type(positions).__name__}")
-    if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
-        raise TypeError(f"positions must hold integers (absolute token positions), got {positions.dtype}")
-    if positions.dim() not in (1, 2):
-        raise ValueError(f"positions has {positions.dim()} dims, (B, T) or (T,) expected, got {tuple(positions.shape)}")
+    """positions: an integer tensor (T,) or (B, T) of absolute positions >= 0 (sizes checked when given).
+
+    The values are read on the host (one sync), except under torch.compile.
+    """
+    positions = _check_kind(positions)
     if length is not None and positions.shape[-1] != length:
         raise ValueError(f"positions has {positions.shape[-1]} columns, one per query T={length} expected, "
                          f"got {tuple(positions.shape)}")
     if batch_size is not None and positions.dim() == 2 and positions.shape[0] not in (1, batch_size):
         raise ValueError(f"positions has {positions.shape[0]} rows, B={batch_size} (or 1) expected, "
                          f"got {tuple(positions.shape)}")
+    if not torch.compiler.is_compiling() and positions.numel() and bool((positions < 0).any()):
+        raise ValueError(f"positions must be >= 0 (absolute token positions), got min {int(positions.min())}")
+    return positions
+
+
+def _check_kind(positions) -> Tensor:
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"positions must be an integer torch.Tensor (B, T) or (T,), got {type(positions).__name__}")
+    if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+        raise TypeError(f"positions must hold integers (absolute token positions), got {positions.dtype}")
+    if positions.dim() not in (1, 2):
+        raise ValueError(f"positions has {positions.dim()} dims, (B, T) or (T,) expected, got {tuple(positions.shape)}")
     return positions

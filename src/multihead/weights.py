@@ -2,7 +2,7 @@
 
 A fused kernel never holds the (T, S) matrix of weights, but it can keep one
 number per query: the logsumexp of its scores, lse = log sum_j exp(s_j). With
-it any weight is exact in one step, without a second softmax pass:
+it any weight is one step away, without a second softmax pass:
 
     w_ij = exp(s_ij - lse_i),   s_ij = scale · q_i·k_j (+ mask)
 
@@ -14,19 +14,24 @@ tiles with nothing of size T x S alive:
     received_j  = sum_i w_ij        (column sums: attention each key receives)
     top-k keys  = the k largest s_ij of row i (the same keys as the k largest w_ij)
 
-    out, lse, backend = attention_with_lse(q, k, v, causal=True)   # fastest path with an lse
+    out, lse = multihead.attention_with_lse(q, k, v, causal=True)  # any backend that gives an lse
     w = attention_weights(q, k, lse, heads=[3], causal=True)       # (B, 1, T, S)
     stats = attention_stats(q, k, lse, top_k=5, causal=True)       # entropy, column sums, top-k
 
-The lse can come from any backend that gives it: the triton kernels on a GPU,
-CPU torch's flash kernel (`torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`),
-or `multihead.chunked_attention`. Masks and `causal` must be the ones the lse
-was computed with. A query row with no key to attend (lse = -inf) has weights
-0, entropy 0 and no top keys.
+The lse can come from any backend that gives one (`multihead.explain_dispatch(...,
+need_lse=True)` says which). Masks and `causal` must be the ones the lse was
+computed with. A query row with no key to attend (lse = -inf) has weights 0,
+entropy 0 and no top keys.
+
+The kernel's lse is one float32 number per row; where every score of a row
+carries a huge finite bias (a Hugging Face style finfo.min mask), the bias
+swallows the log of the row's sum in float32. So each row is normalised once
+more by the sum of its recomputed exp(s - lse) (1 up to rounding everywhere
+else): the weights then equal the eager softmax on every row.
 
 The weights returned here carry no gradient (they are read off, not part of
-the graph); `attention_with_weights` is the eager path with differentiable
-weights.
+the graph); `multihead.attention_with_weights` is the eager path with
+differentiable weights.
 """
 
 from __future__ import annotations
@@ -36,9 +41,10 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from . import backends, masks
-from .backends.chunked import chunked_forward
-from .backends.reference import attention_ref
+from . import masks
+from ._checks import positive_int
+from .call import AttentionCall, make_call
+from .functional import attention_with_lse
 
 # Keys per tile and queries per block of the torch passes: a (B, h, BLOCK_Q, BLOCK_K)
 # block of scores is the most that is alive at once besides what is returned.
@@ -46,12 +52,6 @@ BLOCK_Q = 256
 BLOCK_K = 512
 
 Index = int | Sequence[int] | slice | Tensor | None
-
-
-class AttentionWithLse(NamedTuple):
-    out: Tensor  # (B, H, T, Dv), differentiable in q, k, v
-    lse: Tensor  # (B, H, T) float32 (float64 for float64 inputs); -inf for rows with no key
-    backend: str  # which path computed them: "triton", "cpu_flash", "chunked" or "reference"
 
 
 class AttentionStats(NamedTuple):
@@ -66,7 +66,6 @@ class WeightsOnDemand(NamedTuple):
     out: Tensor  # (B, H, T, Dv), differentiable in q, k, v
     weights: Tensor  # (B, h, t, S) of the chosen heads and rows, in q's dtype, no gradient
     lse: Tensor  # (B, H, T)
-    backend: str  # the path that computed out and lse
 
 
 # ---- argument checks
@@ -100,11 +99,9 @@ def _index(name: str, index: Index, size: int, device: torch.device) -> Tensor:
     return idx % size if size else idx
 
 
-def _check(q, k, lse, attn_mask, causal, scale):
+def _check(q, k, lse, attn_mask, causal, scale) -> AttentionCall:
     """The call's checks (shapes, mask, scale) as attention() does them, plus lse's."""
-    from .functional import _check_call
-
-    call = _check_call(q, k, k, attn_mask, causal, scale, 0.0)  # v's checks are k's: v plays no part
+    call = make_call(q, k, k, attn_mask=attn_mask, causal=causal, scale=scale)  # v plays no part: k stands in
     B, H, T, _ = q.shape
     if not isinstance(lse, Tensor):
         raise TypeError(f"lse must be a torch.Tensor (B, H, T), got {type(lse).__name__}")
@@ -120,39 +117,27 @@ def _check(q, k, lse, attn_mask, causal, scale):
 # ---- the tiles
 
 
-def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # Recomputed fp32 scores differ from the kernel's own by ~1e-5 relative on
-    # large scores, and exp() carries that into the weights. On the CPU float64
-    # costs little next to what it buys (weights within ~5e-6 of an fp32 eager
-    # softmax, as transformers computes them); on a GPU float32 keeps the pass
-    # as fast as the issue's 1.3x-of-forward budget needs.
-    if device.type == "cpu":
-        return torch.float64
-    return torch.promote_types(dtype, torch.float32)
-
-
 class _Problem:
     """q, k, lse and the mask of the chosen heads, ready to cut into (rows, keys) tiles."""
 
-    def __init__(self, q, k, lse, call, heads: Tensor):
-        acc = _compute_dtype(q.dtype, q.device)
-        B, H, T, _ = q.shape
-        G, S = k.shape[1], k.shape[2]
-        self.T, self.S = T, S
-        self.heads = heads
+    def __init__(self, call: AttentionCall, lse: Tensor, heads: Tensor):
+        q, k = call.q, call.k
+        acc = torch.promote_types(q.dtype, torch.float32)  # what the tiles compute in and return
+        H, G = call.heads, call.kv_heads
+        self.T, self.S, self.acc, self.causal = call.q_len, call.kv_len, acc, call.causal
         self.q = q.detach().index_select(1, heads).to(acc) * call.scale  # (B, H, T, D) -> (B, h, T, D)
         self.kv_heads = torch.div(heads, H // G, rounding_mode="floor")  # grouped-query: h -> h // R
         self.k = k.detach()  # (B, G, S, D), indexed per tile, never copied per head whole
-        self.acc = acc  # what the tiles compute in
-        self.result = torch.promote_types(q.dtype, torch.float32)  # what the caller gets back
         lse = lse.detach().index_select(1, heads).to(acc)  # (B, H, T) -> (B, h, T)
         # A row with no key has lse -inf and only -inf scores; +inf makes exp(s - lse) = 0 there.
         self.lse = torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
+        # log of each row's sum of exp(s - lse): 0 up to rounding, but not where a huge bias
+        # swallowed it from the lse (`renormalise` measures it; kept apart, as lse + it would lose it again)
+        self.log_norm = torch.zeros_like(self.lse)  # (B, h, T)
         mask = call.attn_mask
         if mask is not None and mask.shape[1] > 1:
             mask = mask.index_select(1, heads)  # (b, H, t, S) -> (b, h, t, S)
         self.mask = mask
-        self.causal = call.causal
 
     def scores(self, rows: Tensor, s0: int, s1: int) -> Tensor:
         """Masked scores of the chosen heads, query positions `rows`, keys [s0, s1): (B, h, t, s1 - s0)."""
@@ -163,18 +148,33 @@ class _Problem:
             mask = self.mask[..., s0:s1]
             if mask.shape[2] > 1:
                 mask = mask.index_select(2, rows)  # (b, h|1, T, keys) -> (b, h|1, t, keys)
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            else:
-                scores = scores + mask.to(self.acc)
+            masks.apply(scores, mask, in_place=True)
         if self.causal:
-            key_pos = torch.arange(s0, s1, device=scores.device)  # (keys,)
-            seen = key_pos[None, :] <= rows[:, None] + (self.S - self.T)  # (t, keys), bottom-right aligned
-            scores = scores.masked_fill(~seen, float("-inf"))
+            seen = masks.causal_allowed(rows, torch.arange(s0, s1, device=scores.device), self.T, self.S)
+            masks.apply(scores, seen, in_place=True)  # (t, keys) broadcast over (B, h)
         return scores
 
-    def weights(self, rows: Tensor, scores: Tensor) -> Tensor:
-        return torch.exp(scores - self.lse.index_select(2, rows)[..., None])  # (B, h, t, keys)
+    def log_weights(self, rows: Tensor, scores: Tensor) -> Tensor:
+        """log w = (s - lse) - log_norm of a tile (B, h, t, keys); -inf where a key is masked."""
+        lse = self.lse.index_select(2, rows)[..., None]  # (B, h, t, 1)
+        return (scores - lse) - self.log_norm.index_select(2, rows)[..., None]
+
+    def tiles(self, block_k: int):
+        for s0 in range(0, self.S, block_k):
+            yield s0, min(s0 + block_k, self.S)
+
+    def renormalise(self, rows: Tensor, block_k: int) -> None:
+        """Measure each row's sum of exp(s - lse) into log_norm, so the weights sum to 1 (see the module docstring)."""
+        total = torch.zeros(self.lse.shape[:2] + (rows.numel(),), dtype=self.acc, device=self.q.device)
+        for s0, s1 in self.tiles(block_k):
+            total += self.log_weights(rows, self.scores(rows, s0, s1)).exp().sum(dim=-1)  # (B, h, t)
+        self.log_norm[:, :, rows] = torch.where(total > 0, torch.log(total), torch.zeros_like(total))
+
+
+def _normalise_rows(weights: Tensor) -> Tensor:
+    """weights (..., t, S) divided by their row sums, in place; a row of zeros (no key) stays zeros."""
+    total = weights.sum(dim=-1, keepdim=True)  # (..., t, 1)
+    return weights.div_(torch.where(total > 0, total, torch.ones_like(total)))
 
 
 # ---- public
@@ -196,7 +196,7 @@ def attention_weights(
 
     q (B, H, T, D), k (B, G, S, D), lse (B, H, T) as a backend returned it for
     the same attn_mask / causal / scale -> (B, h, t, S), h = len(heads),
-    t = len(rows), in float32 (float64 for float64 inputs); computed in float64 on the CPU.
+    t = len(rows), in float32 (float64 for float64 inputs).
 
     heads, rows: an int, a sequence of ints, a slice or None (all); the dims
         are kept even for a single int.
@@ -206,17 +206,45 @@ def attention_weights(
     call = _check(q, k, lse, attn_mask, causal, scale)
     heads_idx = _index("heads", heads, q.shape[1], q.device)
     rows_idx = _index("rows", rows, q.shape[2], q.device)
-    from ._checks import positive_int
-
     positive_int("block_k", block_k)
     with torch.no_grad():
-        prob = _Problem(q, k, lse, call, heads_idx)
-        out = torch.empty((q.shape[0], heads_idx.numel(), rows_idx.numel(), prob.S), dtype=prob.result,
+        prob = _Problem(call, lse, heads_idx)
+        out = torch.empty((q.shape[0], heads_idx.numel(), rows_idx.numel(), prob.S), dtype=prob.acc,
                           device=q.device)  # (B, h, t, S)
-        for s0 in range(0, prob.S, block_k):
-            s1 = min(s0 + block_k, prob.S)
-            out[..., s0:s1] = prob.weights(rows_idx, prob.scores(rows_idx, s0, s1))
-    return out
+        for s0, s1 in prob.tiles(block_k):
+            out[..., s0:s1] = prob.log_weights(rows_idx, prob.scores(rows_idx, s0, s1)).exp()
+        return _normalise_rows(out)
+
+
+class _RunningTopK:
+    """Each query's top_k (score, key) so far, merged tile by tile; (B, h, t, top_k) views into the result."""
+
+    def __init__(self, scores: Tensor, indices: Tensor) -> None:
+        self.scores, self.indices = scores, indices
+
+    def add(self, tile: Tensor, s0: int) -> None:
+        keys = torch.arange(s0, s0 + tile.shape[-1], device=tile.device).expand_as(tile)  # (B, h, t, keys)
+        both = torch.cat([self.scores, tile], dim=-1)  # (B, h, t, top_k + keys)
+        both_idx = torch.cat([self.indices, keys], dim=-1)
+        best = both.topk(min(self.scores.shape[-1], both.shape[-1]), dim=-1)  # ties keep no order: scores are exact
+        n = best.values.shape[-1]
+        self.scores[..., :n] = best.values
+        self.indices[..., :n] = both_idx.gather(-1, best.indices)
+
+
+def _stats_of_rows(prob: _Problem, rows: Tensor, block_k: int, entropy: Tensor, column_sums: Tensor,
+                   top: _RunningTopK | None) -> None:
+    """One block of query rows: entropy, column sums and the running top-k, tile by tile over the keys."""
+    prob.renormalise(rows, block_k)
+    for s0, s1 in prob.tiles(block_k):
+        scores = prob.scores(rows, s0, s1)  # (B, h, t, keys)
+        log_w = prob.log_weights(rows, scores)
+        w = log_w.exp()
+        # masked keys have w = 0 and log w = -inf: they add 0
+        entropy[:, :, rows] -= torch.where(w > 0, w * log_w, torch.zeros_like(w)).sum(-1)
+        column_sums[..., s0:s1] += w.sum(dim=2)
+        if top is not None:
+            top.add(scores, s0)
 
 
 def attention_stats(
@@ -246,122 +274,28 @@ def attention_stats(
 
     Nothing of size T x S is held: one (B, h, block_q, block_k) tile at a time.
     """
-    from ._checks import positive_int
-
     call = _check(q, k, lse, attn_mask, causal, scale)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
     positive_int("block_q", block_q)
     positive_int("block_k", block_k)
     heads_idx = _index("heads", heads, q.shape[1], q.device)
-    B, T = q.shape[0], q.shape[2]
-    h = heads_idx.numel()
+    B, T, h = q.shape[0], q.shape[2], heads_idx.numel()
     with torch.no_grad():
-        prob = _Problem(q, k, lse, call, heads_idx)
-        S = prob.S
+        prob = _Problem(call, lse, heads_idx)
         entropy = torch.zeros((B, h, T), dtype=prob.acc, device=q.device)
-        column_sums = torch.zeros((B, h, S), dtype=prob.acc, device=q.device)
+        column_sums = torch.zeros((B, h, prob.S), dtype=prob.acc, device=q.device)
         top_scores = torch.full((B, h, T, top_k), float("-inf"), dtype=prob.acc, device=q.device)
         top_indices = torch.full((B, h, T, top_k), -1, dtype=torch.long, device=q.device)
         for t0 in range(0, T, block_q):
-            rows = torch.arange(t0, min(t0 + block_q, T), device=q.device)
-            run_scores = top_scores[:, :, t0:t0 + rows.numel()]  # (B, h, t, top_k), the best so far
-            run_indices = top_indices[:, :, t0:t0 + rows.numel()]
-            for s0 in range(0, S, block_k):
-                s1 = min(s0 + block_k, S)
-                scores = prob.scores(rows, s0, s1)  # (B, h, t, keys)
-                w = prob.weights(rows, scores)
-                # w log w = w (s - lse); masked keys have w = 0 and s = -inf: they add 0
-                log_w = scores - prob.lse.index_select(2, rows)[..., None]
-                entropy[:, :, t0:t0 + rows.numel()] -= torch.where(w > 0, w * log_w, torch.zeros_like(w)).sum(-1)
-                column_sums[..., s0:s1] += w.sum(dim=2)
-                if top_k:
-                    keys = torch.arange(s0, s1, device=q.device).expand_as(scores)
-                    both = torch.cat([run_scores, scores], dim=-1)  # (B, h, t, top_k + keys)
-                    both_idx = torch.cat([run_indices, keys], dim=-1)
-                    best = both.topk(min(top_k, both.shape[-1]), dim=-1)  # ties keep no order: scores are exact
-                    run_scores[..., :best.values.shape[-1]] = best.values
-                    run_indices[..., :best.values.shape[-1]] = both_idx.gather(-1, best.indices)
+            t1 = min(t0 + block_q, T)
+            top = _RunningTopK(top_scores[:, :, t0:t1], top_indices[:, :, t0:t1]) if top_k else None
+            _stats_of_rows(prob, torch.arange(t0, t1, device=q.device), block_k, entropy, column_sums, top)
         empty = top_scores == float("-inf")
-        top_weights = torch.exp(top_scores - prob.lse[..., None]).masked_fill(empty, 0.0)
-        top_indices = top_indices.masked_fill(empty, -1)
+        top_weights = torch.exp((top_scores - prob.lse[..., None]) - prob.log_norm[..., None]).masked_fill(empty, 0.0)
         # a row with no key: w = 0 everywhere, so -sum w log w = 0 (not the -0.0 of 0 * finite)
-        entropy = entropy.clamp_min(0.0)
-    return AttentionStats(entropy.to(prob.result), column_sums.to(prob.result), top_weights.to(prob.result),
-                          top_indices, heads_idx)
-
-
-def _cpu_flash(q, k, v, call) -> AttentionWithLse | None:
-    """CPU torch's flash kernel, which returns the logsumexp; None where it cannot run the call."""
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or q.device.type != "cpu" or call.dropout_p > 0.0:
-        return None
-    if q.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        return None
-    T, S = q.shape[2], k.shape[2]
-    if T == 0 or S == 0 or q.shape[-1] != v.shape[-1] or q.shape[-1] == 0:
-        return None  # it wants D == Dv
-    mask = call.attn_mask
-    if mask is not None and mask.requires_grad:
-        return None
-    is_causal = call.causal and mask is None and T == S  # its causal is top-left: equal only when square
-    if call.causal and not is_causal:
-        mask = masks.materialize(mask, True, T, S, q.dtype, q.device)
-    row_has_key = None
-    if mask is not None:
-        row_has_key = masks.allowed(mask).any(dim=-1)  # (b, h, T) or (T,)
-        mask = masks.to_additive(mask, q.dtype)
-        if mask.dim() == 2:
-            mask = mask[None, None]  # (T, S) -> (1, 1, T, S)
-    out, lse = op(q, k, v, 0.0, is_causal, attn_mask=mask, scale=call.scale)
-    if row_has_key is not None and not bool(row_has_key.all()):
-        if row_has_key.dim() == 1:
-            row_has_key = row_has_key[None, None]  # (T,) -> (1, 1, T)
-        # its lse for a row with no key is 0; ours is -inf (and the output must be 0)
-        lse = lse.masked_fill(~row_has_key, float("-inf"))
-        out = out.masked_fill(~row_has_key[..., None], 0.0)
-    return AttentionWithLse(out, lse, "cpu_flash")
-
-
-def attention_with_lse(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    attn_mask: Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-) -> AttentionWithLse:
-    """attention(), with the logsumexp, from the fastest path that gives one.
-
-    q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (out (B, H, T, Dv), lse (B, H, T), backend).
-    Tried in order: the triton kernels (CUDA, no dropout, no mask or a key-padding
-    mask), CPU torch's flash kernel (CPU, no dropout, D == Dv), the chunked
-    backend (anything else), the reference (a float mask that requires grad).
-    out is differentiable; lse is not.
-    """
-    from .functional import _check_call
-
-    call = _check_call(q, k, v, attn_mask, causal, scale, dropout_p)
-    kwargs = call.kwargs()
-    if q.device.type == "cuda" and "triton" in backends.names():
-        triton_backend = backends.get("triton")
-        if triton_backend.supports(q, k, v, **kwargs) is None:
-            out, lse = triton_backend.forward_with_lse(q, k, v, attn_mask=call.attn_mask, causal=call.causal,
-                                                       scale=call.scale)
-            return AttentionWithLse(out, lse, "triton")
-    flash = _cpu_flash(q, k, v, call)
-    if flash is not None:
-        return flash
-    if backends.get("chunked").supports(q, k, v, **kwargs) is None:
-        out, lse = chunked_forward(q, k, v, **kwargs)
-        return AttentionWithLse(out, lse, "chunked")
-    out = attention_ref(q, k, v, upcast=True, **kwargs).out
-    with torch.no_grad():
-        prob = _Problem(q, k, torch.zeros(q.shape[:3], device=q.device), call, torch.arange(q.shape[1], device=q.device))
-        lse = torch.logsumexp(prob.scores(torch.arange(q.shape[2], device=q.device), 0, k.shape[2]), dim=-1)
-    return AttentionWithLse(out, lse, "reference")
+        return AttentionStats(entropy.clamp_min(0.0), column_sums, top_weights,
+                              top_indices.masked_fill(empty, -1), heads_idx)
 
 
 def attention_and_weights(
@@ -373,29 +307,31 @@ def attention_and_weights(
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    backend: str = "auto",
     heads: Index = None,
     rows: Index = None,
 ) -> WeightsOnDemand:
-    """The output from the fastest path that gives a logsumexp, and the weights read off it.
+    """The output from a backend that gives a logsumexp, and the weights read off it.
 
     q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> out (B, H, T, Dv) and the
     weights (B, h, t, S) of the chosen heads and rows (default all), the softmax
-    probabilities before dropout, in q's dtype. What `MultiHeadAttention(need_weights=True)`
-    calls, so that asking for weights keeps the fast kernel.
+    probabilities before dropout, in q's dtype, and the lse. backend: "auto"
+    (the first that gives an lse) or a name (`multihead.explain_dispatch(...,
+    need_lse=True)` says which runs). What `MultiHeadAttention(need_weights=True)`
+    calls where the weights need no gradient, so that asking for them keeps the
+    fast kernel for the output.
     """
-    out, lse, backend = attention_with_lse(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale,
-                                           dropout_p=dropout_p)
+    out, lse = attention_with_lse(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale,
+                                  dropout_p=dropout_p, backend=backend)
     weights = attention_weights(q, k, lse, heads=heads, rows=rows, attn_mask=attn_mask, causal=causal,
                                 scale=scale)
-    return WeightsOnDemand(out, weights.to(q.dtype), lse, backend)
+    return WeightsOnDemand(out, weights.to(q.dtype), lse)
 
 
 __all__ = [
     "AttentionStats",
-    "AttentionWithLse",
     "WeightsOnDemand",
     "attention_and_weights",
     "attention_stats",
     "attention_weights",
-    "attention_with_lse",
 ]

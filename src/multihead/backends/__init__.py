@@ -1,15 +1,20 @@
 """The backend registry: name -> backend, the `auto` choice, and why.
 
-Every backend has the reference's call signature
+A backend is an object with a name, a priority, a one-line summary and two methods:
 
-    forward(q, k, v, *, attn_mask, causal, scale, dropout_p) -> out (B, H, T, Dv)
+    supports(call, *, need_lse=False) -> None, or a one-line reason why it cannot
+    forward(call, *, need_lse=False)  -> AttentionOutput(out (B, H, T, Dv), lse (B, H, T) or None)
 
-and a `supports(...)` with the same arguments that returns None when it can
-run the call, or a one-line reason why not. `auto` tries the registered
-backends from the fastest (highest `priority`) down and takes the first that
-supports the call, so the dispatch can always say which one ran and why the
-others did not. Arguments reach a backend already checked and normalised by
-`multihead.functional` (scale is a float, attn_mask bool or q's dtype).
+`call` is a `multihead.call.AttentionCall`, checked once by the entry point
+that made it. With need_lse a backend returns the logsumexp of every query
+row (-inf for a row with no key), or says in `supports` that it cannot.
+`auto` walks the registered backends from the fastest (highest `priority`)
+down and takes the first that supports the call; `explain` asks every one of
+them, so the dispatch can always say which backend ran and why the others
+did not.
+
+    auto order:  triton (30, CUDA)  sdpa (20)  cpu_flash (15, CPU, gives the lse)
+                 chunked (10)  reference (0, always)
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from torch import Tensor
+from ..call import AttentionCall, AttentionOutput
 
 
 class Backend(Protocol):
@@ -25,23 +30,27 @@ class Backend(Protocol):
     priority: int  # auto tries higher first: the faster backend where both apply
     summary: str  # one line for listings
 
-    def supports(
-        self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None,
-        causal: bool, scale: float, dropout_p: float,
-    ) -> str | None: ...
+    def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None: ...
 
-    def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None,
-        causal: bool, scale: float, dropout_p: float,
-    ) -> Tensor: ...
+    def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput: ...
 
 
 _REGISTRY: dict[str, Backend] = {}
+_ORDER: list[Backend] = []  # the registry by priority, highest first: what auto walks
+
+
+def _reorder() -> None:
+    _ORDER[:] = sorted(_REGISTRY.values(), key=lambda b: -b.priority)
 
 
 def register(backend: Backend) -> Backend:
     """Add (or replace) a backend under its name."""
+    for attribute in ("name", "priority", "summary", "supports", "forward"):
+        if not hasattr(backend, attribute):
+            raise TypeError(f"backend must have a {attribute!r} (see multihead.backends.Backend), "
+                            f"got {type(backend).__name__}")
     _REGISTRY[backend.name] = backend
+    _reorder()
     return backend
 
 
@@ -49,19 +58,27 @@ def unregister(name: str) -> None:
     """Remove a backend (a plugin's or a test's); unknown names raise."""
     get(name)
     del _REGISTRY[name]
+    _reorder()
 
 
 def get(name: str) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str ('auto' or one of {names()}), got {type(name).__name__}")
     if name not in _REGISTRY:
-        raise ValueError(
-            f"backend must be 'auto' or one of {sorted(_REGISTRY)}, got {name!r}"
-        )
+        raise ValueError(f"backend must be 'auto' or one of {names()}, got {name!r}")
     return _REGISTRY[name]
+
+
+def check_name(name) -> str:
+    """'auto' or a registered name, else TypeError/ValueError listing the known ones."""
+    if name != "auto":
+        get(name)
+    return name
 
 
 def names() -> list[str]:
     """Registered backend names, the order auto tries them in."""
-    return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
+    return [b.name for b in _ORDER]
 
 
 @dataclass(frozen=True)
@@ -71,9 +88,11 @@ class Dispatch:
     chosen: str  # the backend that runs
     requested: str  # what the caller asked for: "auto" or a name
     reasons: dict[str, str | None]  # name -> None if it supports the call, else why not
+    need_lse: bool = False  # whether the call asked for the logsumexp too
 
     def __str__(self) -> str:
-        lines = [f"backend={self.requested!r} -> {self.chosen}"]
+        asked = " (with the logsumexp)" if self.need_lse else ""
+        lines = [f"backend={self.requested!r}{asked} -> {self.chosen}"]
         for name, reason in self.reasons.items():
             if name == self.chosen:
                 verdict = "runs" if self.requested != "auto" else "runs: fastest that supports the call"
@@ -87,35 +106,48 @@ class Dispatch:
         return "\n".join(lines)
 
 
-def dispatch(requested: str, q: Tensor, k: Tensor, v: Tensor, **call) -> Dispatch:
-    """Pick the backend for a call (arguments already normalised); raise if none can run it."""
+def _refused(requested: str, reason: str) -> ValueError:
+    return ValueError(f"backend={requested!r} cannot run this call: {reason} (backend='auto' picks one that can)")
+
+
+def dispatch(call: AttentionCall, requested: str = "auto", *, need_lse: bool = False) -> Backend:
+    """The backend that runs a call: the requested one, or auto's first that supports it; else ValueError."""
     if requested != "auto":
-        get(requested)  # unknown name -> ValueError listing the known ones
-    reasons = {name: _REGISTRY[name].supports(q, k, v, **call) for name in names()}
+        backend = get(requested)
+        reason = backend.supports(call, need_lse=need_lse)
+        if reason is not None:
+            raise _refused(requested, reason)
+        return backend
+    for backend in _ORDER:
+        if backend.supports(call, need_lse=need_lse) is None:
+            return backend
+    return get(explain(call, "auto", need_lse=need_lse).chosen)  # none supports it: explain raises, listing why
+
+
+def explain(call: AttentionCall, requested: str = "auto", *, need_lse: bool = False) -> Dispatch:
+    """Every backend's answer to a call, and the one that runs (what `multihead.explain_dispatch` prints)."""
+    check_name(requested)
+    reasons = {b.name: b.supports(call, need_lse=need_lse) for b in _ORDER}
     if requested != "auto":
         if reasons[requested] is not None:
-            raise ValueError(
-                f"backend={requested!r} cannot run this call: {reasons[requested]} "
-                f"(backend='auto' picks one that can)"
-            )
-        return Dispatch(requested, requested, reasons)
-    for name, reason in reasons.items():
-        if reason is None:
-            return Dispatch(name, "auto", reasons)
-    raise ValueError("no backend supports this call:\n" + "\n".join(
-        f"  {n}: {r}" for n, r in reasons.items()))
+            raise _refused(requested, reasons[requested])
+        return Dispatch(requested, requested, reasons, need_lse)
+    chosen = next((name for name, reason in reasons.items() if reason is None), None)
+    if chosen is None:
+        raise ValueError("no backend supports this call:\n" + "\n".join(
+            f"  {name}: {reason}" for name, reason in reasons.items()))
+    return Dispatch(chosen, "auto", reasons, need_lse)
 
 
 def _register_builtin() -> None:
     from .chunked import ChunkedBackend
+    from .cpu_flash import CpuFlashBackend
     from .reference import ReferenceBackend
     from .sdpa import SdpaBackend
     from .triton import TritonBackend  # imports no triton until a call needs it
 
-    register(ReferenceBackend())
-    register(ChunkedBackend())
-    register(SdpaBackend())
-    register(TritonBackend())
+    for backend in (ReferenceBackend(), ChunkedBackend(), CpuFlashBackend(), SdpaBackend(), TritonBackend()):
+        register(backend)
 
 
 _register_builtin()

@@ -27,21 +27,20 @@ walks the blocks in the same order and so replays the same draws.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from .. import masks
+from .._checks import positive_int
+from ..call import AttentionCall, AttentionOutput
+
 # Queries per block and keys per tile. A block's scores, (B, H, block_q, block_k),
 # should stay in cache across the five passes over it; bigger blocks mean fewer
-# Python-level steps. Measured on a 2-core CPU (benchmarks/cpu.py).
+# Python-level steps (benchmarks/cpu.py compares sizes).
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
-
-
-class ChunkedOutput(NamedTuple):
-    out: Tensor  # (B, H, T, Dv)
-    lse: Tensor  # (B, H, T) float32 (float64 for float64 inputs); -inf for rows with no key
 
 
 def _key_tiles(t0: int, t1: int, T: int, S: int, block_k: int, causal: bool) -> Iterator[tuple[int, int, int]]:
@@ -85,7 +84,7 @@ def _mask_5d(attn_mask: Tensor | None, groups: int) -> Tensor | None:
 
 def _tile_scores(
     q5: Tensor, k5: Tensor, mask5: Tensor | None, causal: bool,
-    r0: int, r1: int, s0: int, s1: int, offset: int,
+    r0: int, r1: int, s0: int, s1: int, T: int, S: int,
 ) -> Tensor:
     """Masked scores of queries [r0, r1) against keys [s0, s1): (B, G, R, r1 - r0, s1 - s0).
 
@@ -94,14 +93,11 @@ def _tile_scores(
     scores = q5[..., r0:r1, :] @ k5[..., s0:s1, :].transpose(-2, -1)  # (B, G, R, rows, keys)
     if mask5 is not None:
         rows = mask5[..., r0:r1, s0:s1] if mask5.shape[-2] > 1 else mask5[..., s0:s1]
-        if rows.dtype == torch.bool:
-            scores.masked_fill_(~rows, float("-inf"))
-        else:
-            scores.add_(rows)
-    if causal and s1 - 1 > r0 + offset:  # the diagonal crosses this tile
-        query_pos = torch.arange(r0, r1, device=scores.device)[:, None]  # (rows, 1)
-        key_pos = torch.arange(s0, s1, device=scores.device)[None, :]  # (1, keys)
-        scores.masked_fill_(key_pos > query_pos + offset, float("-inf"))
+        masks.apply(scores, rows, in_place=True)
+    if causal and s1 - 1 > r0 + (S - T):  # the diagonal crosses this tile
+        seen = masks.causal_allowed(torch.arange(r0, r1, device=scores.device),
+                                    torch.arange(s0, s1, device=scores.device), T, S)  # (rows, keys)
+        masks.apply(scores, seen, in_place=True)
     return scores
 
 
@@ -109,7 +105,7 @@ def _keep_mask(shape: torch.Size, dropout_p: float, generator: torch.Generator |
                device: torch.device) -> Tensor | None:
     if generator is None:
         return None
-    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+    return masks.keep_mask(shape, dropout_p, device=device, generator=generator)
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -134,7 +130,6 @@ def _forward(q, k, v, mask5, causal, scale, dropout_p, seed, block_q, block_k):
     lse5 = torch.full((*q5.shape[:-1], 1), float("-inf"), dtype=q5.dtype, device=q.device)  # (B, G, R, T, 1)
     gen = _generator(seed, q.device)
     inv_keep = 1.0 / (1.0 - dropout_p)
-    offset = S - T
 
     for t0, t1, tiles in _blocks(T, S, block_q, block_k, causal):
         row_max = lse5[..., t0:t1, :]  # (B, G, R, rows, 1), starts at -inf
@@ -142,7 +137,7 @@ def _forward(q, k, v, mask5, causal, scale, dropout_p, seed, block_q, block_k):
         acc_out = out5[..., t0:t1, :]  # (B, G, R, rows, Dv), starts at 0
         for s0, s1, r0 in tiles:
             a = r0 - t0  # the block's first row that sees this tile
-            scores = _tile_scores(q5, k5, mask5, causal, r0, t1, s0, s1, offset)
+            scores = _tile_scores(q5, k5, mask5, causal, r0, t1, s0, s1, T, S)
             new_max = torch.maximum(row_max[..., a:, :], scores.amax(dim=-1, keepdim=True))
             safe_max = new_max
             if mask5 is not None:
@@ -182,11 +177,10 @@ def _backward(grad_out, q, k, v, out, lse, mask5, causal, scale, dropout_p, seed
     dv = torch.zeros(v.shape, dtype=q5.dtype, device=v.device)  # (B, G, S, Dv)
     gen = _generator(seed, q.device)  # replays the forward's draws: same walk, same shapes
     inv_keep = 1.0 / (1.0 - dropout_p)
-    offset = S - T
 
     for t0, t1, tiles in _blocks(T, S, block_q, block_k, causal):
         for s0, s1, r0 in tiles:
-            scores = _tile_scores(q5, k5, mask5, causal, r0, t1, s0, s1, offset)
+            scores = _tile_scores(q5, k5, mask5, causal, r0, t1, s0, s1, T, S)
             probs = scores.sub_(lse5[..., r0:t1, :]).exp_()  # (B, G, R, rows, keys)
             dout_rows = dout5[..., r0:t1, :]  # (B, G, R, rows, Dv)
             grad_probs = dout_rows @ v5[..., s0:s1, :].transpose(-2, -1)  # (B, G, R, rows, keys)
@@ -232,16 +226,14 @@ def draw_seed(dropout_p: float) -> int | None:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def chunked_forward(
-    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, causal: bool,
-    scale: float, dropout_p: float, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
-    seed: int | None = None,
-) -> ChunkedOutput:
-    """The kernel on already-checked arguments (see `multihead.functional`)."""
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed(dropout_p)
-    out, lse = _ChunkedAttention.apply(q, k, v, attn_mask, causal, scale, dropout_p, seed, block_q, block_k)
-    return ChunkedOutput(out, lse)
+def chunked_forward(call: AttentionCall, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
+                    seed: int | None = None) -> AttentionOutput:
+    """The online-softmax tiles on a checked call: out (B, H, T, Dv) and lse (B, H, T)."""
+    if call.dropout_p > 0.0 and seed is None:
+        seed = draw_seed(call.dropout_p)
+    out, lse = _ChunkedAttention.apply(call.q, call.k, call.v, call.attn_mask, call.causal, call.scale,
+                                       call.dropout_p, seed, block_q, block_k)
+    return AttentionOutput(out, lse)
 
 
 def dropout_keep_mask(
@@ -259,15 +251,21 @@ def dropout_keep_mask(
 
 
 class ChunkedBackend:
+    """The registry's chunked backend; ChunkedBackend(block_q=..., block_k=...) runs other tile sizes."""
+
     name = "chunked"
     priority = 10
     summary = "online softmax over key tiles in torch: O(T) memory, returns the logsumexp"
 
-    def supports(self, q, k, v, *, attn_mask, causal, scale, dropout_p) -> str | None:
-        if attn_mask is not None and attn_mask.requires_grad:
+    def __init__(self, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K) -> None:
+        self.block_q = positive_int("block_q", block_q)
+        self.block_k = positive_int("block_k", block_k)
+
+    def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None:
+        if call.attn_mask is not None and call.attn_mask.requires_grad:
             return "a float mask that requires grad needs its T x S gradient"
         return None
 
-    def forward(self, q, k, v, *, attn_mask, causal, scale, dropout_p) -> Tensor:
-        return chunked_forward(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale,
-                               dropout_p=dropout_p).out
+    def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
+        result = chunked_forward(call, block_q=self.block_q, block_k=self.block_k)
+        return result if need_lse else AttentionOutput(result.out, None)

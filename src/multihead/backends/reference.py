@@ -1,9 +1,17 @@
 """attention_ref: the naive formula, written to be obviously right.
 
-softmax(Q Kᵀ · scale + mask) V, one matrix at a time, with a safe softmax: a
-query row with no key to attend gives probabilities 0 (so output 0 and
-gradient 0), never NaN. It is THE source of truth: every other path is tested
-against it, in float64 on the CPU (`upcast=True` on float64 inputs).
+softmax(Q Kᵀ · scale + mask) V, one matrix at a time, with the safe softmax
+of `multihead.masks`: a query row with no key to attend gives probabilities 0
+(so output 0 and gradient 0), never NaN. It is THE source of truth: every
+other path is tested against it, in float64 on the CPU (`upcast=True` on
+float64 inputs).
+
+Grouped-query attention is a broadcast, not a copy: q is viewed as
+(B, G, R, T, D), R = H / G query heads per kv head, against k as
+(B, G, 1, S, D), so query head h = g·R + r reads kv head g.
+
+The same function, run in the inputs' own precision and in place, is the
+eager path that returns every head's weights (`multihead.attention_with_weights`).
 """
 
 from __future__ import annotations
@@ -15,11 +23,18 @@ import torch
 from torch import Tensor
 
 from .. import masks
+from ..call import AttentionCall, AttentionOutput
 
 
 class ReferenceOutput(NamedTuple):
-    out: Tensor  # (B, H, T, Dv)
-    probs: Tensor  # (B, H, T, S), softmax probabilities before dropout
+    out: Tensor  # (B, H, T, Dv), in q's dtype
+    probs: Tensor  # (B, H, T, S), softmax probabilities before dropout, in the compute dtype
+
+
+class _Naive(NamedTuple):
+    out: Tensor  # (B, H, T, Dv), in q's dtype
+    probs: Tensor  # (B, H, T, S), in the compute dtype
+    lse: Tensor | None  # (B, H, T) logsumexp of the masked scores (-inf for a row with no key); None unless asked
 
 
 def repeat_kv(x: Tensor, num_heads: int) -> Tensor:
@@ -30,14 +45,21 @@ def repeat_kv(x: Tensor, num_heads: int) -> Tensor:
     return x.repeat_interleave(num_heads // groups, dim=1)  # (B, G, S, D) -> (B, H, S, D)
 
 
-def safe_softmax(scores: Tensor) -> Tensor:
-    """softmax over the last dim; a row that is all -inf gives zeros, not NaN."""
-    row_max = scores.amax(dim=-1, keepdim=True)  # (..., 1)
-    # An empty row has max -inf; subtracting 0 instead keeps exp(-inf) = 0 and no NaN.
-    row_max = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
-    exp = torch.exp(scores - row_max)
-    total = exp.sum(dim=-1, keepdim=True)  # (..., 1)
-    return exp / torch.where(total > 0, total, torch.ones_like(total))
+def _scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """scale · q kᵀ per head: (B, H, T, D), (B, G, S, D) -> (B, H, T, S), k never copied per head."""
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    q5 = q.reshape(B, G, H // G, T, D) * scale  # (B, H, T, D) -> (B, G, R, T, D)
+    scores = q5 @ k.unsqueeze(2).transpose(-2, -1)  # (B, G, R, T, D) @ (B, G, 1, D, S) -> (B, G, R, T, S)
+    return scores.view(B, H, T, S)  # (B, G, R, T, S) -> (B, H, T, S)
+
+
+def _weighted_values(weights: Tensor, v: Tensor) -> Tensor:
+    """weights (B, H, T, S) @ v (B, G, S, Dv) -> (B, H, T, Dv), v never copied per head."""
+    B, H, T, S = weights.shape
+    G = v.shape[1]
+    weights5 = weights.view(B, G, H // G, T, S)  # (B, H, T, S) -> (B, G, R, T, S)
+    return (weights5 @ v.unsqueeze(2)).view(B, H, T, v.shape[-1])  # (B, G, R, T, Dv) -> (B, H, T, Dv)
 
 
 def attention_ref(
@@ -51,6 +73,7 @@ def attention_ref(
     dropout_p: float = 0.0,
     dropout_mask: Tensor | None = None,
     upcast: bool = True,
+    in_place: bool = False,
 ) -> ReferenceOutput:
     """Naive attention. q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (out, probs).
 
@@ -60,43 +83,48 @@ def attention_ref(
     scale: multiplies the scores; default 1 / sqrt(D).
     dropout_p: probability of zeroing a weight (kept ones are scaled by 1 / (1 - p)).
     dropout_mask: the keep mask (bool, broadcastable to (B, H, T, S)) to use
-        instead of drawing one; lets tests replay another backend's dropout.
+        instead of drawing one; lets tests and compat replay a given draw.
     upcast: compute in float32 at least (float64 stays float64), cast back at the end.
+    in_place: scores, then probabilities, in one T x S buffer; only where
+        nothing needs a gradient (autograd cannot go back through it).
 
-    probs are the softmax probabilities before dropout, in the compute dtype.
+    The arguments are used as given (`multihead.call.make_call` checks them
+    for the public entry points).
     """
+    out, probs, _ = _naive(q, k, v, attn_mask, causal, scale, dropout_p, dropout_mask, upcast, in_place,
+                           need_lse=False)
+    return ReferenceOutput(out, probs)
+
+
+def _naive(q, k, v, attn_mask, causal, scale, dropout_p, dropout_mask, upcast, in_place, need_lse) -> _Naive:
+    """attention_ref's formula, with the logsumexp of the masked scores when need_lse."""
     out_dtype = q.dtype
     if upcast:
         compute = torch.promote_types(q.dtype, torch.float32)
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    T, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
-    H = q.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    T, S = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
-    k = repeat_kv(k, H)  # (B, G, S, D) -> (B, H, S, D)
-    v = repeat_kv(v, H)  # (B, G, S, Dv) -> (B, H, S, Dv)
-
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, S)
-    mask = masks.materialize(attn_mask, causal, T, S, scores.dtype, scores.device)
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    elif mask is not None:
-        scores = scores + mask.to(scores.dtype)
-
-    if S == 0:  # nothing to attend: an empty (B, H, T, 0) weight matrix, output 0
-        probs = scores
-    else:
-        probs = safe_softmax(scores)  # (B, H, T, S)
+    scores = masks.apply(_scores(q, k, scale), attn_mask, in_place=True)  # (B, H, T, S), a fresh buffer
+    if causal:
+        scores = masks.apply(scores, masks.causal_mask(T, S, scores.device), in_place=True)
+    lse = torch.logsumexp(scores, dim=-1) if need_lse else None  # (B, H, T), -inf for a row with no key
+    empty_possible = masks.rows_can_be_empty(attn_mask is not None, causal, T, S)
+    probs = masks.softmax(scores, may_have_empty_rows=empty_possible, in_place=in_place)  # (B, H, T, S)
 
     weights = probs
     if dropout_mask is not None:
-        weights = probs * dropout_mask / (1.0 - dropout_p)
+        weights = masks.drop(probs, dropout_mask, dropout_p)
     elif dropout_p > 0.0:
-        keep = torch.rand(probs.shape, device=probs.device) >= dropout_p
-        weights = probs * keep / (1.0 - dropout_p)
+        weights = masks.drop(probs, masks.keep_mask(probs.shape, dropout_p, device=probs.device), dropout_p)
+    out = _weighted_values(weights, v)  # (B, H, T, Dv)
+    return _Naive(out.to(out_dtype), probs, lse)
 
-    out = torch.matmul(weights, v)  # (B, H, T, S) @ (B, H, S, Dv) -> (B, H, T, Dv)
-    return ReferenceOutput(out.to(out_dtype), probs)
+
+def reference_call(call: AttentionCall, *, need_lse: bool = False, dropout_mask: Tensor | None = None):
+    """attention_ref on a checked call, in place where nothing needs a gradient: (out, probs, lse or None)."""
+    return _naive(call.q, call.k, call.v, call.attn_mask, call.causal, call.scale, call.dropout_p,
+                  dropout_mask, upcast=True, in_place=not call.needs_grad(), need_lse=need_lse)
 
 
 class ReferenceBackend:
@@ -106,11 +134,10 @@ class ReferenceBackend:
     priority = 0
     summary = "naive softmax(QKᵀ)V, holds the T x S matrix; the source of truth"
 
-    def supports(self, q, k, v, *, attn_mask, causal, scale, dropout_p) -> str | None:
+    def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None:
         return None
 
-    def forward(self, q, k, v, *, attn_mask, causal, scale, dropout_p) -> Tensor:
-        return attention_ref(
-            q, k, v, attn_mask=attn_mask, causal=causal, scale=scale,
-            dropout_p=dropout_p, upcast=q.dtype in (torch.float16, torch.bfloat16),
-        ).out
+    def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
+        result = reference_call(call, need_lse=need_lse)
+        lse = None if result.lse is None else result.lse.to(torch.promote_types(call.q.dtype, torch.float32))
+        return AttentionOutput(result.out, lse)

@@ -1,22 +1,35 @@
 """torch.nn.functional.scaled_dot_product_attention, with multihead's semantics kept.
 
 SDPA already speaks our boolean convention (True = may attend) and takes float
-masks added to the scores. Two things differ and are fixed at this edge:
+masks added to the scores. What differs is fixed at this edge, by
+`masks.for_fused_kernel`:
 - its is_causal is aligned top-left; ours is bottom-right, so a causal call
   with T != S passes an explicit mask instead;
 - a query row with no key to attend must give output 0 and gradient 0. Such
   rows are opened to every key before the kernel (so no NaN reaches the
   backward) and their output is then replaced by 0, which also zeroes their
-  gradient.
+  gradient. Nothing reads a tensor's value on the host.
+
+It returns no logsumexp: the public function does not give one (the
+`cpu_flash` backend reads it from CPU torch's flash op).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from .. import masks
+from ..call import AttentionCall, AttentionOutput
+
+
+def float_mask_reason(call: AttentionCall) -> str | None:
+    """Why a fused kernel that adds the mask in q's dtype cannot take this call's float mask, or None."""
+    mask = call.attn_mask
+    if mask is None or mask.dtype in (torch.bool, call.q.dtype):
+        return None
+    return (f"a {mask.dtype} float mask with {call.q.dtype} inputs: the kernel adds it in {call.q.dtype}, "
+            f"where a large bias would overflow; cast the mask to q's dtype to use it")
 
 
 class SdpaBackend:
@@ -24,32 +37,19 @@ class SdpaBackend:
     priority = 20
     summary = "torch scaled_dot_product_attention (flash/efficient/math as torch picks)"
 
-    def supports(self, q, k, v, *, attn_mask, causal, scale, dropout_p) -> str | None:
-        if q.shape[-2] == 0 or k.shape[-2] == 0:
+    def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None:
+        if need_lse:
+            return "scaled_dot_product_attention returns no logsumexp"
+        if call.q_len == 0 or call.kv_len == 0:
             return "zero-length T or S (chunked and reference handle it)"
-        return None
+        return float_mask_reason(call)
 
-    def forward(self, q, k, v, *, attn_mask, causal, scale, dropout_p) -> Tensor:
-        T, S = q.shape[-2], k.shape[-2]
-        is_causal = False
-        if causal and attn_mask is None and T == S:
-            is_causal = True  # top-left and bottom-right agree on a square
-        elif causal and not (T == 1 and attn_mask is None):  # one query at the end sees every key
-            attn_mask = masks.materialize(attn_mask, True, T, S, q.dtype, q.device)
-
-        row_has_key = None
-        if attn_mask is not None:
-            row_has_key = masks.allowed(attn_mask).any(dim=-1, keepdim=True)  # (b, h, T, 1)
-            if bool(row_has_key.all()):
-                row_has_key = None
-            else:
-                open_row = True if attn_mask.dtype == torch.bool else 0.0
-                attn_mask = attn_mask.masked_fill(~row_has_key, open_row)
-
+    def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
+        q = call.q
+        fused = masks.for_fused_kernel(call.attn_mask, call.causal, call.q_len, call.kv_len, call.scale, q.dtype,
+                                       q.device)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-            scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+            q, call.k, call.v, attn_mask=fused.mask, dropout_p=call.dropout_p, is_causal=fused.is_causal,
+            scale=call.scale, enable_gqa=bool(call.heads != call.kv_heads),
         )  # (B, H, T, Dv)
-        if row_has_key is not None:
-            out = torch.where(row_has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        return out
+        return AttentionOutput(masks.zero_empty_rows(out, fused.has_key), None)

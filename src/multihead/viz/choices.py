@@ -1,14 +1,15 @@
 """Where each head looks from one token, and which heads disagree most.
 
-The seeds' claim, made checkable: in "The artist painted the portrait of a
-woman with a brush." some head links "brush" to "painted" and another to
-"woman". For a chosen query token, `head_choices` gives every head's
-strongest key, both over all tokens and over the words alone: trained BERTs
-park most of many heads' weight on [CLS] or [SEP] (a resting place when the
-head has nothing to add), so the strongest *word* is what shows the head's
-perspective. `most_different_heads` names the pair of heads whose weight
-rows for that token are furthest apart (Jensen-Shannon divergence) among the
-heads that look at a word, not at a special token or the token itself.
+The claim of the classic lecture example, made checkable: in "The artist
+painted the portrait of a woman with a brush." some head links "brush" to
+"painted" and another to "woman". For a chosen query token, `head_choices`
+gives every head's strongest key, both over all tokens and over the words
+alone: trained BERTs park most of many heads' weight on [CLS] or [SEP] (a
+resting place when the head has nothing to add), so the strongest *word* is
+what shows the head's perspective. `most_different_heads` names the pair of
+heads whose weight rows for that token are furthest apart (Jensen-Shannon
+divergence) among the heads that look at a word, not at a special token or
+the token itself.
 """
 
 from __future__ import annotations

@@ -370,14 +370,7 @@ def layer_figure(tokens: Sequence[str], weights, layer: int, *, heads: Sequence[
     L, H, T, _ = array.shape
     tokens = as_tokens(tokens, T)
     layer = _index("layer", layer, L, "layers")
-    if heads is None:
-        chosen = list(range(H))
-    else:
-        if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
-            raise TypeError(f"heads must be a sequence of ints or None, got {type(heads).__name__}")
-        if len(heads) == 0:
-            raise ValueError("heads is empty: name at least one head, or pass None for all")
-        chosen = [_index(f"heads[{i}]", h, H, "heads") for i, h in enumerate(heads)]
+    chosen = _chosen_heads(heads, H)
     max_labels = positive_int("max_labels", max_labels)
     title = _title(title) or f"layer {layer}"
     cmap = _cmap(cmap)
@@ -387,27 +380,14 @@ def layer_figure(tokens: Sequence[str], weights, layer: int, *, heads: Sequence[
     positions = _tick_positions(T, max_labels, panel)
     labels = [tokens[i] for i in positions]
     fontsize = _font_size(panel, len(positions))
-    n = len(chosen)
-    ncols = min(n, PANEL_COLUMNS)
-    nrows = math.ceil(n / ncols)
     fig = _new_figure()
-    # Every panel names its own tokens, so the room for names sits beside and
-    # under each panel, not only at the figure's edges.
-    names = _text_width(fig, labels, fontsize) + TICK_ROOM + AXIS_LABEL_ROOM
-    layout = _Layout(
-        fig, nrows, ncols, panel,
-        left=MARGIN + names,
-        right=COLORBAR_GAP + COLORBAR_WIDTH + COLORBAR_ROOM,
-        top=PANEL_TITLE_ROOM + SUPTITLE_ROOM,
-        bottom=MARGIN + names,
-        hgap=PANEL_GAP + names, vgap=PANEL_GAP + names + PANEL_TITLE_ROOM,
-    )
+    layout = _panel_layout(fig, len(chosen), panel, _text_width(fig, labels, fontsize))
 
     vmin, vmax = _colour_range(maps)
     image = None
     for i, h in enumerate(chosen):
-        ax, image = _heatmap(fig, layout.cell_rect(i // ncols, i % ncols), maps[i], cmap, vmin, vmax,
-                             panel)
+        rect = layout.cell_rect(i // layout.ncols, i % layout.ncols)
+        ax, image = _heatmap(fig, rect, maps[i], cmap, vmin, vmax, panel)
         ax.set_title(f"head {h}", fontsize=TITLE_FONT, pad=3)
         _name_queries(ax, positions, labels, fontsize)
         _name_keys(ax, positions, labels, fontsize)
@@ -416,6 +396,36 @@ def layer_figure(tokens: Sequence[str], weights, layer: int, *, heads: Sequence[
     _colorbar(fig, layout, image)
     fig.suptitle(title, y=1 - MARGIN / layout.height, va="top")
     return fig
+
+
+def _chosen_heads(heads, H: int) -> list[int]:
+    """layer_figure's `heads`, checked: every head (None) or the given ones, as indices 0..H-1 in order."""
+    if heads is None:
+        return list(range(H))
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
+        raise TypeError(f"heads must be a sequence of ints or None, got {type(heads).__name__}")
+    if len(heads) == 0:
+        raise ValueError("heads is empty: name at least one head, or pass None for all")
+    return [_index(f"heads[{i}]", h, H, "heads") for i, h in enumerate(heads)]
+
+
+def _panel_layout(fig: Figure, n: int, panel: float, label_width: float) -> _Layout:
+    """n panels, PANEL_COLUMNS to a row, each with room for its own token names.
+
+    Every panel names its tokens on both axes, so the room for the names
+    (label_width inches, the widest one) sits beside and under each panel,
+    not only at the figure's edges.
+    """
+    ncols = min(n, PANEL_COLUMNS)
+    names = label_width + TICK_ROOM + AXIS_LABEL_ROOM
+    return _Layout(
+        fig, math.ceil(n / ncols), ncols, panel,
+        left=MARGIN + names,
+        right=COLORBAR_GAP + COLORBAR_WIDTH + COLORBAR_ROOM,
+        top=PANEL_TITLE_ROOM + SUPTITLE_ROOM,
+        bottom=MARGIN + names,
+        hgap=PANEL_GAP + names, vgap=PANEL_GAP + names + PANEL_TITLE_ROOM,
+    )
 
 
 def save_png(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> pathlib.Path:

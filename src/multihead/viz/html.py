@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .._checks import positive_int
-from .stats import _index, as_special, as_tokens, as_weights, guess_special, head_stats
+from .stats import checked_index, as_special, as_tokens, as_weights, guess_special, head_stats
 
 __all__ = ["head_view_html", "write_head_view"]
 
@@ -80,31 +80,41 @@ def head_view_html(
     if T > MAX_TOKENS:
         raise ValueError(f"weights has T = {T} tokens; the head view stores key indices as uint16, "
                          f"at most {MAX_TOKENS} expected")
-    mask = np.asarray(guess_special(toks), dtype=bool) if special is None else as_special(special, T)
+    is_special = np.asarray(guess_special(toks), dtype=bool) if special is None else as_special(special, T)
     k = min(positive_int("max_edges_per_token", max_edges_per_token), T)
     for name, value in (("title", title), ("model_name", model_name)):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
 
-    data = page_data(toks, w, mask, k)
+    data = page_data(toks, w, is_special, k)
     data["model_name"] = model_name
-    data["start_layer"] = _index("layer", layer, L)
-    data["start_focus"] = -1 if focus is None else _index("focus", focus, T)
+    data["start_layer"] = checked_index("layer", layer, L)
+    data["start_focus"] = -1 if focus is None else checked_index("focus", focus, T)
     page_title = title or (f"{model_name}: attention heads" if model_name else "Attention heads")
+    return _fill_template(data, page_title, _subtitle(model_name, L, H, T), _links_note(k, T))
 
+
+def _links_note(k: int, T: int) -> str:
+    """What the page says about the links it embeds: how many per token, and how rounded."""
     if k < T:
-        note = (f"Showing the {k} strongest links per token of {T} (per head); "
+        return (f"Showing the {k} strongest links per token of {T} (per head); "
                 f"weights rounded to {1 / WEIGHT_SCALE:g}.")
-    else:
-        note = f"Showing all {T} link{'s' if T != 1 else ''} per token; weights rounded to {1 / WEIGHT_SCALE:g}."
-    subtitle = " · ".join(part for part in (
+    return f"Showing all {T} link{'s' if T != 1 else ''} per token; weights rounded to {1 / WEIGHT_SCALE:g}."
+
+
+def _subtitle(model_name: str, L: int, H: int, T: int) -> str:
+    """The line under the heading, e.g. "bert · 12 tokens · 6 layers × 12 heads" (no name when it is empty)."""
+    return " · ".join(part for part in (
         model_name,
         f"{T} token{'s' if T != 1 else ''}",
         f"{L} layer{'s' if L != 1 else ''} × {H} head{'s' if H != 1 else ''}",
     ) if part)
 
+
+def _fill_template(data: dict, title: str, subtitle: str, note: str) -> str:
+    """The page: the texts escaped, the data as script-safe JSON, the CSS and JavaScript inline."""
     values = {
-        "__TITLE__": _html.escape(page_title),
+        "__TITLE__": _html.escape(title),
         "__SUBTITLE__": _html.escape(subtitle),
         "__NOTE__": _html.escape(note),
         "__CSS__": _CSS,
@@ -113,8 +123,7 @@ def head_view_html(
     }
     # One pass over the template: a placeholder spelled inside a title or a
     # token is text of a value, never replaced again.
-    page = _PLACEHOLDER.sub(lambda m: values[m.group(0)], _TEMPLATE)
-    return page
+    return _PLACEHOLDER.sub(lambda m: values[m.group(0)], _TEMPLATE)
 
 
 def write_head_view(path: str | os.PathLike, tokens: Sequence[str], weights, **kwargs) -> pathlib.Path:
@@ -135,8 +144,8 @@ def page_data(tokens: list[str], w: np.ndarray, special: np.ndarray, k: int) -> 
     """What the page's script reads: tokens, the k strongest links per row, thumbnails and statistics.
 
     Binary blocks are base64 of little-endian arrays: 2 bytes per link index
-    and per weight instead of ~8 characters of JSON numbers, which keeps a
-    512-token, 6 x 12-head page near 2 MB.
+    and per weight instead of several characters of JSON numbers, which keeps
+    the page of a long input within a few MB.
     """
     L, H, T, _ = w.shape
     keys = np.empty((L, H, T, k), dtype="<u2")

@@ -135,7 +135,8 @@ def as_tokens(tokens, T: int) -> list[str]:
     return list(tokens)
 
 
-def _index(name: str, value, size: int) -> int:
+def checked_index(name: str, value, size: int) -> int:
+    """An index into `size` things, 0..size-1 (no negatives), else TypeError/ValueError naming it."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool {value!r}")
     try:
@@ -160,7 +161,7 @@ def head_stats(weights, special: Sequence[bool]) -> HeadStats:
     """
     w = as_weights(weights)
     L, H, T, _ = w.shape
-    mask = as_special(special, T)
+    is_special = as_special(special, T)
 
     distance = np.abs(np.arange(T)[:, None] - np.arange(T)[None, :]).astype(np.float64)  # (T, T): |i - j|
     entropy = np.empty((L, H))
@@ -177,7 +178,7 @@ def head_stats(weights, special: Sequence[bool]) -> HeadStats:
         plogp *= p
         entropy[layer] = -plogp.sum(axis=-1).mean(axis=-1)  # (H, T, T) -> (H,)
         mean_distance[layer] = (p * distance).sum(axis=-1).mean(axis=-1)  # (H, T, T) -> (H,)
-        special_share[layer] = p[:, :, mask].sum(axis=-1).mean(axis=-1)  # (H, T, T) -> (H, T, n_special) -> (H,)
+        special_share[layer] = p[:, :, is_special].sum(axis=-1).mean(axis=-1)  # (H, T, T) -> (H, T, n_special) -> (H,)
         if T > 1:
             rows = np.arange(1, T)
             previous_share[layer] = p[:, rows, rows - 1].mean(axis=-1)  # (H, T - 1) -> (H,)
@@ -191,7 +192,7 @@ def strongest_targets(weights, query_index: int) -> np.ndarray:
     Ties go to the lowest key index (np.argmax's rule).
     """
     w = as_weights(weights)
-    q = _index("query_index", query_index, w.shape[2])
+    q = checked_index("query_index", query_index, w.shape[2])
     return np.argmax(w[:, :, q, :], axis=-1).astype(np.int64)  # (L, H, T) -> (L, H)
 
 
@@ -225,7 +226,7 @@ def stats_table(stats: HeadStats, layer: int | None = None):
 
     if not isinstance(stats, HeadStats):
         raise TypeError(f"stats must be a HeadStats, got {type(stats).__name__}")
-    layers = range(stats.num_layers) if layer is None else [_index("layer", layer, stats.num_layers)]
+    layers = range(stats.num_layers) if layer is None else [checked_index("layer", layer, stats.num_layers)]
     title = "Per-head statistics" + ("" if layer is None else f", layer {layers[0]}")
     table = Table(title=title, caption="entropy in nats (0 = one key); distance in tokens; shares of the weight")
     if layer is None:

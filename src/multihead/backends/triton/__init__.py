@@ -45,6 +45,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ...call import AttentionCall, AttentionOutput, make_call
+
 MAX_HEAD_DIM = 256  # q, k, v tiles of a wider head no longer fit on chip
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -259,9 +261,7 @@ def triton_attention(
     query sees (-inf when none), so the weights are exp(score - lse)
     (`multihead.weights`).
     """
-    from ...functional import _check_call
-
-    call = _check_call(q, k, v, None, causal, scale, 0.0)
+    call = make_call(q, k, v, causal=causal, scale=scale)
     reason = _where_it_runs(q) or _kernel_limits(q, v)
     if reason is not None:
         raise ValueError(f"triton_attention cannot run this call: {reason}")
@@ -281,29 +281,26 @@ def _apply(q, k, v, key_lengths, causal, scale, block_m=None, block_n=None) -> T
 class TritonBackend:
     name = "triton"
     priority = 30  # above sdpa (20): on CUDA, our kernels first; on the CPU supports() declines
-    summary = "fused Triton kernels (forward + backward) on CUDA; key-padding masks, no dropout"
+    summary = "fused Triton kernels (forward + backward) on CUDA; key-padding masks, no dropout; gives the lse"
 
-    def supports(self, q, k, v, *, attn_mask, causal, scale, dropout_p) -> str | None:
-        reason = _where_it_runs(q) or _kernel_limits(q, v)
+    def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None:
+        reason = _where_it_runs(call.q) or _kernel_limits(call.q, call.v)
         if reason is not None:
             return reason
-        if dropout_p > 0.0:
+        if call.dropout_p > 0.0:
             return "dropout is not implemented in the triton kernels"
-        if attn_mask is not None:
-            return key_lengths_from_mask(attn_mask, q.shape[0])[1]
+        if call.attn_mask is not None:
+            return key_lengths_from_mask(call.attn_mask, call.batch)[1]
         return None
 
-    def forward(self, q, k, v, *, attn_mask, causal, scale, dropout_p) -> Tensor:
-        return self.forward_with_lse(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale).out
-
-    def forward_with_lse(self, q, k, v, *, attn_mask, causal, scale) -> TritonOutput:
-        """forward, with the logsumexp (for weights on demand); arguments as `supports` accepted them."""
+    def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
         lengths = None
-        if attn_mask is not None:
-            lengths, reason = key_lengths_from_mask(attn_mask, q.shape[0])
+        if call.attn_mask is not None:
+            lengths, reason = key_lengths_from_mask(call.attn_mask, call.batch)
             if reason is not None:
                 raise ValueError(f"backend 'triton' cannot run this call: {reason}")
-        return _apply(q, k, v, lengths, causal, scale)
+        out, lse = _apply(call.q, call.k, call.v, lengths, call.causal, call.scale)
+        return AttentionOutput(out, lse if need_lse else None)
 
 
 __all__ = ["TritonBackend", "TritonOutput", "key_lengths_from_mask", "triton_attention", "triton_installed"]

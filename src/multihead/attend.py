@@ -1,0 +1,64 @@
+"""attend: the attention step that every attention module shares.
+
+    attended = attend(q, k, v, attn_mask=mask, causal=False, scale=None,
+                      dropout_p=0.0, backend="auto", need_weights=False)
+    attended.out      # (B, H, T, Dv)
+    attended.weights  # (B, H, T, S) when need_weights, else None
+
+`MultiHeadAttention`, `MultiHeadLatentAttention` and `compat.MultiheadAttention`
+project, rotate and cache in their own way; from there on they call this, so
+the backend choice and the weights policy are the same for all of them:
+
+- need_weights=False: `multihead.attention` on the chosen backend (`backend=`).
+- need_weights=True, nothing needs a gradient (inference, torch.no_grad):
+  the output from the chosen backend with its logsumexp
+  (`attention_with_lse`), and the weights read off that logsumexp
+  (`multihead.weights`): the fused kernel is kept. backend="auto" takes the
+  first backend that gives a logsumexp (`explain_dispatch(..., need_lse=True)`).
+- need_weights=True where the weights must carry a gradient (training):
+  the eager path (`attention_with_weights`, the reference formula in the
+  inputs' precision), whose weights are part of the graph; `backend=` does
+  not apply there.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._checks import flag
+from .functional import attention, attention_with_weights
+from .weights import attention_and_weights
+
+
+class Attended(NamedTuple):
+    out: Tensor  # (B, H, T, Dv)
+    weights: Tensor | None  # (B, H, T, S) softmax probabilities before dropout, when need_weights
+
+
+def _weights_need_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    need_weights: bool = False,
+) -> Attended:
+    """q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> Attended(out, weights); see the module docstring."""
+    call = dict(attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
+    if not flag("need_weights", need_weights):
+        return Attended(attention(q, k, v, backend=backend, **call), None)
+    if _weights_need_grad(q, k, v, attn_mask):
+        return Attended(*attention_with_weights(q, k, v, **call))
+    on_demand = attention_and_weights(q, k, v, backend=backend, **call)
+    return Attended(on_demand.out, on_demand.weights)

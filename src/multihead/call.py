@@ -1,0 +1,176 @@
+"""AttentionCall: one attention call, checked once and typed.
+
+    call = make_call(q, k, v, attn_mask=None, causal=False, scale=None, dropout_p=0.0)
+    backend.supports(call, need_lse=False)   # None, or why it cannot run the call
+    backend.forward(call, need_lse=False)    # AttentionOutput(out, lse or None)
+
+Every entry point that needs attention (`multihead.attention`, the modules,
+the weights on demand) builds its call here, so every backend receives
+arguments that are already consistent: q (B, H, T, D), k (B, G, S, D),
+v (B, G, S, Dv) of one floating dtype on one device, H a multiple of G, the
+mask 4-dimensional and broadcastable to (B, H, T, S), the scale a float
+that stays finite in the compute dtype. Backends never check these again.
+
+This module sits below the backends and imports none of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import masks
+from ._checks import flag, mask_tensor, probability
+
+
+class AttentionOutput(NamedTuple):
+    """What a backend's forward returns, and `multihead.attention_with_lse`."""
+
+    out: Tensor  # (B, H, T, Dv), in q's dtype
+    lse: Tensor | None  # (B, H, T) float32 (float64 for float64 inputs); -inf for a row with no key; None unless asked
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """A checked call: everything a backend needs to compute softmax(q kᵀ · scale + mask) v."""
+
+    q: Tensor  # (B, H, T, D)
+    k: Tensor  # (B, G, S, D)
+    v: Tensor  # (B, G, S, Dv)
+    attn_mask: Tensor | None  # None; bool (True = may attend) or floating (added to the scores, own dtype); (b, h, t, S)
+    causal: bool  # bottom-right aligned: query i sees keys j <= i + S - T
+    scale: float  # multiplies q·k; finite in the compute dtype
+    dropout_p: float  # probability of dropping a weight, in [0, 1)
+
+    @property
+    def batch(self) -> int:  # B
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:  # H
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:  # G
+        return self.k.shape[1]
+
+    @property
+    def q_len(self) -> int:  # T
+        return self.q.shape[2]
+
+    @property
+    def kv_len(self) -> int:  # S
+        return self.k.shape[2]
+
+    def needs_grad(self) -> bool:
+        """Whether autograd records this call (grad mode on and an input that requires grad)."""
+        tracked = (self.q, self.k, self.v, self.attn_mask)
+        return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tracked)
+
+    def may_have_empty_rows(self) -> bool:
+        """Whether a query row can be left with no key, decided from shapes and flags alone."""
+        return masks.rows_can_be_empty(self.attn_mask is not None, self.causal, self.q_len, self.kv_len)
+
+
+def _shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _check_tensors(q, k, v) -> None:
+    for name, x, dims in (("q", q, "(B, H, T, D)"), ("k", k, "(B, G, S, D)"), ("v", v, "(B, G, S, Dv)")):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(x).__name__}")
+        if x.is_nested:
+            raise TypeError(f"{name} is a nested tensor; multihead takes dense {dims} tensors "
+                            f"(pad the batch and pass a mask)")
+        if x.dim() != 4:
+            raise ValueError(f"{name} has {x.dim()} dims, {dims} expected, got {_shape(x)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; cast them to one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; move them to one device")
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
+    B, H, _, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 is B)")
+    if v.shape[1] != G or v.shape[2] != S:
+        raise ValueError(f"k (B, G, S, D) and v (B, G, S, Dv) must agree on G and S, "
+                         f"got k {_shape(k)}, v {_shape(v)}")
+    if k.shape[3] != D:
+        raise ValueError(f"q and k must have the same head dim D, got q {_shape(q)}, k {_shape(k)}")
+    if G == 0 or H % G != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads G={G} "
+                         f"(q {_shape(q)}, k {_shape(k)})")
+
+
+def check_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
+    """The scale as a float: 1/sqrt(D) for None; else a finite number that stays finite in the compute dtype.
+
+    A scale beyond the compute dtype's range (1e300 for float32) would make
+    every score infinite and the output NaN, so it is refused. Zero and
+    negative scales are computed like any other (a zero scale spreads each
+    query evenly over the keys it may attend).
+    """
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None (= 1/sqrt(D)), got {scale!r}")
+    largest = torch.finfo(torch.promote_types(dtype, torch.float32)).max
+    if abs(scale) > largest:
+        raise ValueError(f"scale={scale!r} overflows the compute dtype (largest finite {largest:.3g}); "
+                         f"every score would be infinite")
+    return float(scale)
+
+
+def check_mask(attn_mask, q: Tensor, S: int) -> Tensor | None:
+    """A user's attn_mask checked against the scores (B, H, T, S) of q; returned with 4 dims.
+
+    A float mask keeps its own dtype: each backend adds it to the scores in
+    its compute dtype, so a large finite bias (-1e30) never becomes -inf by a
+    cast to float16.
+    """
+    if attn_mask is None:
+        return None
+    mask_tensor("attn_mask", attn_mask, q.device, "True = may attend")
+    B, H, T = q.shape[0], q.shape[1], q.shape[2]
+    if attn_mask.dim() == 2:
+        attn_mask = attn_mask[None, None]  # (T, S) -> (1, 1, T, S)
+    elif attn_mask.dim() != 4:
+        raise ValueError(
+            f"attn_mask has {attn_mask.dim()} dims, (T, S) or (B|1, H|1, T|1, S) expected, "
+            f"got {_shape(attn_mask)}; a per-batch (B, T, S) mask is mask[:, None]"
+        )
+    expected = (B, H, T, S)
+    if any(size not in (full, 1) for size, full in zip(attn_mask.shape, expected)):
+        raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (B, H, T, S) = {expected}")
+    if attn_mask.shape[-1] != S:
+        raise ValueError(f"attn_mask's last dim must be S={S} (one entry per key), got {_shape(attn_mask)}")
+    return attn_mask
+
+
+def make_call(
+    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, causal: bool = False,
+    scale: float | None = None, dropout_p: float = 0.0,
+) -> AttentionCall:
+    """Check the arguments of an attention call once; raise TypeError/ValueError naming the culprit."""
+    _check_tensors(q, k, v)
+    _check_shapes(q, k, v)
+    flag("causal", causal)
+    probability("dropout_p", dropout_p)
+    return AttentionCall(
+        q, k, v, check_mask(attn_mask, q, k.shape[2]), causal, check_scale(scale, q.shape[-1], q.dtype),
+        float(dropout_p),
+    )
+
+
+__all__ = ["AttentionCall", "AttentionOutput", "check_mask", "check_scale", "make_call"]

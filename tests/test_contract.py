@@ -1,0 +1,255 @@
+"""One attention contract: the typed call, the registry as the one path, the logsumexp from every backend.
+
+Also the layering rule: nothing outside backends/ imports a backend's private
+name, and no backend imports the layers above it.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import multihead as mh
+from multihead import backends
+from multihead.call import AttentionCall, make_call
+from conftest import ABS_SLACK, OUT_FACTOR, make_qkv, max_err
+
+SRC = Path(mh.__file__).parent
+LSE_BACKENDS = ["reference", "chunked", "cpu_flash"]
+
+
+def _assert_rule(got, golden, naive, what):
+    err, naive_err = max_err(got, golden), max_err(naive, golden)
+    assert err <= OUT_FACTOR * naive_err + ABS_SLACK, f"{what}: {err:.3g} > 2 x {naive_err:.3g} + 1e-5"
+
+
+def _golden_lse(q, k, v, **call):
+    """logsumexp of the masked float64 scores, computed here from scratch."""
+    qd, kd = q.double(), mh.backends.reference.repeat_kv(k.double(), q.shape[1])
+    scale = call.get("scale") or 1 / math.sqrt(q.shape[-1])
+    scores = qd @ kd.transpose(-2, -1) * scale  # (B, H, T, S)
+    T, S = q.shape[2], k.shape[2]
+    if call.get("causal"):
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).tril(S - T).logical_not(), float("-inf"))
+    mask = call.get("attn_mask")
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask.double()
+    return torch.logsumexp(scores, dim=-1)
+
+
+# ---- every backend gives out and lse through the registry
+
+
+@pytest.mark.parametrize("backend", LSE_BACKENDS)
+@pytest.mark.parametrize("case", ["plain", "causal", "key_padding", "float_mask"])
+def test_attention_with_lse_on_every_backend(backend, case):
+    B, H, G, T, S = 2, 6, 3, 17, 23
+    q, k, v = make_qkv(B, H, G, T, S, 16, seed=3)
+    call = {}
+    if case == "causal":
+        call["causal"] = True
+    if case == "key_padding":  # the second sequence sees no key at all: lse -inf, out 0
+        call["attn_mask"] = mh.masks.key_mask_to_attn_mask(mh.masks.lengths_to_key_mask(torch.tensor([S, 0]), S))
+    if case == "float_mask":
+        call["attn_mask"] = torch.randn(1, H, T, S, generator=torch.Generator().manual_seed(1))
+    result = mh.attention_with_lse(q, k, v, backend=backend, **call)
+    assert isinstance(result, mh.AttentionOutput) and result.lse.shape == (B, H, T)
+    assert result.lse.dtype == torch.float32
+    golden_lse = _golden_lse(q, k, v, **call)
+    finite = torch.isfinite(golden_lse)
+    assert torch.equal(torch.isfinite(result.lse), finite)
+    assert (result.lse[~finite] == float("-inf")).all()
+    assert max_err(result.lse[finite], golden_lse[finite]) < 1e-5
+    golden = mh.attention_ref(q.double(), k.double(), v.double(), **call).out
+    naive = mh.attention_ref(q, k, v, upcast=False, **call).out
+    _assert_rule(result.out, golden, naive, f"{backend} out")
+
+
+def test_sdpa_says_it_gives_no_lse_and_auto_moves_on():
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 8)
+    report = mh.explain_dispatch(q, k, v, need_lse=True)
+    assert report.reasons["sdpa"] == "scaled_dot_product_attention returns no logsumexp"
+    assert report.chosen == "cpu_flash" and "(with the logsumexp)" in str(report)
+    with pytest.raises(ValueError, match="backend='sdpa' cannot run this call: scaled_dot_product_attention "
+                                         "returns no logsumexp"):
+        mh.attention_with_lse(q, k, v, backend="sdpa")
+    # without the lse, sdpa is the first choice
+    assert mh.explain_dispatch(q, k, v).chosen == "sdpa"
+
+
+class _Counting:
+    """A test backend that counts how often the registry asks it."""
+
+    def __init__(self, name, priority, answer):
+        self.name, self.priority, self.summary, self.answer, self.asked = name, priority, "test double", answer, 0
+
+    def supports(self, call, *, need_lse=False):
+        assert isinstance(call, AttentionCall)
+        self.asked += 1
+        return self.answer
+
+    def forward(self, call, *, need_lse=False):
+        return backends.get("reference").forward(call, need_lse=need_lse)
+
+
+def test_dispatch_stops_at_the_first_backend_that_supports_the_call():
+    first, second = _Counting("first", 200, None), _Counting("second", 100, None)
+    backends.register(first)
+    backends.register(second)
+    try:
+        q, k, v = make_qkv(1, 2, 2, 5, 7, 8)
+        mh.attention(q, k, v)
+        assert (first.asked, second.asked) == (1, 0)  # the second is never asked
+        report = mh.explain_dispatch(q, k, v)  # explain asks every backend
+        assert report.chosen == "first" and (first.asked, second.asked) == (2, 1)
+        assert list(report.reasons)[:2] == ["first", "second"]
+    finally:
+        backends.unregister("first")
+        backends.unregister("second")
+
+
+def test_register_refuses_what_is_not_a_backend():
+    with pytest.raises(TypeError, match="backend must have a 'priority'"):
+        backends.register(type("Half", (), {"name": "half"})())
+    assert "half" not in backends.names()
+
+
+# ---- the module honours backend= with need_weights
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu_flash", "reference"])
+def test_need_weights_output_comes_from_the_chosen_backend(backend, monkeypatch):
+    torch.manual_seed(0)
+    mha = mh.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, backend=backend).eval()
+    x = torch.randn(2, 9, 32)
+    ran = []
+    chosen = backends.get(backend)
+    real = type(chosen).forward
+    monkeypatch.setattr(type(chosen), "forward",
+                        lambda self, call, *, need_lse=False: ran.append((self.name, need_lse)) or
+                        real(self, call, need_lse=need_lse))
+    with torch.no_grad():
+        got = mha(x, need_weights=True)
+    assert ran == [(backend, True)]
+    eager = mh.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True).eval()
+    eager.load_state_dict(mha.state_dict())
+    want = eager(x.requires_grad_(), need_weights=True)  # the eager path, weights with a gradient
+    assert want.weights.requires_grad and not got.weights.requires_grad
+    assert max_err(got.output, want.output) < 1e-5 and max_err(got.weights, want.weights) < 1e-5
+
+
+def test_need_weights_with_a_backend_that_has_no_lse_says_so():
+    mha = mh.MultiHeadAttention(16, 2, backend="sdpa").eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="backend='sdpa' cannot run this call: "
+                                                          "scaled_dot_product_attention returns no logsumexp"):
+        mha(torch.randn(1, 3, 16), need_weights=True)
+
+
+def test_latent_attention_goes_through_the_registry(monkeypatch):
+    mla = mh.MultiHeadLatentAttention(32, 4, head_dim=8, rope_dim=4, kv_latent_dim=12, backend="chunked").eval()
+    ran = []
+    chunked = backends.get("chunked")
+    real = type(chunked).forward
+    monkeypatch.setattr(type(chunked), "forward",
+                        lambda self, call, *, need_lse=False: ran.append(need_lse) or real(self, call, need_lse=need_lse))
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        plain = mla(x)
+        weighted = mla(x, need_weights=True)
+    assert ran == [False, True]
+    assert max_err(plain.output, weighted.output) < 1e-6
+    assert torch.allclose(weighted.weights.sum(-1), torch.ones(2, 4, 6))
+
+
+# ---- the layering rule
+
+
+def _is_module(dotted: str) -> bool:
+    path = SRC.parent.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _imports(path: Path):
+    """(module the import reads from, [names]) for every `from X import ...` of a source file.
+
+    `from .. import masks` reads the module multihead.masks itself: it is reported as (multihead.masks, []).
+    """
+    package = path.relative_to(SRC.parent).with_suffix("").parts[:-1]  # a module's package; __init__'s own
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package[: len(package) - (node.level - 1)]
+            module = ".".join(base + ((node.module,) if node.module else ()))
+        else:
+            module = node.module or ""
+        names = [alias.name for alias in node.names]
+        submodules = [n for n in names if _is_module(f"{module}.{n}")]
+        for name in submodules:
+            yield f"{module}.{name}", []
+        if len(submodules) < len(names):
+            yield module, [n for n in names if n not in submodules]
+
+
+def test_no_module_imports_a_private_name_of_another():
+    offences = []
+    for path in SRC.rglob("*.py"):
+        own = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
+        for module, names in _imports(path):
+            if not module.startswith("multihead") or module == own:
+                continue
+            private = [n for n in names if n.startswith("_") and n != "__version__"]
+            if private:
+                offences.append(f"{path.relative_to(SRC)} imports {private} from {module}")
+    assert offences == []
+
+
+def test_backends_import_nothing_from_the_layers_above():
+    allowed = ("multihead.backends", "multihead.call", "multihead.masks", "multihead._checks")
+    offences = []
+    for path in (SRC / "backends").rglob("*.py"):
+        for module, names in _imports(path):
+            if module.startswith("multihead") and not module.startswith(allowed):
+                offences.append(f"{path.relative_to(SRC)} imports {names} from {module}")
+    assert offences == []
+
+
+def test_the_import_walk_reads_real_imports():
+    """The walk above must find a private import where one exists (so it cannot pass by reading nothing)."""
+    found = list(_imports(SRC / "backends" / "triton" / "__init__.py"))
+    assert ("multihead.call", ["AttentionCall", "AttentionOutput", "make_call"]) in found
+    assert ("multihead.backends", []) in list(_imports(SRC / "functional.py"))
+    assert ("multihead.masks", []) in list(_imports(SRC / "backends" / "reference.py"))
+
+
+# ---- the typed call
+
+
+def test_make_call_builds_one_typed_call():
+    q, k, v = make_qkv(2, 4, 2, 5, 7, 8)
+    call = make_call(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool), causal=True)
+    assert (call.batch, call.heads, call.kv_heads, call.q_len, call.kv_len) == (2, 4, 2, 5, 7)
+    assert call.attn_mask.shape == (1, 1, 5, 7) and call.scale == 1 / math.sqrt(8)
+    with pytest.raises(Exception):
+        call.causal = False  # frozen
+
+
+def test_lazy_subpackages_are_attributes():
+    import importlib
+    import subprocess
+    import sys
+
+    code = ("import sys, multihead; assert 'multihead.viz' not in sys.modules; "
+            "multihead.viz; multihead.models; multihead.compat; multihead.explain; multihead.generate; "
+            "assert 'multihead.viz' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+    assert mh.compat is importlib.import_module("multihead.compat")
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        mh.nothing
