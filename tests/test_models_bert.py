@@ -15,8 +15,8 @@ import torch
 
 from multihead import MultiHeadAttention
 from multihead.models import CheckpointError, SentenceEncoder, load, load_bert, minilm_directory
-from multihead.models.bert import BERT_WEIGHT_MAP, Bert, BertConfig
-from multihead.models.weight_map import Rule, load_state, read_checkpoint
+from multihead.models.bert import BERT_CHECKPOINT_MAP, Bert, BertConfig
+from multihead.models.checkpoint_map import Rule, load_state, read_checkpoint
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is the oracle for embeddings")
 transformers = pytest.importorskip("transformers", reason="transformers is the oracle for attentions")
@@ -139,7 +139,7 @@ def test_bad_token_ids(minilm):
         net(torch.zeros(1, 513, dtype=torch.int64))
 
 
-# --------------------------------------------------------------------------- weight map
+# --------------------------------------------------------------------------- checkpoint map
 
 
 @pytest.fixture()
@@ -182,18 +182,19 @@ def test_a_map_that_leaves_a_parameter_unfilled_is_refused():
     config = BertConfig(100, 16, 2, 8, 1, 2, 16, 1e-12, "gelu", 0)
     model = Bert(config)
     checkpoint = {k: v for k, v in _hf_names(model).items()}
-    partial = [r for r in BERT_WEIGHT_MAP if "ffn_norm" not in str(r.targets)]
+    partial = [r for r in BERT_CHECKPOINT_MAP.rules if "ffn_norm" not in str(r.targets)]
     with pytest.raises(KeyError, match="unfilled.*ffn_norm"):
         load_state(model, checkpoint, partial, num_layers=1)
     with pytest.raises(KeyError, match="not a parameter"):
-        load_state(model, checkpoint, [*BERT_WEIGHT_MAP, Rule("embeddings.LayerNorm.bias", "nope.bias")], num_layers=1)
+        load_state(model, checkpoint, [*BERT_CHECKPOINT_MAP.rules, Rule("embeddings.LayerNorm.bias", "nope.bias")],
+                   num_layers=1)
 
 
 def _hf_names(model: Bert) -> dict:
     """Our parameters under their Hugging Face names, by running the map backwards."""
     ours = dict(model.state_dict())
     out = {}
-    for base in BERT_WEIGHT_MAP:
+    for base in BERT_CHECKPOINT_MAP.rules:
         for rule in base.expand(model.config.num_layers):
             out[rule.source] = ours[rule.target_names()[0]].clone()
     return out

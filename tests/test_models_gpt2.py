@@ -14,8 +14,8 @@ import torch
 
 from conftest import max_err
 from multihead import MultiHeadAttention
+from multihead.models.checkpoint_map import CheckpointError
 from multihead.models.gpt2 import GPT2, DecoderOutput, GPT2Config, greedy, load_gpt2
-from multihead.models.weight_map import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -194,7 +194,7 @@ def test_from_hf_reads_the_sizes():
     (dict(scale_attn_weights=False), "scale_attn_weights"),
     (dict(tie_word_embeddings=False), "tie_word_embeddings"),
     (dict(activation_function="relu"), "activation_function='relu'"),
-    (dict(model_type="bert"), "model_type 'bert'"),
+    (dict(model_type="bert"), "model_type='bert', 'gpt2' expected"),
 ])
 def test_from_hf_refuses_what_it_does_not_compute(change, named):
     with pytest.raises(ValueError, match=named):

@@ -17,9 +17,9 @@ from multihead import MultiHeadAttention
 from multihead.cache import DynamicCache, StaticCache
 from multihead.generate import generate
 from multihead.models import load
+from multihead.models.checkpoint_map import CheckpointError
 from multihead.models.gpt2 import DecoderOutput
 from multihead.models.llama import Llama, LlamaConfig, load_llama
-from multihead.models.weight_map import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -230,7 +230,7 @@ def test_from_hf_reads_old_style_rope_theta():
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}), "rope_type='llama3'"),
-    (dict(model_type="mistral"), "model_type 'mistral'"),
+    (dict(model_type="mistral"), "model_type='mistral', 'llama' expected"),
 ])
 def test_from_hf_refuses_what_it_does_not_compute(change, named):
     config = hf_config().to_dict()

@@ -3,9 +3,10 @@
     multihead explain [--seed N] [--heads H] [--kv-heads G] [--d-in C] [--d-out HD]
                       [--no-causal] [--bias] [--text "..."]
     multihead demo [--out DIR]
-    multihead visualize "TEXT" [--model minilm|PATH] [--layer L] [--token WORD] [--out DIR]
+    multihead visualize "TEXT" [--model minilm|PATH] [--layer L] [--token WORD|WORD@I] [--out DIR]
     multihead generate "PROMPT" --model PATH [--max-new-tokens N] [--temperature T]
                       [--top-k K] [--top-p P] [--seed S]
+    multihead --version
 
 Each subcommand is a function `_cmd_<name>(args, console) -> int` registered in
 `build_parser`. Bad input ends with one line on stderr and exit status 2,
@@ -16,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 PROG = "multihead"
-# The seeds' sentence; its 11 tokens are the rows of their 11 x 8 two-head example.
+# The sentence of the lectures this project follows; its 11 tokens are the rows of their 11 x 8 two-head example.
 SENTENCE = "The artist painted the portrait of a woman with a brush"
 NON_TTY_WIDTH = 120  # fixed width off a terminal (CI logs, pipes): 80 would squeeze an 11 x 11 table
 
@@ -155,7 +158,7 @@ def _cols(prefix: str, n: int) -> list[str]:
 
 
 def _walkthrough(args, out: _Writer) -> int:
-    from .explain import check_against_module, split_columns, projections_from_module
+    from .explain import check_against_module, projections_from_module, split_columns
 
     module, x, tokens = _example(args)
     cfg = module.config
@@ -298,7 +301,8 @@ def _walkthrough_short(args, out: _Writer) -> bool:
     return check.passed
 
 
-SEED_SENTENCES = (
+# The example sentences of the lectures this project follows: the demo's embeddings are checked on them.
+EXAMPLE_SENTENCES = (
     "The artist painted the portrait of a woman with a brush.",
     "All is well",
     "A dog ate the food because it was hungry",
@@ -337,13 +341,14 @@ def _check_sentence_transformers(model, console) -> bool:
 
     transformers_logging.disable_progress_bar()  # its weight-loading bar would cut through our output
     oracle = SentenceTransformer(str(minilm_directory()), device="cpu")
-    expected = oracle.encode(list(SEED_SENTENCES), convert_to_tensor=True)
-    ours = model.encode(list(SEED_SENTENCES))
+    expected = oracle.encode(list(EXAMPLE_SENTENCES), convert_to_tensor=True)
+    ours = model.encode(list(EXAMPLE_SENTENCES))
     diff = (ours - expected).abs().max().item()
-    lengths = [len(t) for t in model.tokenize(list(SEED_SENTENCES)).tokens]
+    lengths = [len(t) for t in model.tokenize(list(EXAMPLE_SENTENCES)).tokens]
     verdict = "agree" if diff <= EMBEDDING_TOLERANCE else "DISAGREE"
-    console.print(f"Sentence embeddings of the {len(SEED_SENTENCES)} seed sentences ({min(lengths)}-{max(lengths)} "
-                  f"tokens, one padded batch), multihead against sentence-transformers:")
+    console.print(f"Sentence embeddings of the {len(EXAMPLE_SENTENCES)} example sentences "
+                  f"({min(lengths)}-{max(lengths)} tokens, one padded batch), multihead against "
+                  f"sentence-transformers:")
     console.print(f"  max |difference| = {diff:.1e} (tolerance {EMBEDDING_TOLERANCE:g}): {verdict}")
     return diff <= EMBEDDING_TOLERANCE
 
@@ -372,11 +377,116 @@ def _print_comparison(console, rows) -> None:
                   "benchmarks/cpu.py and BENCHMARKS.md have the full tables.", style="dim")
 
 
-def _text_part(console, steps: _Steps, model, text: str, token, layer, out_dir) -> None:
-    from .viz.report import print_report, text_report
+class TokenChoice(NamedTuple):
+    index: int  # the token whose heads are tabled
+    notes: tuple[str, ...] = ()  # what the choice needs said (a word of several pieces, a word that occurs again)
 
+
+def _label(tokens: Sequence[str], i: int) -> str:
+    """Token i as the report prints it: the token, with '@i' when the same token occurs more than once."""
+    names = [t.strip() for t in tokens]
+    return names[i] if names.count(names[i]) == 1 else f"{names[i]}@{i}"
+
+
+def _word_starts(batch) -> list[int]:
+    """Indices of the first piece of every word of a one-text Tokenized (special tokens are no word)."""
+    ids = batch.word_ids[0]
+    return [i for i, w in enumerate(ids) if w is not None and (i == 0 or ids[i - 1] != w)]
+
+
+def resolve_token(spec: str, batch) -> TokenChoice:
+    """--token WORD or WORD@I against a one-text Tokenized: the token it names, or a one-line UsageError.
+
+    WORD is a token as printed ('cat', '##bel', '▁cat') or a whole word of
+    the text made of pieces ('Hannibel' for han ##ni ##bel: its first piece);
+    case is ignored. WORD@I is the label the report prints for the token at
+    index I when its token occurs more than once. A word found several times
+    gives the first, and the note names the others.
+    """
+    tokens, words = batch.tokens[0], batch.words[0]
+    wanted = spec.strip().lower()
+    found = re.fullmatch(r"(.+)@(\d+)", spec.strip())
+    if found:
+        return _occurrence(spec, found.group(1).lower(), int(found.group(2)), tokens, words)
+    starts = set(_word_starts(batch))
+    matches = [i for i in range(len(tokens)) if tokens[i].strip().lower() == wanted
+               or (i in starts and (words[i] or "").lower() == wanted)]
+    if not matches:
+        shown = " ".join(w for i, w in enumerate(words) if i in starts and w)
+        shown = shown if len(shown) <= 150 else shown[:147] + "..."
+        raise UsageError(f"--token {spec!r} is not in the text, as a word or a token; its words are: {shown}")
+    i = matches[0]
+    pieces = [tokens[j].strip() for j in range(len(tokens)) if batch.word_ids[0][j] == batch.word_ids[0][i]]
+    notes = []
+    if tokens[i].strip().lower() != wanted and len(pieces) > 1:
+        notes.append(f"{spec.strip()!r} is the tokens {' '.join(pieces)}; the table is about its first piece, "
+                     f"{_label(tokens, i)!r}")
+    if len(matches) > 1:
+        labels = ", ".join(_label(tokens, j) for j in matches)
+        notes.append(f"{spec.strip()!r} occurs {len(matches)} times ({labels}): showing the first; "
+                     f"--token {_label(tokens, matches[1])} picks the next")
+    return TokenChoice(i, tuple(notes))
+
+
+def _occurrence(spec: str, name: str, i: int, tokens: Sequence[str], words: Sequence[str | None]) -> TokenChoice:
+    """--token WORD@I: token I, when WORD is that token or the word it is a piece of."""
+    if not 0 <= i < len(tokens):
+        raise UsageError(f"--token {spec!r}: the text has tokens 0..{len(tokens) - 1}, not {i}")
+    if name not in (tokens[i].strip().lower(), (words[i] or "").lower()):
+        raise UsageError(f"--token {spec!r}: token {i} is {_label(tokens, i)!r}, not {name!r}")
+    return TokenChoice(i)
+
+
+def _default_token(batch) -> int:
+    """The last token that is a word (not special, not punctuation): what the report shows without --token."""
+    tokens, special = batch.tokens[0], batch.special[0]
+    words = [i for i, t in enumerate(tokens) if not special[i] and any(ch.isalnum() for ch in t)]
+    return words[-1] if words else len(tokens) - 1
+
+
+def _token_report(model, text: str, query: int, layer: int | None, out_dir):
+    """viz.report.text_report's report and pictures, for the token at index `query`.
+
+    text_report takes the token as a string and finds its first occurrence;
+    --token WORD@I needs a later one, so the pieces are put together here.
+    """
+    from .viz.choices import head_choices, most_different_heads
+    from .viz.figures import grid_figure, layer_figure, save_png
+    from .viz.html import write_head_view
+    from .viz.report import TextReport
+
+    view = model.attention(text)
+    L = view.weights.shape[0]
+    if layer is not None and not -L <= layer < L:
+        raise ValueError(f"layer must be in [0, {L}) for this model, got {layer}")
+    choices = head_choices(view.weights, view.special, query)
+    disagreement = most_different_heads(view.weights, choices, query)
+    layer = (disagreement.first.layer if disagreement is not None else 0) if layer is None else layer % L
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{model.name}: {' '.join(t.strip() for t in view.tokens)}"
+    title = title if len(title) <= 110 else title[:107] + "..."
+    files = {
+        "png": save_png(grid_figure(view.tokens, view.weights, title=title), out / "heads.png"),
+        "layer_png": save_png(layer_figure(view.tokens, view.weights, layer, title=f"layer {layer} of {title}"),
+                              out / f"layer{layer}.png"),
+        "html": write_head_view(out / "heads.html", view.tokens, view.weights, special=view.special,
+                                title=text if len(text) <= 200 else text[:197] + "...", model_name=model.name,
+                                layer=layer, focus=query),
+    }
+    return TextReport(model.name, view.tokens, view.special, view.weights, query, layer, choices,
+                      disagreement, files)
+
+
+def _text_part(console, steps: _Steps, model, text: str, token, layer, out_dir) -> None:
+    from .viz.report import print_report
+
+    batch = model.tokenize([text])
+    choice = TokenChoice(_default_token(batch)) if token is None else resolve_token(token, batch)
+    for note in choice.notes:
+        console.print(note, soft_wrap=True)  # one line each, even past the console's width
     report = steps.run(f"attention weights and pictures of {text!r}",
-                       lambda: text_report(model, text, token=token, layer=layer, out_dir=out_dir))
+                       lambda: _token_report(model, text, choice.index, layer, out_dir))
     print_report(console, report)
     console.print()
     console.print(f"Wrote into {report.files['html'].parent}/:")
@@ -387,10 +497,22 @@ def _text_part(console, steps: _Steps, model, text: str, token, layer, out_dir) 
                   f"hover {report.tokens[report.query].strip()!r}")
 
 
+def _check_out(out: str) -> None:
+    """--out must be a folder, or not exist yet (it is made), with no file on the way to it."""
+    path = Path(out)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "is a file" if part == path else f"lies under {str(part)!r}, which is a file"
+                raise UsageError(f"--out {out!r} {what}; give a folder for the pictures (it is made if missing)")
+            return
+
+
 def _cmd_demo(args, console) -> int:
     from .models import load
     from .timing import compare_with_torch
 
+    _check_out(args.out)
     out = _Writer(console)
     steps = _Steps(console)
     out.step("1. Multi-head attention, in short")
@@ -403,7 +525,7 @@ def _cmd_demo(args, console) -> int:
                               lambda: _check_sentence_transformers(model, console))
 
     out.step(f"3. Different heads, different perspectives: {DEMO_TOKEN!r}")
-    _text_part(console, steps, model, SEED_SENTENCES[0], DEMO_TOKEN, None, args.out)
+    _text_part(console, steps, model, EXAMPLE_SENTENCES[0], DEMO_TOKEN, None, args.out)
 
     out.step("4. Speed on this machine")
     rows = steps.run("timing both modules side by side", lambda: compare_with_torch(
@@ -420,6 +542,9 @@ def _cmd_visualize(args, console) -> int:
     steps = _Steps(console)
     if not args.text.strip():
         raise UsageError("TEXT is empty; give the sentence to look at")
+    if args.token is not None and not args.token.strip():
+        raise UsageError("--token is empty; give a word of TEXT, or WORD@I as the report labels it")
+    _check_out(args.out)
     model = steps.run(f"loading {args.model}", lambda: load(args.model))
     console.print(_describe_model(model))
     _text_part(console, steps, model, args.text, args.token, args.layer, args.out)
@@ -430,7 +555,7 @@ def _cmd_generate(args, console) -> int:
     """Continue PROMPT with a local GPT-2 or Llama folder, writing each piece of text as its token comes."""
     from .generate import stream
     from .models import load
-    from .models.weight_map import read_config
+    from .models.checkpoint_map import read_config
 
     if not args.prompt.strip():
         raise UsageError("PROMPT is empty; give the text to continue")
@@ -444,22 +569,31 @@ def _cmd_generate(args, console) -> int:
     steps = stream(model.network, prompt.input_ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
                    temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_tokens=stop)
-    out = console.file
-    out.write(args.prompt)
+    _stream_text(console.file, args.prompt, model.tokenizer, prompt.input_ids[0].tolist(), steps)
+    return 0
+
+
+def _stream_text(out, prompt: str, tokenizer, prompt_ids: list[int], steps) -> None:
+    """Write the prompt, then the text each new token adds, decoded with the prompt's tokens before it.
+
+    Decoded alone, a SentencePiece token loses its leading space ("on" +
+    "▁ohiun" would print "onohiun"), so each step decodes prompt + new
+    tokens and writes what goes beyond the text already written.
+    """
+    out.write(prompt)
     out.flush()
     tokens: list[int] = []
     shown = ""
     for step in steps:
         tokens.append(int(step.tokens[0]))
-        text = model.tokenizer.tokenizer.decode(tokens)
+        text = tokenizer.continuation(prompt_ids, tokens)
         if text.endswith("\ufffd"):  # a character cut between byte-level tokens: wait for its other bytes
             continue
         out.write(text[len(shown):])
         out.flush()
         shown = text
-    out.write(model.tokenizer.tokenizer.decode(tokens)[len(shown):] + "\n")
+    out.write(tokenizer.continuation(prompt_ids, tokens)[len(shown):] + "\n")
     out.flush()
-    return 0
 
 
 # --------------------------------------------------------------------------- parser and main
@@ -485,11 +619,15 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog=PROG, description="Multi-head attention from the whiteboard to the GPU.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     explain = sub.add_parser("explain", help="walk through multi-head attention with real numbers",
-                             description="The seeds' 11 x 8 two-head example, every step printed.")
+                             description="The classic 11 x 8 two-head example from the lectures this project "
+                                         "follows, every step printed.")
     _add_explain_options(explain)
     explain.set_defaults(func=_cmd_explain)
     demo = sub.add_parser("demo", help="the tour: the whiteboard, then every head of a real model",
@@ -500,14 +638,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=_positive, default=7, help="timing repeats per row (default 7)")
     demo.set_defaults(func=_cmd_demo)
     visualize = sub.add_parser("visualize", help="every head of a model on your text: PNG, HTML and a table",
-                               description="Run a BERT or GPT-2 checkpoint through multihead on TEXT and show "
-                                           "where each head looks.")
+                               description="Run a BERT, GPT-2 or Llama checkpoint through multihead on TEXT and "
+                                           "show where each head looks.")
     visualize.add_argument("text", metavar="TEXT", help="the text to look at")
     visualize.add_argument("--model", default="minilm",
-                           help="'minilm' (packaged) or a local Hugging Face BERT / GPT-2 folder (default minilm)")
+                           help="'minilm' (packaged) or a local Hugging Face BERT, GPT-2 or Llama folder "
+                                "(default minilm)")
     visualize.add_argument("--layer", type=int, default=None,
                            help="the layer drawn on its own, counted from 0 (default: where heads disagree most)")
-    visualize.add_argument("--token", default=None, help="the word whose heads are tabled (default: the last word)")
+    visualize.add_argument("--token", default=None,
+                           help="the word whose heads are tabled: a word of TEXT (its first piece when the "
+                                "tokenizer cuts it), a token as printed, or WORD@I for the token at index I as "
+                                "the report labels repeated words (default: the last word)")
     visualize.add_argument("--out", default="multihead-visualize",
                            help="folder for the pictures (default ./multihead-visualize)")
     visualize.set_defaults(func=_cmd_visualize)

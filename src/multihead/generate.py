@@ -28,19 +28,30 @@ reaches top_p), softmax in float32, and one uniform number per sequence per
 step mapped through the cumulative distribution. The uniforms come from a
 torch.Generator seeded with `seed` (the global RNG when seed is None), so one
 seed gives the same tokens every time, with or without the cache.
+
+Small temperatures. The logits are shifted so that the largest is 0 before
+they are divided (softmax does not change), so every scaled score is <= 0
+and none overflows: a temperature so small that logits / temperature would
+pass float32's range (1e-40, say) leaves the most likely token with all the
+mass, which is greedy decoding (argmax). Only logits that tie exactly at the
+top share it, as they would at any temperature.
+
+Text. `generate` works on token ids. To print new tokens, decode them with
+the prompt (`TextTokenizer.continuation`): a SentencePiece tokenizer writes
+a word's leading space only when the word is not the first token decoded.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .models._checks import check_token_ids
+from ._checks import flag
+from .models._checks import check_token_ids, int_at_least, positive_number
 from .models.decoder import check_key_mask
 
 
@@ -85,11 +96,16 @@ def generate(
 ) -> GenerateOutput:
     """Continue every prompt of input_ids (B, T) by up to max_new_tokens tokens.
 
+    input_ids: (B, T) int token ids, B >= 1 prompts of T >= 1 tokens (an
+        empty batch is refused with a ValueError naming its shape).
     key_mask: (B, T) bool, True = a real token, right-padded (prompts of
         different lengths); None = every token is real.
     do_sample: False picks the most likely token (greedy); True samples with
         temperature, top_k and top_p (which greedy refuses: they would be ignored).
-    seed: seeds the sampling's torch.Generator (same seed, same tokens).
+    temperature: a finite number > 0; one so small that logits / temperature
+        would overflow float32 (1e-40) gives the greedy tokens (argmax), not
+        NaN: the scores are shifted to a maximum of 0 before the division.
+    seed: the sampling's torch.Generator's seed (same seed, same tokens).
     stop_tokens: ids that end a sequence when generated (kept in the output,
         then pad_token_id); the loop ends early when every sequence has stopped.
     use_cache: decode with a KV cache (the default) or recompute every step.
@@ -129,35 +145,39 @@ def stream(
     every sequence has produced a stop token.
     """
     vocab_size = _check_model(model, use_cache)
-    B, T = _batch_shape(input_ids)
-    check_token_ids(input_ids, vocab_size, sys.maxsize)
+    _batch_shape(input_ids)
+    check_token_ids(input_ids, vocab_size, None)
     real = _real_tokens(key_mask, input_ids)  # (B, T)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    for name, value in (("do_sample", do_sample), ("use_cache", use_cache), ("static_cache", static_cache)):
+        flag(name, value)
+    int_at_least("max_new_tokens", max_new_tokens, 0)
     settings = _check_settings(do_sample, temperature, top_k, top_p, stop_tokens, vocab_size, input_ids.device)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
-    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab_size:
+    if int_at_least("pad_token_id", pad_token_id, 0) >= vocab_size:
         raise ValueError(f"pad_token_id must be an int in [0, vocab_size={vocab_size}), got {pad_token_id!r}")
-    for name, flag in (("use_cache", use_cache), ("static_cache", static_cache), ("do_sample", do_sample)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if static_cache and not use_cache:
         raise ValueError("static_cache=True needs use_cache=True")
     prompt_lengths = real.sum(dim=1)  # (B, T) -> (B,)
-    longest = int(prompt_lengths.max())
-    if int(prompt_lengths.min()) == 0:
-        b = int(torch.argmin(prompt_lengths))
-        raise ValueError(f"key_mask marks no real token in row {b}: every prompt needs at least one token")
-    limit = getattr(model, "position_limit", None)
-    if limit is not None and longest + max_new_tokens > limit:
-        raise ValueError(f"input_ids' longest prompt has {longest} tokens and max_new_tokens={max_new_tokens}; "
-                         f"together they exceed max_positions={limit}")
+    longest = _check_lengths(model, prompt_lengths, max_new_tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     return _decode(model, input_ids.long(), real, key_mask is not None, prompt_lengths, longest, max_new_tokens,
                    settings, generator, use_cache, static_cache, pad_token_id)
+
+
+def _check_lengths(model, prompt_lengths: Tensor, max_new_tokens: int) -> int:
+    """The longest prompt, once every prompt has a token and prompt + new tokens fit the model's positions."""
+    if int(prompt_lengths.min()) == 0:
+        b = int(torch.argmin(prompt_lengths))
+        raise ValueError(f"key_mask marks no real token in row {b}: every prompt needs at least one token")
+    longest = int(prompt_lengths.max())
+    limit = getattr(model, "position_limit", None)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(f"input_ids' longest prompt has {longest} tokens and max_new_tokens={max_new_tokens}; "
+                         f"together they exceed max_positions={limit}")
+    return longest
 
 
 @torch.no_grad()
@@ -217,7 +237,7 @@ def _choose(logits: Tensor, settings: _Settings, generator: torch.Generator | No
     """The next token of every sequence from its logits (B, V): argmax, or a sample."""
     if not settings.do_sample:
         return logits.argmax(dim=-1)  # (B, V) -> (B,)
-    scores = logits.float() / settings.temperature  # (B, V)
+    scores = _scaled(logits.float(), settings.temperature)  # (B, V)
     V = scores.shape[-1]
     if settings.top_k is not None and settings.top_k < V:
         kth = torch.topk(scores, settings.top_k, dim=-1).values[:, -1:]  # (B, V) -> (B, 1)
@@ -237,6 +257,16 @@ def _choose(logits: Tensor, settings: _Settings, generator: torch.Generator | No
     return chosen.clamp(max=V - 1)[:, 0]  # (B, 1) -> (B,)
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """(logits - max) / temperature (B, V): every score <= 0, so no temperature > 0 overflows to NaN.
+
+    The maximum stays exactly 0 (0 / t, or 0 where t rounds to 0 in float32),
+    so a vanishing temperature puts all the mass on the argmax: greedy.
+    """
+    shifted = logits - logits.max(dim=-1, keepdim=True).values  # (B, V), max 0
+    return torch.where(shifted == 0, shifted, shifted / temperature)  # (B, V)
+
+
 def _check_model(model, use_cache: bool) -> int:
     if not isinstance(model, nn.Module) or not hasattr(model, "config") or not hasattr(model.config, "vocab_size"):
         raise TypeError(f"model must be a decoder of multihead.models (GPT2, Llama), got {type(model).__name__}")
@@ -246,11 +276,16 @@ def _check_model(model, use_cache: bool) -> int:
 
 
 def _batch_shape(input_ids) -> tuple[int, int]:
+    """(B, T) of a batch with at least one prompt of at least one token (an empty batch has nothing to continue)."""
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor (B, T) of token ids, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids has {input_ids.dim()} dims, (B, T) expected, got {tuple(input_ids.shape)}")
-    return tuple(input_ids.shape)
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"input_ids must hold at least one prompt of at least one token, (B, T) with B >= 1 "
+                         f"and T >= 1, got {tuple(input_ids.shape)}")
+    return B, T
 
 
 def _real_tokens(key_mask, input_ids: Tensor) -> Tensor:
@@ -262,13 +297,10 @@ def _real_tokens(key_mask, input_ids: Tensor) -> Tensor:
 
 
 def _check_settings(do_sample, temperature, top_k, top_p, stop_tokens, vocab_size: int, device) -> _Settings:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0.0 < top_p <= 1.0):
+    temperature = positive_number("temperature", temperature)
+    if top_k is not None:
+        int_at_least("top_k", top_k, 1)
+    if top_p is not None and (positive_number("top_p", top_p) > 1.0):
         raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
     if not do_sample:
         given = [f"{name}={value!r}" for name, value, default in
@@ -277,12 +309,19 @@ def _check_settings(do_sample, temperature, top_k, top_p, stop_tokens, vocab_siz
         if given:
             raise ValueError(f"{', '.join(given)} only apply to sampling; pass do_sample=True "
                              f"(greedy decoding would ignore them)")
-    if isinstance(stop_tokens, (int, str, Tensor)):
+    return _Settings(do_sample, temperature, top_k, None if top_p is None else float(top_p),
+                     _stop_tensor(stop_tokens, vocab_size, device))
+
+
+def _stop_tensor(stop_tokens, vocab_size: int, device) -> Tensor | None:
+    """stop_tokens as a sorted (N,) int64 tensor of distinct ids, or None when there are none."""
+    if isinstance(stop_tokens, (int, str, Tensor)) or not isinstance(stop_tokens, Iterable):
         raise TypeError(f"stop_tokens must be a sequence of token ids, e.g. (50256,), "
                         f"got {type(stop_tokens).__name__} {stop_tokens!r}")
     stop = list(stop_tokens)
-    bad = [t for t in stop if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"stop_tokens must be token ids in [0, vocab_size={vocab_size}), got {bad[0]!r}")
-    stop_tensor = torch.tensor(sorted(set(stop)), dtype=torch.int64, device=device) if stop else None
-    return _Settings(do_sample, float(temperature), top_k, None if top_p is None else float(top_p), stop_tensor)
+    for token in stop:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise TypeError(f"stop_tokens must hold int token ids, got {type(token).__name__} {token!r}")
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"stop_tokens must be token ids in [0, vocab_size={vocab_size}), got {token!r}")
+    return torch.tensor(sorted(set(stop)), dtype=torch.int64, device=device) if stop else None

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import positive_int
+
 
 def device_name() -> str:
     """The CPU model and core count, e.g. 'Intel(R) Xeon(R) Processor @ 2.80GHz x2'."""
@@ -35,6 +37,7 @@ def device_name() -> str:
 
 def timeit_side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds per candidate after one warm-up call each, timed in turns."""
+    positive_int("repeats", repeats)
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -71,6 +74,7 @@ def compare_with_torch(
     """
     from .module import MultiHeadAttention
 
+    positive_int("repeats", repeats)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

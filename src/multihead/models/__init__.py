@@ -7,8 +7,10 @@
 
     multihead.models.load("path/to/checkpoint")    # any local Hugging Face BERT, GPT-2 or Llama folder
 
-Architectures: `bert.Bert` (encoder) and `gpt2.GPT2` (causal decoder); each
-loads its checkpoints through a declarative weight map (`weight_map.Rule`).
+Architectures: `bert.Bert` (encoder), and `gpt2.GPT2` and `llama.Llama`
+(causal decoders on one base, `decoder.Decoder`); each loads its checkpoints
+through a declarative checkpoint map (`checkpoint_map.CheckpointMap` of
+`checkpoint_map.Rule`s).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from .bert import Bert, BertConfig, EncoderOutput, load_bert
 from .text import SentenceEncoder, TextAttention, TextModel, TextTokenizer, Tokenized
-from .weight_map import CheckpointError, LoadReport, Rule, load_state
+from .checkpoint_map import CheckpointError, CheckpointMap, LoadReport, Rule, load_state
 
 # Names `load` knows, with what they are.
 KNOWN_MODELS = {
@@ -39,14 +41,16 @@ def minilm_directory() -> Path:
 
 
 def load(name_or_path: str | Path = "minilm") -> TextModel:
-    """A pre-trained model with its tokenizer: "minilm", or a local BERT / GPT-2 checkpoint folder.
+    """A pre-trained model with its tokenizer: "minilm", or a local BERT / GPT-2 / Llama checkpoint folder.
 
-    A BERT comes back as a `SentenceEncoder` (it has `encode`); a GPT-2 as a
-    `TextModel`. Nothing is downloaded.
+    A BERT comes back as a `SentenceEncoder` (it has `encode`); a GPT-2 or a
+    Llama as a `TextModel`. Nothing is downloaded.
     """
+    from .checkpoint_map import read_config
     from .text import read_sentence_transformers_settings
-    from .weight_map import read_config
 
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path must be a str or pathlib.Path, got {type(name_or_path).__name__}")
     if isinstance(name_or_path, str) and name_or_path in KNOWN_MODELS:
         name, directory = name_or_path, minilm_directory()
     else:
@@ -92,6 +96,7 @@ __all__ = [
     "Bert",
     "BertConfig",
     "CheckpointError",
+    "CheckpointMap",
     "EncoderOutput",
     "KNOWN_MODELS",
     "LoadReport",

@@ -5,8 +5,8 @@
         -> hidden (B, T, C)
 
 Loads Hugging Face BERT checkpoints (BertModel, BertForMaskedLM, ...; MiniLM
-and sentence-transformers models are BERTs) through `BERT_WEIGHT_MAP`. The
-only checkpoint names in the project live in that map.
+and sentence-transformers models are BERTs) through `BERT_CHECKPOINT_MAP`. The
+checkpoint names live in that map (and the decoders' maps), nowhere else.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .._checks import flag, positive_int
 from ..module import MultiHeadAttention
-from ._checks import check_token_ids
-from .weight_map import CheckpointError, Rule, load_state, read_checkpoint, read_config
+from ._checks import check_hf_config, check_token_ids, int_at_least, positive_number
+from .checkpoint_map import CheckpointError, CheckpointMap, Rule, load_model
 
 _ACTIVATIONS = {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}
 
@@ -38,38 +39,49 @@ class BertConfig:
     activation: str  # feed-forward non-linearity: "gelu" (erf), "gelu_new" (tanh) or "relu"
     pad_token_id: int  # the id that padding uses
 
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_positions", "type_vocab_size", "d_model", "num_layers", "num_heads",
+                     "ffn_dim"):
+            positive_int(name, getattr(self, name))
+        if self.d_model % self.num_heads != 0:
+            raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        positive_number("layer_norm_eps", self.layer_norm_eps)
+        if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+        if int_at_least("pad_token_id", self.pad_token_id, 0) >= self.vocab_size:
+            raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}")
+
     @classmethod
     def from_hf(cls, config: dict) -> BertConfig:
         """From a Hugging Face config.json; settings this encoder does not implement are refused."""
-        if config.get("model_type", "bert") != "bert":
-            raise CheckpointError(f"config.json says model_type={config.get('model_type')!r}, 'bert' expected")
+        check_hf_config(config, "bert")
         position_type = config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise CheckpointError(f"position_embedding_type={position_type!r} is not supported (only 'absolute')")
         if config.get("is_decoder") or config.get("add_cross_attention"):
             raise CheckpointError("BERT as a decoder / with cross-attention is not supported")
         activation = config.get("hidden_act", "gelu")
-        if activation not in _ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in _ACTIVATIONS:
             raise CheckpointError(f"hidden_act={activation!r} is not supported; one of {sorted(_ACTIVATIONS)}")
         try:
             return cls(
-                vocab_size=int(config["vocab_size"]),
-                max_positions=int(config["max_position_embeddings"]),
-                type_vocab_size=int(config.get("type_vocab_size", 2)),
-                d_model=int(config["hidden_size"]),
-                num_layers=int(config["num_hidden_layers"]),
-                num_heads=int(config["num_attention_heads"]),
-                ffn_dim=int(config["intermediate_size"]),
-                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                vocab_size=config["vocab_size"],
+                max_positions=config["max_position_embeddings"],
+                type_vocab_size=config.get("type_vocab_size", 2),
+                d_model=config["hidden_size"],
+                num_layers=config["num_hidden_layers"],
+                num_heads=config["num_attention_heads"],
+                ffn_dim=config["intermediate_size"],
+                layer_norm_eps=config.get("layer_norm_eps", 1e-12),
                 activation=activation,
-                pad_token_id=int(config.get("pad_token_id") or 0),
+                pad_token_id=0 if config.get("pad_token_id") is None else config["pad_token_id"],
             )
         except KeyError as missing:
             raise CheckpointError(f"config.json lacks {missing.args[0]!r}, which a BERT config needs") from None
 
 
 # Hugging Face BERT key -> our parameter. Per layer, "{i}" is the layer index.
-BERT_WEIGHT_MAP: tuple[Rule, ...] = (
+BERT_RULES: tuple[Rule, ...] = (
     Rule("embeddings.word_embeddings.weight", "token_embedding.weight"),
     Rule("embeddings.position_embeddings.weight", "position_embedding.weight"),
     Rule("embeddings.token_type_embeddings.weight", "segment_embedding.weight"),
@@ -90,8 +102,11 @@ BERT_WEIGHT_MAP: tuple[Rule, ...] = (
         for kind in ("weight", "bias")
     ),
 )
-# Keys a BERT checkpoint may hold that the encoder does not use.
-BERT_IGNORED = (r"position_ids$", r"^(bert\.)?pooler\.", r"^cls\.")
+BERT_CHECKPOINT_MAP = CheckpointMap(
+    BERT_RULES,
+    prefixes=("bert.",),  # BertForMaskedLM & co. keep the encoder under "bert."; BertModel has no prefix
+    ignore=(r"position_ids$", r"^(bert\.)?pooler\.", r"^cls\."),  # keys the encoder does not use
+)
 
 
 class EncoderOutput(NamedTuple):
@@ -129,6 +144,8 @@ class Bert(nn.Module):
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"config must be a BertConfig, got {type(config).__name__}")
         self.config = config
         C = config.d_model
         self.token_embedding = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
@@ -150,10 +167,8 @@ class Bert(nn.Module):
         need_weights: also return every layer's per-head attention weights (B, H, T, T).
         """
         B, T = check_token_ids(input_ids, self.config.vocab_size, self.config.max_positions)
-        if segment_ids is None:
-            segment_ids = torch.zeros_like(input_ids)
-        elif tuple(segment_ids.shape) != (B, T):
-            raise ValueError(f"segment_ids must be (B, T) = {(B, T)} like input_ids, got {tuple(segment_ids.shape)}")
+        flag("need_weights", need_weights)
+        segment_ids = _segments(segment_ids, input_ids, self.config.type_vocab_size)
         positions = torch.arange(T, device=input_ids.device)  # (T,)
         x = self.token_embedding(input_ids) + self.position_embedding(positions) + self.segment_embedding(segment_ids)
         x = self.embedding_norm(x)  # (B, T, C)
@@ -164,16 +179,26 @@ class Bert(nn.Module):
         return EncoderOutput(x, tuple(attentions) if need_weights else None)
 
 
+def _segments(segment_ids, input_ids: Tensor, type_vocab_size: int) -> Tensor:
+    """segment_ids (B, T) of ids in [0, type_vocab_size), checked; zeros (all sentence A) when None."""
+    if segment_ids is None:
+        return torch.zeros_like(input_ids)
+    if not isinstance(segment_ids, Tensor) or segment_ids.dtype not in (torch.int64, torch.int32):
+        got = segment_ids.dtype if isinstance(segment_ids, Tensor) else type(segment_ids).__name__
+        raise TypeError(f"segment_ids must be an int64 or int32 tensor (B, T), got {got}")
+    if segment_ids.shape != input_ids.shape:
+        raise ValueError(f"segment_ids must be (B, T) = {tuple(input_ids.shape)} like input_ids, "
+                         f"got {tuple(segment_ids.shape)}")
+    if bool(((segment_ids < 0) | (segment_ids >= type_vocab_size)).any()):
+        raise ValueError(f"segment_ids must lie in [0, type_vocab_size={type_vocab_size}), "
+                         f"got {segment_ids.min().item()}..{segment_ids.max().item()}")
+    return segment_ids
+
+
 def load_bert(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> Bert:
-    """A Bert with the weights of a Hugging Face checkpoint folder, in eval mode.
+    """A Bert with the parameters of a Hugging Face checkpoint folder, in eval mode.
 
     `model.load_report` says how many parameters were filled and which
     checkpoint keys went unused (an MLM head, say).
     """
-    config = BertConfig.from_hf(read_config(directory))
-    model = Bert(config).to(dtype)
-    model.load_report = load_state(
-        model, read_checkpoint(directory), BERT_WEIGHT_MAP,
-        num_layers=config.num_layers, prefixes=("bert.",), ignore=BERT_IGNORED,
-    )
-    return model.eval()
+    return load_model(directory, BertConfig, Bert, BERT_CHECKPOINT_MAP, dtype=dtype)

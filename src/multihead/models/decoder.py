@@ -1,23 +1,35 @@
-"""What the decoders (GPT-2, Llama) share: the pre-norm block, their output, the cache and mask checks.
+"""What the decoders (GPT-2, Llama) share: the base model, the pre-norm block, their output, the checks.
 
-    x = x + attention(attention_norm(x))      causal MultiHeadAttention, with the layer's cache
-    x = x + mlp(mlp_norm(x))
+    input_ids (B, T) --embed--> x (B, T, C)       each model's own: learned positions (GPT-2) or none (RoPE)
+    num_layers times, pre-norm residual blocks:
+        x = x + attention(attention_norm(x))      causal MultiHeadAttention, with the layer's cache
+        x = x + mlp(mlp_norm(x))
+    logits = lm_head(final_norm(x))               (B, T, V)
 
-A decoder's `forward(input_ids, *, key_mask, cache, need_weights)` returns a
-`DecoderOutput`; its `make_cache(...)` is `make_decoder_cache`. Each model
-file builds its blocks from its own norm and MLP, with the same four names,
-so the weight maps address `blocks.{i}.attention_norm` etc. for both.
+`Decoder` holds the forward pass, `make_cache` and the argument checks; a
+model file subclasses it with its config class, its blocks (a
+`PreNormBlock` of its own norm and MLP, with the same four names, so the
+checkpoint maps address `blocks.{i}.attention_norm` etc. for both) and its
+`embed`: how token ids at given positions become x, and which positions
+the attention layers get (RoPE's) if any.
+
+A call is checked whole before any layer runs (token ids, key_mask,
+need_weights, the cache and the positions the chunk would reach), so a
+refused call leaves the cache exactly as it was.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import positive_int
+from .._checks import flag, positive_int
 from ..cache import DynamicCache, KVCache, StaticCache
+from ._checks import check_token_ids
 
 
 class DecoderOutput(NamedTuple):
@@ -28,6 +40,13 @@ class DecoderOutput(NamedTuple):
 class BlockOutput(NamedTuple):
     hidden: Tensor  # (B, T, C)
     weights: Tensor | None  # (B, H, T, T) when need_weights
+
+
+class Embedded(NamedTuple):
+    """What a decoder's `embed` gives the blocks."""
+
+    x: Tensor  # (B, T, C): the chunk's tokens, ready for the first block
+    rotary_positions: Tensor | None  # (T,) or (B, T) positions for RoPE attention; None: the attention takes none
 
 
 class PreNormBlock(nn.Module):
@@ -50,22 +69,108 @@ class PreNormBlock(nn.Module):
         return BlockOutput(x, attended.weights)
 
 
-def make_decoder_cache(model: nn.Module, *, num_kv_heads: int, head_dim: int, batch_size: int | None,
-                       max_length: int | None, static: bool, default_max_length: int) -> KVCache:
-    """The cache a decoder's `make_cache` returns: one layer cache per block, on the model's device/dtype."""
-    weight = next(model.parameters())
-    num_layers = model.config.num_layers
-    if not isinstance(static, bool):
-        raise TypeError(f"static must be a bool, got {type(static).__name__}")
-    if not static:
-        if max_length is not None:
-            raise ValueError("max_length is for a static cache (static=True); a dynamic cache grows")
-        return DynamicCache(num_layers, batch_size=batch_size, device=weight.device)
-    if batch_size is None:
-        raise ValueError("a static cache needs batch_size (it is preallocated), got None")
-    max_length = default_max_length if max_length is None else positive_int("max_length", max_length)
-    return StaticCache(num_layers, batch_size, max_length, num_kv_heads, head_dim,
-                       dtype=weight.dtype, device=weight.device)
+class Decoder(nn.Module):
+    """A causal language model: input_ids (B, T) -> DecoderOutput(logits (B, T, V), attentions).
+
+    Subclasses set `config_class`, call `__init__(config)` (which makes
+    token_embedding), add what they need, then `add_layers(blocks,
+    final_norm, tie_word_embeddings=...)`, and define `embed`,
+    `kv_heads_and_dim` and, when positions run out, `position_limit`.
+    """
+
+    config_class: type = object  # the config dataclass the subclass takes
+    position_limit: int | None = None  # the longest sequence it takes; None: any (RoPE)
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+
+    def add_layers(self, blocks: Iterable[nn.Module], final_norm: nn.Module, *, tie_word_embeddings: bool) -> None:
+        """The blocks, the final norm and lm_head (tied to token_embedding or not); then the initialisation."""
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = final_norm
+        self.lm_head = nn.Linear(self.config.d_model, self.config.vocab_size, bias=False)
+        if tie_word_embeddings:  # logits score x against every token's embedding
+            self.lm_head.weight = self.token_embedding.weight
+        self.apply(init_parameters)
+
+    def embed(self, input_ids: Tensor, positions: Tensor, key_mask: Tensor | None) -> Embedded:
+        """x (B, T, C) for token ids at `positions` ((T,), or (B, T) with a cache), and RoPE's positions."""
+        raise NotImplementedError
+
+    def kv_heads_and_dim(self) -> tuple[int, int]:
+        """(G, D): key/value heads per layer and their width, what a cache stores."""
+        raise NotImplementedError
+
+    def forward(
+        self, input_ids: Tensor, *, key_mask: Tensor | None = None, cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> DecoderOutput:
+        """input_ids (B, T) int64 token ids at positions 0..T-1 (or after the cache's tokens).
+
+        key_mask: (B, T) bool, True = a real token; padding goes on the right,
+            so every real token keeps its position. Padded positions' logits
+            are meaningless; real tokens' logits do not depend on the padding.
+        cache: a KVCache of num_layers layers (`make_cache()`): the chunk's
+            tokens sit at positions cache.lengths[b] + 0..T-1 of their
+            sequence, attend to everything cached, and are appended (only the
+            real ones, as key_mask says).
+        need_weights: also return every layer's attention weights (B, H, T, S),
+            S = T without a cache, the cache's key slots with one.
+        Every argument is checked before the first layer runs: a refused call
+        leaves the cache as it was.
+        """
+        positions = self._check_call(input_ids, key_mask, cache, need_weights)
+        x, rotary_positions = self.embed(input_ids, positions, key_mask)  # (B, T) -> (B, T, C)
+        attentions = []
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, key_mask, need_weights, None if cache is None else cache[i], rotary_positions)
+            attentions.append(weights)
+        logits = self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
+        return DecoderOutput(logits, tuple(attentions) if need_weights else None)
+
+    def _check_call(self, input_ids, key_mask, cache, need_weights) -> Tensor:
+        """Every check of a forward call; the chunk's positions: (T,) without a cache, (B, T) with one."""
+        limit = self.position_limit
+        B, T = check_token_ids(input_ids, self.config.vocab_size, sys.maxsize if limit is None else limit)
+        if key_mask is not None:
+            check_key_mask(key_mask, input_ids)
+        flag("need_weights", need_weights)
+        if cache is None:
+            return torch.arange(T, device=input_ids.device)  # (T,)
+        check_cache(cache, self.config.num_layers)
+        positions = cache.positions(T, batch_size=B, device=input_ids.device).to(input_ids.device)  # (B, T)
+        if positions.shape[0] != B:
+            raise ValueError(f"input_ids has batch size B={B}, the cache holds {positions.shape[0]} sequences; "
+                             f"reset() it or make a new one for another batch")
+        if limit is not None:
+            check_cached_positions(positions, key_mask, limit)
+        return positions
+
+    def make_cache(self, batch_size: int | None = None, max_length: int | None = None,
+                   static: bool = False) -> KVCache:
+        """A KV cache for this model (G key/value heads per layer), on its parameters' device and dtype.
+
+        Dynamic (grows) by default; static=True preallocates batch_size x
+        max_length tokens per layer (max_length defaults to max_positions).
+        """
+        flag("static", static)
+        if batch_size is not None:
+            positive_int("batch_size", batch_size)
+        weight = next(self.parameters())
+        if not static:
+            if max_length is not None:
+                raise ValueError("max_length is for a static cache (static=True); a dynamic cache grows")
+            return DynamicCache(self.config.num_layers, batch_size=batch_size, device=weight.device)
+        if batch_size is None:
+            raise ValueError("a static cache needs batch_size (it is preallocated), got None")
+        max_length = self.config.max_positions if max_length is None else positive_int("max_length", max_length)
+        num_kv_heads, head_dim = self.kv_heads_and_dim()
+        return StaticCache(self.config.num_layers, batch_size, max_length, num_kv_heads, head_dim,
+                           dtype=weight.dtype, device=weight.device)
 
 
 def check_cache(cache, num_layers: int) -> None:
@@ -73,6 +178,18 @@ def check_cache(cache, num_layers: int) -> None:
         raise TypeError(f"cache must be a multihead.cache.KVCache (model.make_cache()), got {type(cache).__name__}")
     if cache.num_layers != num_layers:
         raise ValueError(f"cache has {cache.num_layers} layers, the model has num_layers={num_layers}")
+
+
+def check_cached_positions(positions: Tensor, key_mask: Tensor | None, max_positions: int) -> None:
+    """Real tokens of a cached chunk must fall inside the learned positions."""
+    if torch.compiler.is_compiling():
+        return
+    real = positions.shape[1] if key_mask is None else key_mask.sum(dim=1)  # (B, T) -> (B,)
+    last = positions[:, 0] + real - 1  # (B,): position of each sequence's last real token in the chunk
+    if bool((last >= max_positions).any()):
+        b = int(torch.argmax(last))
+        raise ValueError(f"sequence {b} would reach position {int(last[b])} with this chunk; the model has "
+                         f"max_positions={max_positions} learned positions (0..{max_positions - 1})")
 
 
 def check_key_mask(key_mask, input_ids: Tensor) -> None:
@@ -92,7 +209,7 @@ def check_key_mask(key_mask, input_ids: Tensor) -> None:
         )
 
 
-def init_weights(module: nn.Module) -> None:
+def init_parameters(module: nn.Module) -> None:
     """GPT-2's and Llama's initialisation (normal, std 0.02; zero biases), for a model trained rather than loaded."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -7,7 +7,10 @@
     logits = lm_head(final_norm(x))              (B, T, V); lm_head shares token_embedding's matrix
 
 `load_gpt2(directory)` builds the model from a Hugging Face GPT-2 folder
-(config.json + model.safetensors or pytorch_model.bin) through GPT2_WEIGHT_MAP.
+(config.json + model.safetensors or pytorch_model.bin) through GPT2_CHECKPOINT_MAP.
+The forward pass, `make_cache` and the checks are `decoder.Decoder`'s; this
+file holds what is GPT-2's own: the config, the block, the learned position
+embedding (each token's row comes from its position) and the checkpoint map.
 Decoding: `forward(..., cache=model.make_cache())` runs a chunk against a KV
 cache (each sequence's positions come from the cache's lengths, so the learned
 position embedding is right for every row); `multihead.generate` does the
@@ -25,19 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import positive_int
-from ..cache import KVCache
 from ..module import MultiHeadAttention
-from ._checks import check_token_ids
-from .decoder import DecoderOutput, PreNormBlock, check_cache, check_key_mask, init_weights, make_decoder_cache
-from .weight_map import (
+from ._checks import check_hf_config, check_token_ids, int_at_least, positive_number
+from .checkpoint_map import (
+    CheckpointMap,
     Rule,
-    load_state,
-    read_checkpoint,
-    read_config,
+    load_model,
     split_last,
     transpose,
     transpose_then_split,
 )
+from .decoder import Decoder, DecoderOutput, Embedded, PreNormBlock  # noqa: F401  DecoderOutput: re-exported
 
 ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}  # our name -> F.gelu's `approximate`
 
@@ -61,18 +62,17 @@ class GPT2Config:
         if self.d_mlp is None:
             object.__setattr__(self, "d_mlp", 4 * self.d_model)  # frozen: fill the default once, here
         positive_int("d_mlp", self.d_mlp)
+        if not isinstance(self.activation, str):
+            raise TypeError(f"activation must be a str, one of {sorted(ACTIVATIONS)}, got "
+                            f"{type(self.activation).__name__} {self.activation!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        positive_number("layer_norm_eps", self.layer_norm_eps)
 
     @classmethod
     def from_hf(cls, config: dict) -> GPT2Config:
         """From a Hugging Face GPT-2 config.json; refuses the variants this model does not compute."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict (a parsed config.json), got {type(config).__name__}")
-        if config.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"config is for model_type {config['model_type']!r}, expected 'gpt2'")
+        check_hf_config(config, "gpt2")
         for key, supported in _HF_FIXED.items():
             if key in config and config[key] != supported:
                 raise ValueError(
@@ -132,90 +132,36 @@ class Block(PreNormBlock):
         )
 
 
-class GPT2(nn.Module):
+class GPT2(Decoder):
     """GPT-2 language model: input_ids (B, T) -> DecoderOutput(logits (B, T, V), attentions)."""
 
+    config_class = GPT2Config
+
     def __init__(self, config: GPT2Config) -> None:
-        super().__init__()
-        if not isinstance(config, GPT2Config):
-            raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
-        self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        super().__init__(config)
         self.position_embedding = nn.Embedding(config.max_positions, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.token_embedding.weight  # tied: logits score x against every token's embedding
-        self.apply(init_weights)
-
-    def forward(
-        self, input_ids: Tensor, *, key_mask: Tensor | None = None, cache: KVCache | None = None,
-        need_weights: bool = False,
-    ) -> DecoderOutput:
-        """input_ids (B, T) int64 token ids at positions 0..T-1 (or after the cache's tokens).
-
-        key_mask: (B, T) bool, True = a real token; padding goes on the right,
-            so every real token keeps its position. Padded positions' logits
-            are meaningless; real tokens' logits do not depend on the padding.
-        cache: a KVCache of num_layers layers (`make_cache()`): the chunk's
-            tokens sit at positions cache.lengths[b] + 0..T-1 of their
-            sequence, attend to everything cached, and are appended (only the
-            real ones, as key_mask says).
-        need_weights: also return every layer's attention weights (B, H, T, S),
-            S = T without a cache, the cache's key slots with one.
-        """
-        B, T = check_token_ids(input_ids, self.config.vocab_size, self.config.max_positions)
-        if key_mask is not None:
-            check_key_mask(key_mask, input_ids)
-        if cache is None:
-            positions = torch.arange(T, device=input_ids.device)  # (T,)
-        else:
-            check_cache(cache, self.config.num_layers)
-            positions = cache.positions(T, batch_size=B, device=input_ids.device).to(input_ids.device)  # (B, T)
-            _check_cached_positions(positions, key_mask, self.config.max_positions)
-            if key_mask is not None:  # a padded token past the last position gets the last row: never used
-                positions = positions.clamp(max=self.config.max_positions - 1)  # (B, T)
-        x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T) -> (B, T, C)
-        attentions = []
-        for i, block in enumerate(self.blocks):
-            x, weights = block(x, key_mask, need_weights, None if cache is None else cache[i])
-            attentions.append(weights)
-        logits = self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
-        return DecoderOutput(logits, tuple(attentions) if need_weights else None)
+        self.add_layers((Block(config) for _ in range(config.num_layers)),
+                        nn.LayerNorm(config.d_model, eps=config.layer_norm_eps), tie_word_embeddings=True)
 
     @property
     def position_limit(self) -> int:
         """The longest sequence the model takes: its learned positions (what `multihead.generate` checks)."""
         return self.config.max_positions
 
-    def make_cache(self, batch_size: int | None = None, max_length: int | None = None,
-                   static: bool = False) -> KVCache:
-        """A KV cache for this model, on its parameters' device and dtype.
+    def embed(self, input_ids: Tensor, positions: Tensor, key_mask: Tensor | None) -> Embedded:
+        """Token embedding + the learned embedding of each token's position (from the cache's lengths)."""
+        if key_mask is not None:  # a padded token past the last position gets the last row: never used
+            positions = positions.clamp(max=self.config.max_positions - 1)  # (T,) or (B, T)
+        x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T) -> (B, T, C)
+        return Embedded(x, None)
 
-        Dynamic (grows) by default; static=True preallocates batch_size x
-        max_length tokens per layer (max_length defaults to max_positions).
-        """
-        return make_decoder_cache(self, num_kv_heads=self.config.num_heads,
-                                  head_dim=self.config.d_model // self.config.num_heads,
-                                  batch_size=batch_size, max_length=max_length, static=static,
-                                  default_max_length=self.config.max_positions)
-
-
-def _check_cached_positions(positions: Tensor, key_mask: Tensor | None, max_positions: int) -> None:
-    """Real tokens of a cached chunk must fall inside the learned positions."""
-    if torch.compiler.is_compiling():
-        return
-    real = positions.shape[1] if key_mask is None else key_mask.sum(dim=1)  # (B, T) -> (B,)
-    last = positions[:, 0] + real - 1  # (B,): position of each sequence's last real token in the chunk
-    if bool((last >= max_positions).any()):
-        b = int(torch.argmax(last))
-        raise ValueError(f"sequence {b} would reach position {int(last[b])} with this chunk; the model has "
-                         f"max_positions={max_positions} learned positions (0..{max_positions - 1})")
+    def kv_heads_and_dim(self) -> tuple[int, int]:
+        return self.config.num_heads, self.config.d_model // self.config.num_heads
 
 
 # Hugging Face GPT-2 -> ours. Conv1D stores (in, out), hence the transposes; c_attn
 # holds [q | k | v] side by side along its output.
-GPT2_WEIGHT_MAP: tuple[Rule, ...] = (
+GPT2_RULES: tuple[Rule, ...] = (
     Rule("wte.weight", "token_embedding.weight"),
     Rule("wpe.weight", "position_embedding.weight"),
     Rule("h.{i}.ln_1.weight", "blocks.{i}.attention_norm.weight"),
@@ -243,24 +189,19 @@ GPT2_WEIGHT_MAP: tuple[Rule, ...] = (
     Rule("ln_f.weight", "final_norm.weight"),
     Rule("ln_f.bias", "final_norm.bias"),
 )
-GPT2_PREFIXES = ("transformer.",)  # GPT2LMHeadModel checkpoints; GPT2Model ones have none
-GPT2_IGNORED = (
-    r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$",  # older checkpoints saved the causal-mask buffers
-    r"^lm_head\.weight$",  # the tied copy of wte.weight, when a checkpoint keeps it
+GPT2_CHECKPOINT_MAP = CheckpointMap(
+    GPT2_RULES,
+    prefixes=("transformer.",),  # GPT2LMHeadModel checkpoints; GPT2Model ones have none
+    ignore=(
+        r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$",  # older checkpoints saved the causal-mask buffers
+        r"^lm_head\.weight$",  # the tied copy of wte.weight, when a checkpoint keeps it
+    ),
 )
 
 
 def load_gpt2(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> GPT2:
-    """A GPT2 with the weights of a Hugging Face GPT-2 folder, loaded strictly, in eval mode."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    config = GPT2Config.from_hf(read_config(directory))
-    model = GPT2(config).to(dtype)
-    model.load_report = load_state(
-        model, read_checkpoint(directory), GPT2_WEIGHT_MAP,
-        num_layers=config.num_layers, prefixes=GPT2_PREFIXES, ignore=GPT2_IGNORED,
-    )
-    return model.eval()
+    """A GPT2 with the parameters of a Hugging Face GPT-2 folder, loaded strictly, in eval mode."""
+    return load_model(directory, GPT2Config, GPT2, GPT2_CHECKPOINT_MAP, dtype=dtype)
 
 
 @torch.no_grad()
@@ -272,8 +213,7 @@ def greedy(model: GPT2, input_ids: Tensor, max_new_tokens: int) -> Tensor:
     """
     if not isinstance(model, GPT2):
         raise TypeError(f"model must be a GPT2, got {type(model).__name__}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    int_at_least("max_new_tokens", max_new_tokens, 0)
     _, T = check_token_ids(input_ids, model.config.vocab_size, model.config.max_positions)
     if T + max_new_tokens > model.config.max_positions:
         raise ValueError(

@@ -7,7 +7,10 @@
     logits = lm_head(final_norm(x))              (B, T, V); RMSNorm everywhere
 
 `load_llama(directory)` builds the model from a Hugging Face Llama folder
-(config.json + safetensors) through the weight map of `llama_weight_map`.
+(config.json + safetensors) through the checkpoint map of `llama_checkpoint_map`.
+The forward pass, `make_cache` and the checks are `decoder.Decoder`'s; this
+file holds what is Llama's own: the config, RMSNorm, SwiGLU, the block, the
+embedding (token ids alone: positions go to RoPE) and the checkpoint map.
 Positions come from the rotary embedding (`multihead.rope`, Hugging Face's
 half-split convention), so a KV cache only has to say where each sequence
 stands (`cache.lengths`). `LlamaConfig.from_hf` refuses what this model does
@@ -16,8 +19,6 @@ not compute (rope scaling of any kind, activations other than SiLU).
 
 from __future__ import annotations
 
-import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import positive_int
-from ..cache import KVCache
+from .._checks import flag, positive_int
 from ..module import MultiHeadAttention
 from ..rope import RotaryEmbedding
-from ._checks import check_token_ids
-from .decoder import DecoderOutput, PreNormBlock, check_cache, check_key_mask, init_weights, make_decoder_cache
-from .weight_map import Rule, load_state, read_checkpoint, read_config
+from ._checks import check_hf_config, positive_number
+from .checkpoint_map import CheckpointMap, Rule, load_model
+from .decoder import Decoder, DecoderOutput, Embedded, PreNormBlock  # noqa: F401  DecoderOutput: re-exported
 
 
 @dataclass(frozen=True)
@@ -66,19 +66,17 @@ class LlamaConfig:
         positive_int("head_dim", self.head_dim)
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) \
-                or not math.isfinite(self.rope_theta) or self.rope_theta <= 1:
+        positive_number("rms_norm_eps", self.rms_norm_eps)
+        if positive_number("rope_theta", self.rope_theta) <= 1:
             raise ValueError(f"rope_theta must be a finite number > 1, got {self.rope_theta!r}")
+        object.__setattr__(self, "rope_theta", float(self.rope_theta))
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            flag(name, getattr(self, name))
 
     @classmethod
     def from_hf(cls, config: dict) -> LlamaConfig:
         """From a Hugging Face Llama config.json; refuses the variants this model does not compute."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict (a parsed config.json), got {type(config).__name__}")
-        if config.get("model_type", "llama") != "llama":
-            raise ValueError(f"config is for model_type {config['model_type']!r}, expected 'llama'")
+        check_hf_config(config, "llama")
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size") if k not in config]
         if missing:
@@ -111,10 +109,10 @@ class LlamaConfig:
             head_dim=config.get("head_dim"),
             d_mlp=config["intermediate_size"],
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            attention_bias=bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            rope_theta=rope_theta,
+            attention_bias=config.get("attention_bias", False),
+            mlp_bias=config.get("mlp_bias", False),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
         )
 
 
@@ -157,69 +155,33 @@ class LlamaBlock(PreNormBlock):
         )
 
 
-class Llama(nn.Module):
-    """Llama-style language model: input_ids (B, T) -> DecoderOutput(logits (B, T, V), attentions)."""
+class Llama(Decoder):
+    """Llama-style language model: input_ids (B, T) -> DecoderOutput(logits (B, T, V), attentions).
+
+    No position limit: RoPE computes any position, and max_positions (what
+    the model was trained on) is only the default length of a static cache.
+    """
+
+    config_class = LlamaConfig
 
     def __init__(self, config: LlamaConfig) -> None:
-        super().__init__()
-        if not isinstance(config, LlamaConfig):
-            raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
-        self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        rope = RotaryEmbedding(config.head_dim, base=config.rope_theta)  # no weights: one shared by every layer
-        self.blocks = nn.ModuleList(LlamaBlock(config, rope) for _ in range(config.num_layers))
-        self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.token_embedding.weight
-        self.apply(init_weights)
+        super().__init__(config)
+        rope = RotaryEmbedding(config.head_dim, base=config.rope_theta)  # no parameters: one shared by every layer
+        self.add_layers((LlamaBlock(config, rope) for _ in range(config.num_layers)),
+                        RMSNorm(config.d_model, config.rms_norm_eps),
+                        tie_word_embeddings=config.tie_word_embeddings)
 
-    def forward(
-        self, input_ids: Tensor, *, key_mask: Tensor | None = None, cache: KVCache | None = None,
-        need_weights: bool = False,
-    ) -> DecoderOutput:
-        """input_ids (B, T) int64 token ids at positions 0..T-1 (or after the cache's tokens).
+    def embed(self, input_ids: Tensor, positions: Tensor, key_mask: Tensor | None) -> Embedded:
+        """The token embedding alone; the positions go to every attention layer, which rotates q and k."""
+        return Embedded(self.token_embedding(input_ids), positions)  # (B, T) -> (B, T, C)
 
-        key_mask: (B, T) bool, True = a real token, padding on the right.
-        cache: a KVCache of num_layers layers (`make_cache()`): the chunk's
-            tokens sit at positions cache.lengths[b] + 0..T-1 (RoPE's offset),
-            attend to everything cached, and the real ones are appended.
-        need_weights: also return every layer's attention weights (B, H, T, S).
-        """
-        # RoPE has no table to run out of: max_position_embeddings is what the model was trained on, not a limit
-        B, T = check_token_ids(input_ids, self.config.vocab_size, sys.maxsize)
-        if key_mask is not None:
-            check_key_mask(key_mask, input_ids)
-        if cache is None:
-            positions = torch.arange(T, device=input_ids.device)  # (T,)
-        else:
-            check_cache(cache, self.config.num_layers)
-            positions = cache.positions(T, batch_size=B, device=input_ids.device).to(input_ids.device)  # (B, T)
-        x = self.token_embedding(input_ids)  # (B, T) -> (B, T, C)
-        attentions = []
-        for i, block in enumerate(self.blocks):
-            x, weights = block(x, key_mask, need_weights, None if cache is None else cache[i], positions)
-            attentions.append(weights)
-        logits = self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
-        return DecoderOutput(logits, tuple(attentions) if need_weights else None)
-
-    position_limit = None  # RoPE computes any position: no length limit for `multihead.generate` to check
-
-    def make_cache(self, batch_size: int | None = None, max_length: int | None = None,
-                   static: bool = False) -> KVCache:
-        """A KV cache for this model (G key/value heads per layer), on its parameters' device and dtype.
-
-        Dynamic (grows) by default; static=True preallocates batch_size x
-        max_length tokens per layer (max_length defaults to max_positions).
-        """
-        return make_decoder_cache(self, num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim,
-                                  batch_size=batch_size, max_length=max_length, static=static,
-                                  default_max_length=self.config.max_positions)
+    def kv_heads_and_dim(self) -> tuple[int, int]:
+        return self.config.num_kv_heads, self.config.head_dim
 
 
 # Hugging Face Llama -> ours: nn.Linear on both sides, so no conversions. The body sits under
 # "model." in LlamaForCausalLM checkpoints (GPT-2's "transformer."), lm_head at the top level.
-LLAMA_WEIGHT_MAP: tuple[Rule, ...] = (
+LLAMA_RULES: tuple[Rule, ...] = (
     Rule("embed_tokens.weight", "token_embedding.weight"),
     Rule("layers.{i}.input_layernorm.weight", "blocks.{i}.attention_norm.weight"),
     Rule("layers.{i}.self_attn.q_proj.weight", "blocks.{i}.attention.q_proj.weight"),
@@ -232,42 +194,34 @@ LLAMA_WEIGHT_MAP: tuple[Rule, ...] = (
     Rule("layers.{i}.mlp.down_proj.weight", "blocks.{i}.mlp.down.weight"),
     Rule("norm.weight", "final_norm.weight"),
 )
-LLAMA_ATTENTION_BIAS_MAP: tuple[Rule, ...] = tuple(
+LLAMA_ATTENTION_BIAS_RULES: tuple[Rule, ...] = tuple(
     Rule(f"layers.{{i}}.self_attn.{theirs}.bias", f"blocks.{{i}}.attention.{ours}.bias")
     for theirs, ours in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("o_proj", "out_proj"))
 )
-LLAMA_MLP_BIAS_MAP: tuple[Rule, ...] = tuple(
+LLAMA_MLP_BIAS_RULES: tuple[Rule, ...] = tuple(
     Rule(f"layers.{{i}}.mlp.{name}_proj.bias", f"blocks.{{i}}.mlp.{name}.bias") for name in ("gate", "up", "down")
 )
 LLAMA_LM_HEAD_RULE = Rule("lm_head.weight", "lm_head.weight")  # untied checkpoints only
-LLAMA_PREFIXES = ("model.",)  # LlamaForCausalLM; a bare LlamaModel has none
 LLAMA_IGNORED = (
     r"(^|\.)rotary_emb\.inv_freq$",  # older checkpoints saved RoPE's frequencies; we compute them
 )
 LLAMA_TIED_IGNORED = (r"^lm_head\.weight$",)  # the tied copy of embed_tokens.weight, when a checkpoint keeps it
 
 
-def llama_weight_map(config: LlamaConfig) -> tuple[Rule, ...]:
-    """The rules for a checkpoint of this config: biases and lm_head only where the config has them."""
-    rules = LLAMA_WEIGHT_MAP
+def llama_checkpoint_map(config: LlamaConfig) -> CheckpointMap:
+    """The map for a checkpoint of this config: biases and lm_head only where the config has them."""
+    rules = LLAMA_RULES
     if config.attention_bias:
-        rules += LLAMA_ATTENTION_BIAS_MAP
+        rules += LLAMA_ATTENTION_BIAS_RULES
     if config.mlp_bias:
-        rules += LLAMA_MLP_BIAS_MAP
+        rules += LLAMA_MLP_BIAS_RULES
     if not config.tie_word_embeddings:
         rules += (LLAMA_LM_HEAD_RULE,)
-    return rules
+    ignore = LLAMA_IGNORED + (LLAMA_TIED_IGNORED if config.tie_word_embeddings else ())
+    # the body sits under "model." in LlamaForCausalLM checkpoints; a bare LlamaModel has no prefix
+    return CheckpointMap(rules, prefixes=("model.",), ignore=ignore)
 
 
 def load_llama(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> Llama:
-    """A Llama with the weights of a Hugging Face Llama folder, loaded strictly, in eval mode."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    config = LlamaConfig.from_hf(read_config(directory))
-    model = Llama(config).to(dtype)
-    ignore = LLAMA_IGNORED + (LLAMA_TIED_IGNORED if config.tie_word_embeddings else ())
-    model.load_report = load_state(
-        model, read_checkpoint(directory), llama_weight_map(config),
-        num_layers=config.num_layers, prefixes=LLAMA_PREFIXES, ignore=ignore,
-    )
-    return model.eval()
+    """A Llama with the parameters of a Hugging Face Llama folder, loaded strictly, in eval mode."""
+    return load_model(directory, LlamaConfig, Llama, llama_checkpoint_map, dtype=dtype)

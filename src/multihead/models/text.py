@@ -1,6 +1,6 @@
 """From text to a model and back: tokenizing a batch, per-head weights of a text, sentence embeddings.
 
-A `TextModel` is a network (BERT encoder or GPT-2 decoder) with the tokenizer
+A `TextModel` is a network (BERT encoder, GPT-2 or Llama decoder) with the tokenizer
 of its checkpoint. `attention(text)` runs multihead's attention over the text
 and returns every layer's per-head weights with the tokens they refer to;
 `SentenceEncoder.encode(texts)` gives sentence-transformers' embedding
@@ -9,7 +9,6 @@ and returns every layer's per-head weights with the tokens they refer to;
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .weight_map import CheckpointError
+from .._checks import flag, positive_int
+from .checkpoint_map import CheckpointError, read_json_object
 
 
 class Tokenized(NamedTuple):
@@ -26,6 +26,8 @@ class Tokenized(NamedTuple):
     key_mask: Tensor  # (B, T) bool, True = a real token
     tokens: list[list[str]]  # per text, its real tokens as printable strings
     special: list[list[bool]]  # per text, True where a token is special ([CLS], [SEP], <|endoftext|>)
+    words: list[list[str | None]]  # per text and token, the word of the text it is a piece of; None if special
+    word_ids: list[list[int | None]]  # per text and token, which word (0, 1, ...) it is a piece of; None if special
 
 
 class TextAttention(NamedTuple):
@@ -49,22 +51,37 @@ class TextTokenizer:
 
     @classmethod
     def from_directory(cls, directory: str | Path, pad_id: int = 0) -> TextTokenizer:
-        from tokenizers import Tokenizer
-
+        """The folder's tokenizer.json, else vocab.json + merges.txt (byte-level BPE), else vocab.txt (WordPiece)."""
         directory = Path(directory)
         if (directory / "tokenizer.json").is_file():
-            return cls(Tokenizer.from_file(str(directory / "tokenizer.json")), pad_id)
+            return cls(_read_tokenizer_file(directory / "tokenizer.json"), pad_id)
         if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             from tokenizers import ByteLevelBPETokenizer
 
             bpe = ByteLevelBPETokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
             return cls(bpe._tokenizer, pad_id)
+        if (directory / "vocab.txt").is_file():
+            return cls(_wordpiece(directory), pad_id)
         raise CheckpointError(
-            f"{directory} has no tokenizer: expected tokenizer.json (or vocab.json + merges.txt)"
+            f"{directory} has no tokenizer: expected tokenizer.json, vocab.json + merges.txt, or vocab.txt"
         )
 
     def display(self, token: str) -> str:
         return self.tokenizer.decoder.decode([token]) if self._byte_level else token
+
+    def continuation(self, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+        """The text that new_ids add after prompt_ids: decode(prompt + new) minus decode(prompt).
+
+        Decoding new_ids alone would lose what depends on the prompt: a
+        SentencePiece (Metaspace) decoder drops the space that "▁word" means
+        when the token comes first, so "on" + "▁ohiun" would print "onohiun".
+        """
+        prompt_ids, new_ids = list(prompt_ids), list(new_ids)
+        prefix = self.tokenizer.decode(prompt_ids)
+        text = self.tokenizer.decode(prompt_ids + new_ids)
+        if text.startswith(prefix):
+            return text[len(prefix):]
+        return self.tokenizer.decode(new_ids)  # a decoder that rewrites the prompt's end: the pieces alone
 
     def __call__(self, texts: Sequence[str], *, max_length: int, truncate: bool = False) -> Tokenized:
         """Token ids of a batch of texts, padded on the right to the longest.
@@ -73,6 +90,8 @@ class TextTokenizer:
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a sequence of str (wrap a single text in a list)")
+        positive_int("max_length", max_length)
+        flag("truncate", truncate)
         encodings = self.tokenizer.encode_batch(list(texts))
         too_long = [i for i, e in enumerate(encodings) if len(e.ids) > max_length]
         if too_long and not truncate:
@@ -86,20 +105,59 @@ class TextTokenizer:
                     encodings[i] = self.tokenizer.encode(texts[i])
             finally:
                 self.tokenizer.no_truncation()
-        ids, tokens, special = [], [], []
-        for encoding in encodings:
-            row_ids = list(encoding.ids)
-            row_special = [bool(s) for s in encoding.special_tokens_mask]
-            ids.append(row_ids)
-            tokens.append([self.display(self.tokenizer.id_to_token(i)) for i in row_ids])
-            special.append(row_special)
+        ids = [list(encoding.ids) for encoding in encodings]
+        tokens = [[self.display(self.tokenizer.id_to_token(i)) for i in row] for row in ids]
+        special = [[bool(s) for s in encoding.special_tokens_mask] for encoding in encodings]
+        words = [_words(encoding, text) for encoding, text in zip(encodings, texts)]
+        word_ids = [list(encoding.word_ids) for encoding in encodings]
         T = max((len(r) for r in ids), default=0)
         input_ids = torch.full((len(ids), T), self.pad_id, dtype=torch.int64)  # (B, T)
         key_mask = torch.zeros(len(ids), T, dtype=torch.bool)  # (B, T)
         for b, row in enumerate(ids):
             input_ids[b, :len(row)] = torch.tensor(row, dtype=torch.int64)
             key_mask[b, :len(row)] = True
-        return Tokenized(input_ids, key_mask, tokens, special)
+        return Tokenized(input_ids, key_mask, tokens, special, words, word_ids)
+
+
+def _words(encoding, text: str) -> list[str | None]:
+    """Per token, the whole word of `text` it is a piece of ("Hannibel" for han, ##ni and ##bel); None if special."""
+    spans: dict[int, tuple[int, int]] = {}
+    for word, (start, end) in zip(encoding.word_ids, encoding.offsets):
+        if word is not None:
+            first, last = spans.get(word, (start, end))
+            spans[word] = (min(first, start), max(last, end))
+    return [None if w is None else text[spans[w][0]:spans[w][1]].strip() for w in encoding.word_ids]
+
+
+def _read_tokenizer_file(path: Path):
+    """A tokenizers.Tokenizer from tokenizer.json, or one CheckpointError line naming the file."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception with serde's message
+        raise CheckpointError(f"{path} is not a tokenizers tokenizer.json: {str(error).strip()[:200]}") from None
+
+
+def _wordpiece(directory: Path):
+    """BERT's WordPiece from vocab.txt, lower-casing as tokenizer_config.json says (True when it is silent)."""
+    from tokenizers import BertWordPieceTokenizer
+
+    settings_file = directory / "tokenizer_config.json"
+    settings = read_json_object(settings_file) if settings_file.is_file() else {}
+    lowercase = settings.get("do_lower_case", True)
+    strip_accents = settings.get("strip_accents")  # None: strip them when lower-casing, as BertTokenizer does
+    chinese = settings.get("tokenize_chinese_chars", True)
+    for name, value, allowed in (("do_lower_case", lowercase, (bool,)), ("strip_accents", strip_accents,
+                                 (bool, type(None))), ("tokenize_chinese_chars", chinese, (bool,))):
+        if not isinstance(value, allowed):
+            raise CheckpointError(f"{settings_file} sets {name}={value!r}; expected true or false")
+    try:
+        wordpiece = BertWordPieceTokenizer(str(directory / "vocab.txt"), lowercase=lowercase,
+                                           strip_accents=strip_accents, handle_chinese_chars=chinese)
+    except Exception as error:  # a vocab without [CLS] / [SEP], or not a vocabulary at all
+        raise CheckpointError(f"{directory / 'vocab.txt'} is not a BERT vocabulary: {error}") from None
+    return wordpiece._tokenizer
 
 
 def _short(text: str, width: int = 40) -> str:
@@ -111,7 +169,7 @@ class TextModel:
     """A network with its tokenizer; `attention(text)` gives every head's weights on that text."""
 
     name: str  # "minilm" or the checkpoint folder
-    kind: str  # "bert" or "gpt2"
+    kind: str  # "bert", "gpt2" or "llama"
     network: nn.Module  # forward(input_ids, *, key_mask, need_weights) -> (..., attentions)
     tokenizer: TextTokenizer
     max_length: int  # the longest input the network takes (its learned positions)
@@ -155,6 +213,7 @@ class SentenceEncoder(TextModel):
         """
         if isinstance(texts, str):
             raise TypeError("texts must be a list of str; wrap a single text in a list")
+        positive_int("batch_size", batch_size)
         embeddings = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(texts[start:start + batch_size], max_length=self.max_seq_length, truncate=True)
@@ -172,9 +231,12 @@ def read_sentence_transformers_settings(directory: Path) -> tuple[int | None, st
     max_seq_length = pooling = None
     settings = directory / "sentence_bert_config.json"
     if settings.is_file():
-        max_seq_length = json.loads(settings.read_text()).get("max_seq_length")
+        max_seq_length = read_json_object(settings).get("max_seq_length")
+        if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                           or max_seq_length < 1):
+            raise CheckpointError(f"{settings} sets max_seq_length={max_seq_length!r}; expected a positive int")
     pooling_file = directory / "1_Pooling" / "config.json"
     if pooling_file.is_file():
-        modes = json.loads(pooling_file.read_text())
+        modes = read_json_object(pooling_file)
         pooling = next((k[len("pooling_mode_"):] for k, on in modes.items() if k.startswith("pooling_mode_") and on), None)
     return max_seq_length, pooling
