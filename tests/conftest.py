@@ -1,4 +1,4 @@
-"""Shared test helpers: random inputs and DESIGN.md's numerical rule."""
+"""Shared test helpers: random inputs and docs/design.md's numerical rule."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from multihead import attention_ref
 
-# DESIGN.md section 4, from flash-attention's tests: a backend's max-abs error
+# docs/design.md (Testing), from flash-attention's tests: a backend's max-abs error
 # against the float64 reference is at most OUT_FACTOR (output) or GRAD_FACTOR
 # (gradients) times the error of the naive reference in the backend's dtype,
 # plus ABS_SLACK.
@@ -94,7 +94,7 @@ def assert_matches_reference(run, q, k, v, *, backward=True, **call):
         return result
 
     gen = torch.Generator().manual_seed(1234)
-    grad_out = torch.randn(golden.shape, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(golden.shape, generator=gen, dtype=torch.float64).to(golden.device)
     grads = _grads(out, inputs, grad_out.to(q.dtype))
     golden_grads = _grads(golden, golden_in, grad_out)
     naive_grads = _grads(naive, naive_in, grad_out.to(q.dtype))

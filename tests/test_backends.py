@@ -1,4 +1,4 @@
-"""Every backend against the float64 reference, under DESIGN.md's 2x/3x rule."""
+"""Every backend against the float64 reference, under docs/design.md's 2x/3x rule."""
 
 from __future__ import annotations
 

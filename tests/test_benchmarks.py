@@ -23,3 +23,16 @@ def test_cpu_benchmark_quick_run_writes_its_tables(tmp_path):
     assert all(r["seconds"] > 0 and r["torch_sdpa_s"] > 0 for r in data["backends"])
     memory = {r["backend"]: r["peak_extra_bytes"] for r in data["memory"]}
     assert set(memory) == {"chunked", "reference", "sdpa"}
+
+
+def test_gpu_check_plan_and_refusal_without_cuda():
+    import torch
+
+    script = str(ROOT / "benchmarks" / "gpu_check.py")
+    done = subprocess.run([sys.executable, script, "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "phases: ceilings" in done.stdout and "correctness: B,H,G,T,S,D,causal,mask" in done.stdout
+    assert "speed: T=16384, B=1, H=16, D=128" in done.stdout and "decode: B,H,G,S,D = (1, 32, 8, 32768, 128)" in done.stdout
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, script, "--budget", "5"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "needs a CUDA device" in done.stderr

@@ -2,7 +2,7 @@
 
 The oracle is torch's module: the same weights (loaded through state_dict),
 the same call. The golden value is torch's module in float64 fed the float32
-inputs up-cast; the yardstick is torch's module in float32. DESIGN.md's rule
+inputs up-cast; the yardstick is torch's module in float32. docs/design.md's rule
 then bounds compat's error: at most 2x (outputs, weights) or 3x (gradients)
 torch's own float32 error, plus 1e-5 of the golden value's magnitude.
 """
@@ -228,7 +228,7 @@ def gradients(run: Run, g_out: Tensor, g_w: Tensor | None) -> dict[str, Tensor |
 
 
 def assert_close_by_rule(name: str, ours: Tensor, torch32: Tensor, golden: Tensor, factor: float) -> None:
-    """DESIGN.md's rule, with torch's float32 module as the same-dtype yardstick."""
+    """docs/design.md's rule, with torch's float32 module as the same-dtype yardstick."""
     assert ours.shape == golden.shape, f"{name}: shape {tuple(ours.shape)} != torch's {tuple(golden.shape)}"
     assert ours.dtype == torch32.dtype
     err, torch_err = max_err(ours, golden), max_err(torch32, golden)
@@ -294,7 +294,7 @@ def test_random_cases_cover_the_features():
 # multihead.attention_with_weights (functional.py, since commit c012943) softmaxes a row
 # that a float mask fully masks (all -inf) into NaN and zeroes it afterwards: the forward
 # is right, but the NaN goes through the softmax's backward and q, k and every parameter
-# get NaN gradients, against DESIGN.md's "output 0 and gradient 0". A bool mask hides it
+# get NaN gradients, against docs/design.md's "output 0 and gradient 0". A bool mask hides it
 # (masked_fill's backward zeroes those rows). Strict: once the core is fixed these cases
 # XPASS and fail, and the marks must go.
 @pytest.mark.parametrize("seed", range(NUM_RANDOM_CASES))

@@ -88,7 +88,7 @@ def test_bad_scale_and_causal():
 
 def test_unknown_backend():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['triton', 'sdpa', 'cpu_flash', 'chunked', 'reference'\], got 'flash'"):
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['sdpa', 'triton', 'cpu_flash', 'chunked', 'reference'\], got 'flash'"):
         mh.attention(q, k, v, backend="flash")
     with pytest.raises(TypeError, match="backend must be a str"):
         mh.attention(q, k, v, backend=None)
@@ -120,7 +120,7 @@ def test_auto_picks_the_fastest_supporting_backend_and_explains_the_rest():
     q, k, v = qkv()
     report = mh.explain_dispatch(q, k, v, causal=True)
     assert report.chosen == "sdpa" and report.requested == "auto"
-    assert list(report.reasons) == ["triton", "sdpa", "cpu_flash", "chunked", "reference"]
+    assert list(report.reasons) == ["sdpa", "triton", "cpu_flash", "chunked", "reference"]
     assert report.reasons["triton"] is not None  # a CPU tensor: triton runs here only in its interpreter
     text = str(report)
     assert "sdpa       runs" in text and "chunked    supports the call, but sdpa comes first" in text

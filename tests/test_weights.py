@@ -1,6 +1,6 @@
 """Weights on demand: read off the logsumexp, equal to the reference's softmax.
 
-The numerical rule is DESIGN.md's for outputs: against the float64 reference,
+The numerical rule is docs/design.md's for outputs: against the float64 reference,
 at most 2x the error of the naive reference in the inputs' dtype, plus 1e-5,
 applied to the weights and to each statistic computed from them.
 """

@@ -112,6 +112,21 @@ def _check_dropout(value) -> None:
     probability("dropout", value)
 
 
+def _check_constructor(embed_dim, num_heads, dropout, kdim, vdim, flags: dict) -> None:
+    _check_int("embed_dim", embed_dim)
+    _check_int("num_heads", num_heads)
+    _check_int("kdim", kdim, allow_none=True)
+    _check_int("vdim", vdim, allow_none=True)
+    if embed_dim % num_heads != 0:
+        raise ValueError(
+            f"embed_dim={embed_dim} must be divisible by num_heads={num_heads} "
+            f"(each head gets embed_dim / num_heads features)"
+        )
+    _check_dropout(dropout)
+    for name, value in flags.items():
+        _check_flag(name, value)
+
+
 class MultiheadAttention(nn.Module):
     """Drop-in `torch.nn.MultiheadAttention` whose attention runs on multihead's backends.
 
@@ -147,19 +162,9 @@ class MultiheadAttention(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        _check_int("embed_dim", embed_dim)
-        _check_int("num_heads", num_heads)
-        _check_int("kdim", kdim, allow_none=True)
-        _check_int("vdim", vdim, allow_none=True)
-        if embed_dim % num_heads != 0:
-            raise ValueError(
-                f"embed_dim={embed_dim} must be divisible by num_heads={num_heads} "
-                f"(each head gets embed_dim / num_heads features)"
-            )
-        _check_dropout(dropout)
-        for name, flag in (("bias", bias), ("add_bias_kv", add_bias_kv),
-                           ("add_zero_attn", add_zero_attn), ("batch_first", batch_first)):
-            _check_flag(name, flag)
+        _check_constructor(embed_dim, num_heads, dropout, kdim, vdim,
+                           dict(bias=bias, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn,
+                                batch_first=batch_first))
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim

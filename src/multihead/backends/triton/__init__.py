@@ -280,7 +280,10 @@ def _apply(q, k, v, key_lengths, causal, scale, block_m=None, block_n=None) -> T
 
 class TritonBackend:
     name = "triton"
-    priority = 30  # above sdpa (20): on CUDA, our kernels first; on the CPU supports() declines
+    # Below sdpa (20): measured on an H200 (BENCHMARKS.md), SDPA's cuDNN kernel is faster forward and
+    # backward at T 1k-16k, and SDPA decodes 10x faster; above cpu_flash (15) and chunked (10), so
+    # calls that need the logsumexp on CUDA come here.
+    priority = 17
     summary = "fused Triton kernels (forward + backward) on CUDA; key-padding masks, no dropout; gives the lse"
 
     def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None:

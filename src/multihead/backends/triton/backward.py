@@ -258,6 +258,10 @@ def _bwd_dq_kernel(
              mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+# MULTIHEAD_TRITON_CONFIGS=few: one tile for D <= 128 and one for wider heads (a short GPU check).
+_FEW = os.environ.get("MULTIHEAD_TRITON_CONFIGS") == "few"
+
+
 def _gpu_configs(shapes):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
@@ -276,11 +280,13 @@ else:
     # (BLOCK_M, BLOCK_N, warps, stages): dk/dv hold a key tile on chip and stream
     # query blocks past it, dq the other way round.
     _dkdv_launch = triton.autotune(
-        configs=_gpu_configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]),
+        configs=_gpu_configs([(32, 128, 8, 3), (32, 32, 4, 2)] if _FEW else
+                             [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]),
         key=_KEY, prune_configs_by={"early_config_prune": _prune},
     )(_bwd_dkdv_kernel)
     _dq_launch = triton.autotune(
-        configs=_gpu_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]),
+        configs=_gpu_configs([(128, 32, 8, 3), (32, 32, 4, 2)] if _FEW else
+                             [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]),
         key=_KEY, prune_configs_by={"early_config_prune": _prune},
     )(_bwd_dq_kernel)
 

@@ -1,0 +1,298 @@
+"""One short GPU run that decides: ceilings, every backend on CUDA against float64, speed, decode.
+
+    python benchmarks/gpu_check.py --budget 300 --out DIR       # on a CUDA machine
+    python benchmarks/gpu_check.py --dry-run                    # the plan, anywhere
+
+Phases, each skipped when the budget left is below its estimate, each row
+written to DIR/gpu-check.json as soon as it is measured (so a run cut short
+still leaves its data), a summary printed last:
+
+1. ceilings: device copy bandwidth (GB/s) and a bf16 8192^3 matmul (TFLOP/s);
+2. correctness: `multihead.attention` on every backend that supports the call
+   (triton, sdpa, chunked; reference as a yardstick) against the float64
+   reference on the GPU, under the project's rule (error at most 2x the naive
+   same-dtype reference's error + 1e-5), forward and backward; the logsumexp
+   of triton and chunked against float64; weights on demand; NaN propagation
+   through the compiled kernel;
+3. speed: forward and forward+backward, bf16, B·T = 16k tokens, H·D = 2048,
+   T in {1k, 4k, 16k}, D = 128, causal or not: triton, SDPA flash, SDPA cuDNN
+   (`triton.testing.do_bench` medians, TFLOP/s as flash-attention counts them);
+4. decode: one query against a long cache (T = 1), triton vs SDPA, GB/s of
+   K and V read against the measured copy bandwidth.
+
+Set MULTIHEAD_TRITON_CONFIGS=few to keep the autotuners to two tiles each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+CORRECTNESS = [  # (B, H, G, T, S, D, causal, mask): mask in None, "padding" (key lengths), "bool"
+    (1, 8, 2, 1025, 1025, 128, True, None), (2, 4, 4, 113, 777, 64, False, None),
+    (1, 4, 4, 777, 113, 64, True, None), (1, 4, 1, 1, 4099, 128, True, None),
+    (2, 4, 4, 333, 333, 40, False, None), (1, 4, 2, 513, 700, 96, True, None),
+    (3, 8, 2, 700, 1500, 64, True, "padding"), (2, 4, 2, 257, 300, 64, False, "bool"),
+]
+SPEED_LENGTHS = [1024, 4096, 16384]
+DECODE = [(1, 32, 8, 32768, 128), (16, 32, 8, 4096, 128)]  # (B, H, G, S, D), T = 1
+ESTIMATES = {"ceilings": 15, "correctness": 60, "speed": 120, "decode": 20}  # seconds, rough
+
+
+class Recorder:
+    """Rows by phase, written to disk after every row."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.data: dict = {"phases": {}}
+        self.path = None if out is None else out / "gpu-check.json"
+
+    def add(self, phase: str, row: dict) -> None:
+        self.data["phases"].setdefault(phase, []).append(row)
+        print(f"[{phase}] " + ", ".join(f"{k}={_short(v)}" for k, v in row.items()), flush=True)
+        if self.path is not None:
+            self.path.write_text(json.dumps(self.data, indent=1))
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def plan() -> str:
+    lines = ["phases: " + ", ".join(f"{k} (~{v} s)" for k, v in ESTIMATES.items())]
+    lines += [f"correctness: B,H,G,T,S,D,causal,mask = {case}" for case in CORRECTNESS]
+    lines += [f"speed: T={T}, B={16384 // T}, H=16, D=128, causal in (False, True)" for T in SPEED_LENGTHS]
+    lines += [f"decode: B,H,G,S,D = {case}" for case in DECODE]
+    return "\n".join(lines)
+
+
+# ---- phases
+
+
+def ceilings(rec: Recorder) -> None:
+    import torch
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src))
+    rec.add("ceilings", {"what": "copy", "GB/s": 2 * src.numel() / ms / 1e6})
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = do_bench(lambda: a @ a)
+    rec.add("ceilings", {"what": "bf16 matmul 8192^3", "TFLOP/s": 2 * 8192**3 / ms / 1e9})
+
+
+def _inputs(B, H, G, T, S, D, dtype, seed):
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64).to(dtype)
+            for shape in ((B, H, T, D), (B, G, S, D), (B, G, S, D))]
+
+
+def _mask(kind, B, H, T, S):
+    import torch
+
+    import multihead as mh
+
+    if kind == "padding":
+        lengths = torch.tensor([S, S * 2 // 3, 0][:B], device="cuda")
+        return mh.masks.key_mask_to_attn_mask(mh.masks.lengths_to_key_mask(lengths, S))
+    if kind == "bool":
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        return torch.rand(B, 1, T, S, generator=gen, device="cuda") > 0.3
+    return None
+
+
+def _errors(run, q, k, v, call):
+    """(out error, naive out error, max grad error / naive) against float64, as the project's rule reads them."""
+    import torch
+
+    import multihead as mh
+
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    gold_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    naive_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = run(*xs)
+    gold = mh.attention_ref(*gold_in, **call).out
+    naive = mh.attention_ref(*naive_in, upcast=False, **call).out
+    err = (out.double() - gold).abs().max().item()
+    naive_err = (naive.double() - gold).abs().max().item()
+    grad = torch.randn_like(gold)
+    g = torch.autograd.grad(out, xs, grad.to(out.dtype))
+    gg = torch.autograd.grad(gold, gold_in, grad)
+    gn = torch.autograd.grad(naive, naive_in, grad.to(naive.dtype))
+    worst = max(((a.double() - b).abs().max().item() - 1e-5) / max((c.double() - b).abs().max().item(), 1e-12)
+                for a, b, c in zip(g, gg, gn))
+    return err, naive_err, worst
+
+
+def correctness(rec: Recorder, deadline: float) -> None:
+    import torch
+
+    import multihead as mh
+
+    for B, H, G, T, S, D, causal, kind in CORRECTNESS:
+        if time.monotonic() > deadline:
+            rec.add("correctness", {"skipped": "budget"})
+            return
+        q, k, v = _inputs(B, H, G, T, S, D, torch.bfloat16, seed=T + S + D)
+        call = dict(causal=causal, attn_mask=_mask(kind, B, H, T, S))
+        report = mh.explain_dispatch(q, k, v, **call)
+        for name, reason in report.reasons.items():
+            if reason is not None or name == "reference":
+                continue
+            try:
+                err, naive, grad_ratio = _errors(lambda a, b, c: mh.attention(a, b, c, backend=name, **call), q, k, v,
+                                                 call)
+                ok = err <= 2 * naive + 1e-5 and grad_ratio <= 3
+                rec.add("correctness", {"case": f"{B},{H},{G},{T},{S},{D},{causal},{kind}", "backend": name,
+                                        "err": err, "naive": naive, "grad/naive": grad_ratio, "ok": ok})
+            except Exception as exc:  # record and go on: one failure must not hide the rest
+                rec.add("correctness", {"case": f"{B},{H},{G},{T},{S},{D},{causal},{kind}", "backend": name,
+                                        "error": f"{type(exc).__name__}: {exc}"[:300], "ok": False})
+    _lse_and_weights(rec)
+    _nan_propagates(rec)
+
+
+def _lse_and_weights(rec: Recorder) -> None:
+    import torch
+
+    import multihead as mh
+
+    q, k, v = _inputs(2, 8, 2, 300, 700, 64, torch.bfloat16, seed=3)
+    mask = _mask("padding", 2, 8, 300, 700)
+    gold = mh.attention_with_lse(q.double(), k.double(), v.double(), attn_mask=mask, causal=True,
+                                 backend="reference").lse
+    probs = mh.attention_ref(q.double(), k.double(), v.double(), attn_mask=mask, causal=True).probs
+    for name in ("triton", "chunked"):
+        try:
+            out, lse = mh.attention_with_lse(q, k, v, attn_mask=mask, causal=True, backend=name)
+            finite = torch.isfinite(gold)
+            same_empty = bool(torch.equal(torch.isfinite(lse), finite))
+            w = mh.attention_weights(q, k, lse, attn_mask=mask, causal=True)
+            rec.add("lse", {"backend": name, "lse_err": (lse[finite].double() - gold[finite]).abs().max().item(),
+                            "empty_rows_agree": same_empty, "weights_err": (w.double() - probs).abs().max().item()})
+        except Exception as exc:
+            rec.add("lse", {"backend": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+
+
+def _nan_propagates(rec: Recorder) -> None:
+    import torch
+
+    import multihead as mh
+
+    q, k, v = _inputs(1, 2, 2, 64, 64, 64, torch.bfloat16, seed=9)
+    v[0, 0, 10, 3] = float("nan")  # key 10 is seen by every query from 10 on (causal)
+    out = mh.attention(q, k, v, causal=True, backend="triton")
+    rec.add("nan", {"rows_before_10_finite": bool(torch.isfinite(out[0, 0, :10]).all()),
+                    "rows_from_10_nan": bool(torch.isnan(out[0, 0, 10:, 3]).all())})
+
+
+def _candidates(q, k, v, causal):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from multihead.backends.triton import triton_attention
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+
+    return {"triton": lambda: triton_attention(q, k, v, causal=causal).out,
+            "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+
+
+def speed(rec: Recorder, deadline: float) -> None:
+    import torch
+    from triton.testing import do_bench
+
+    for T in SPEED_LENGTHS:
+        for causal in (False, True):
+            B, H, D = 16384 // T, 16, 128
+            q, k, v = (x.requires_grad_() for x in _inputs(B, H, H, T, T, D, torch.bfloat16, seed=T))
+            flops = 4.0 * B * H * T * T * D / (2 if causal else 1)
+            grad = torch.randn_like(q)
+            for name, fn in _candidates(q, k, v, causal).items():
+                if time.monotonic() > deadline:
+                    rec.add("speed", {"skipped": "budget"})
+                    return
+                try:
+                    fwd = do_bench(fn)
+                    both = do_bench(lambda: torch.autograd.grad(fn(), (q, k, v), grad))
+                    rec.add("speed", {"T": T, "causal": causal, "candidate": name, "fwd_ms": fwd,
+                                      "fwd_TFLOP/s": flops / fwd / 1e9, "fwd+bwd_ms": both,
+                                      "fwd+bwd_TFLOP/s": 3.5 * flops / both / 1e9})
+                except Exception as exc:
+                    rec.add("speed", {"T": T, "causal": causal, "candidate": name,
+                                      "error": f"{type(exc).__name__}: {exc}"[:200]})
+
+
+def decode(rec: Recorder, deadline: float) -> None:
+    import torch
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    import multihead as mh
+    from multihead.backends.triton import triton_attention
+
+    for B, H, G, S, D in DECODE:
+        if time.monotonic() > deadline:
+            rec.add("decode", {"skipped": "budget"})
+            return
+        q, k, v = _inputs(B, H, G, 1, S, D, torch.bfloat16, seed=S)
+        read = 2 * B * G * S * D * 2  # K and V, bytes
+        runs = {"triton": lambda: triton_attention(q, k, v, causal=True).out,
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                "multihead auto": lambda: mh.attention(q, k, v, causal=True)}
+        for name, fn in runs.items():
+            ms = do_bench(fn)
+            rec.add("decode", {"B": B, "H": H, "G": G, "S": S, "candidate": name, "us": ms * 1e3,
+                               "GB/s": read / ms / 1e6})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds for all phases (default 300)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for gpu-check.json")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        print(plan())
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device (use --dry-run to see the plan)", file=sys.stderr)
+        return 2
+    import triton
+
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    rec = Recorder(args.out)
+    rec.data["device"] = torch.cuda.get_device_name()
+    rec.data["versions"] = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]}
+    print(rec.data["device"], rec.data["versions"], flush=True)
+    end = time.monotonic() + args.budget
+    for name, phase in (("ceilings", lambda: ceilings(rec)), ("correctness", lambda: correctness(rec, end - 40)),
+                        ("speed", lambda: speed(rec, end - 15)), ("decode", lambda: decode(rec, end))):
+        left = end - time.monotonic()
+        if left < ESTIMATES[name] / 2:
+            rec.add(name, {"skipped": f"budget ({left:.0f} s left)"})
+            continue
+        started = time.monotonic()
+        try:
+            phase()
+        except Exception as exc:
+            rec.add(name, {"phase_error": f"{type(exc).__name__}: {exc}"[:300]})
+        rec.add("timing", {"phase": name, "seconds": time.monotonic() - started})
+    print(json.dumps(rec.data, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
