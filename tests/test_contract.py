@@ -253,3 +253,18 @@ def test_lazy_subpackages_are_attributes():
     assert mh.compat is importlib.import_module("multihead.compat")
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         mh.nothing
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    """Functions short enough to read at once; the Triton kernels and the CLI's walkthrough printing excepted."""
+    exempt = {("cli.py", "_walkthrough")}
+    long = []
+    for path in SRC.rglob("*.py"):
+        if "triton" in path.relative_to(SRC).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60 and (path.name, node.name) not in exempt:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []

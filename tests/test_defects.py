@@ -255,3 +255,83 @@ def test_chunk_lengths_of_the_wrong_kind_say_so():
     with pytest.raises(TypeError, match=r"chunk_lengths must be a \(B,\) tensor or a list of ints"):
         cache[0].update(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4), ["a", "b"])
     assert cache[0]._k is None
+
+
+# ---- found by an adversarial pass over the new contract
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_call_the_backend_refuses_after_the_write_leaves_the_cache_as_it_was(kind):
+    """sdpa gives no logsumexp: need_weights under no_grad is refused only once the chunk is in the cache."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, causal=True, backend="sdpa").eval()
+    cache = DynamicCache(1) if kind == "dynamic" else StaticCache(1, 1, 8, 4, 4)
+    with torch.no_grad():
+        mha(torch.randn(1, 2, 16), cache=cache[0])
+        before = _snapshot(cache[0])
+        with pytest.raises(ValueError, match="backend='sdpa' cannot run this call"):
+            mha(torch.full((1, 1, 16), float("nan")), cache=cache[0], need_weights=True)
+    assert _same(_snapshot(cache[0]), before)  # lengths and every slot, the overwritten ones included
+
+
+def test_a_latent_call_the_backend_refuses_leaves_its_cache_as_it_was():
+    mla = MultiHeadLatentAttention(32, 4, head_dim=8, rope_dim=4, kv_latent_dim=12, backend="cpu_flash",
+                                   absorb=True).eval()  # absorbed: D != Dv, which cpu_flash refuses
+    cache = DynamicCache(1)
+    with torch.no_grad(), pytest.raises(ValueError, match="needs D == Dv"):
+        mla(torch.randn(2, 3, 32), cache=cache[0])
+    assert cache[0]._k is None and cache[0]._lengths is None
+
+
+def test_module_inputs_of_another_dtype_or_batch_say_so():
+    mha = MultiHeadAttention(16, 4)
+    with pytest.raises(TypeError, match=r"query has dtype torch.float64 but the module's parameters are torch.float32"):
+        mha(torch.randn(2, 3, 16, dtype=torch.float64))
+    mla = MultiHeadLatentAttention(32, 4, head_dim=8, rope_dim=4, kv_latent_dim=12)
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        mla(torch.randn(2, 3, 32, dtype=torch.float64))
+    rotary = MultiHeadAttention(16, 2, causal=True, rope=mh.RotaryEmbedding(8))
+    cache = DynamicCache(1)
+    with torch.no_grad():
+        rotary(torch.randn(2, 3, 16), cache=cache[0])
+        with pytest.raises(ValueError, match="the cache holds 2 sequences, the query has B=3"):
+            rotary(torch.randn(3, 1, 16), cache=cache[0])
+    assert cache[0].lengths.tolist() == [3, 3]
+
+
+def test_dropout_mask_must_be_a_bool_keep_mask_that_fits():
+    q, k, v = make_qkv(1, 2, 2, 3, 5, 4)
+    with pytest.raises(ValueError, match="dropout_mask was given with dropout_p=0.0"):
+        mh.attention_with_weights(q, k, v, dropout_mask=torch.zeros(3, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="dropout_mask must be a bool tensor"):
+        mh.attention_with_weights(q, k, v, dropout_p=0.5, dropout_mask=torch.full((3, 5), 0.3))
+    with pytest.raises(ValueError, match=r"dropout_mask of shape \(4, 5\) does not broadcast"):
+        mh.attention_with_weights(q, k, v, dropout_p=0.5, dropout_mask=torch.ones(4, 5, dtype=torch.bool))
+
+
+def test_rotate_checks_its_positions_against_x():
+    rope = mh.RotaryEmbedding(4)
+    x = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="positions has 1 columns, one per query T=5"):
+        rope.rotate(x, torch.tensor([3]))
+    with pytest.raises(ValueError, match="positions has 3 rows, B=1"):
+        rope.rotate(x, torch.arange(5).expand(3, 5))
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        rope.rotate(x, torch.arange(-1, 4))
+
+
+def test_small_argument_holes():
+    q, k, v = make_qkv(1, 2, 2, 3, 5, 4)
+    with pytest.raises(TypeError, match="need_lse must be a bool"):
+        mh.explain_dispatch(q, k, v, need_lse="no")
+    q0, k0, v0 = torch.zeros(1, 1, 2, 0), torch.zeros(1, 1, 3, 0), torch.randn(1, 1, 3, 2)  # D = 0: every score 0
+    assert torch.allclose(mh.attention_ref(q0, k0, v0).out, v0.mean(dim=2, keepdim=True).expand(1, 1, 2, 2))
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"):
+        mh.attention(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn))
+
+
+def test_a_second_backward_through_chunked_says_it_cannot():
+    q, k, v = make_qkv(1, 2, 2, 4, 5, 8, requires_grad=True)
+    out = mh.attention(q, k, v, backend="chunked")
+    with pytest.raises(RuntimeError, match="the chunked backend has no second derivative"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)

@@ -40,7 +40,7 @@ def test_bad_types_and_dtypes():
     q, k, v = qkv()
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         mh.attention(q.numpy(), k, v)
-    with pytest.raises(TypeError, match="q must be a floating-point tensor, got torch.int64"):
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64, got torch.int64"):
         mh.attention(q.long(), k.long(), v.long())
     with pytest.raises(TypeError, match="k has dtype torch.float64 but q has torch.float32"):
         mh.attention(q, k.double(), v)

@@ -56,3 +56,13 @@ def key_mask(value, batch: int, length: int, device: torch.device, what: str = "
     if value.device != device:
         raise ValueError(f"key_mask is on {value.device} but the input is on {device}")
     return value
+
+
+def check_like_parameters(parameter: Tensor, **inputs: Tensor) -> None:
+    """Each input has the module's dtype and device (those of `parameter`), else TypeError/ValueError saying how."""
+    for name, x in inputs.items():
+        if x.dtype != parameter.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {parameter.dtype}; "
+                            f"cast the input or the module (module.to({x.dtype}))")
+        if x.device != parameter.device:
+            raise ValueError(f"{name} is on {x.device} but the module's parameters are on {parameter.device}")

@@ -39,7 +39,8 @@ over since.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -135,6 +136,16 @@ def chunk_lengths_from_key_mask(key_mask, batch: int, length: int, device: torch
     return key_mask.sum(dim=-1)  # (B, T) -> (B,)
 
 
+def token_positions(positions: Tensor | None, cache: LayerCache | None, batch: int, length: int,
+                    device: torch.device) -> Tensor:
+    """A chunk's absolute positions: the given ones, else right after the cache's tokens (B, T), else 0..T-1 (T,)."""
+    if positions is not None:
+        return positions
+    if cache is None:
+        return torch.arange(length, device=device)  # (T,)
+    return cache.positions(length, batch_size=batch, device=device).to(device)  # (B, T)
+
+
 def _decode_mask(lengths: Tensor, new_lengths: Tensor, T: int, S: int) -> Tensor:
     """(B, 1, T, S) bool: new query i of sequence b (position lengths[b] + i) sees real slots j <= its position."""
     key_pos = torch.arange(S, device=lengths.device)  # (S,)
@@ -144,11 +155,29 @@ def _decode_mask(lengths: Tensor, new_lengths: Tensor, T: int, S: int) -> Tensor
     return (causal & real)[:, None]  # (B, T, S) -> (B, 1, T, S)
 
 
+def _slot_index(slots: Tensor, storage: Tensor) -> Tensor:
+    B, G, width = storage.shape[0], storage.shape[1], storage.shape[3]
+    return slots[:, None, :, None].expand(B, G, slots.shape[1], width)  # (B, T) -> (B, G, T, width)
+
+
 def _write(storage: Tensor, slots: Tensor, chunk: Tensor) -> None:
     """storage[b, g, slots[b, t]] = chunk[b, g, t], in place: O(T) writes, whatever the capacity."""
-    B, G, T, width = chunk.shape
-    index = slots[:, None, :, None].expand(B, G, T, width)  # (B, T) -> (B, G, T, width)
-    storage.scatter_(2, index, chunk)
+    storage.scatter_(2, _slot_index(slots, storage), chunk)
+
+
+def _read(storage: Tensor, slots: Tensor) -> Tensor:
+    """storage[b, g, slots[b, t]] as (B, G, T, width): what `_write` at these slots would overwrite."""
+    return storage.gather(2, _slot_index(slots, storage))
+
+
+def _restorer(keys: Tensor, values: Tensor, slots: Tensor) -> Callable[[], None]:
+    """A function that writes back the keys and values now held at `slots`."""
+    old_k, old_v = _read(keys, slots), _read(values, slots)
+
+    def restore() -> None:
+        _write(keys, slots, old_k)
+        _write(values, slots, old_v)
+    return restore
 
 
 class LayerCache:
@@ -170,6 +199,11 @@ class LayerCache:
                 "pass batch_size= to DynamicCache, or use positions(T, batch_size=B)"
             )
         return self._lengths
+
+    @property
+    def sequences(self) -> int | None:
+        """B, the sequences this cache holds, once known (None before a dynamic cache's first chunk)."""
+        return None if self._lengths is None else self._lengths.shape[0]
 
     def positions(self, num_new: int, *, batch_size: int | None = None,
                   device: torch.device | str | None = None) -> Tensor:
@@ -207,6 +241,26 @@ class LayerCache:
 
     def append(self, plan: Append) -> CachedKV:
         """Write a prepared chunk; return all cached keys, values and the mask (B, 1, T, S)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def appended(self, plan: Append) -> Iterator[CachedKV]:
+        """`append(plan)` for the length of a block, undone if the block raises.
+
+        What the modules use: a call refused after the chunk is written (a
+        backend that cannot run it) leaves the cache exactly as it was, the
+        overwritten slots included.
+        """
+        undo = self._undo(plan)
+        cached = self.append(plan)
+        try:
+            yield cached
+        except BaseException:
+            undo()
+            raise
+
+    def _undo(self, plan: Append) -> Callable[[], None]:
+        """A function that puts back what `append(plan)` is about to change."""
         raise NotImplementedError
 
     def bytes_per_token(self) -> int:
@@ -278,6 +332,20 @@ class DynamicLayerCache(LayerCache):
         new_lengths = lengths + chunk_lengths
         # exact when it costs nothing more than the check above; an upper bound under compile
         return Append(k, v, new_lengths, self._high + T if _compiling() else int(new_lengths.max()))
+
+    def _undo(self, plan: Append) -> Callable[[], None]:
+        state = (self._k, self._v, self._lengths, self._high)
+        T = plan.k.shape[2]
+        written = None
+        if self._k is not None and self._high + T <= self.capacity:  # no growth: the storage is written in place
+            lengths = self._current_lengths(plan.k.shape[0], plan.k.device)
+            written = _restorer(self._k, self._v, lengths[:, None] + torch.arange(T, device=plan.k.device))
+
+        def undo() -> None:
+            self._k, self._v, self._lengths, self._high = state
+            if written is not None:
+                written()
+        return undo
 
     def _current_lengths(self, B: int, device: torch.device) -> Tensor:
         """(B,) lengths before the chunk: zeros for a cache that has seen nothing on this device yet."""
@@ -373,13 +441,26 @@ class StaticLayerCache(LayerCache):
             )
         return Append(k, v, new_lengths.clamp(max=L), L)  # the clamp only acts under torch.compile, unchecked
 
+    def _slots(self, plan: Append) -> Tensor:
+        """(B, T) where the chunk's tokens go: after each sequence's tokens; padding to the scratch slot."""
+        T, lengths = plan.k.shape[2], self._lengths
+        steps = torch.arange(T, device=plan.k.device)  # (T,)
+        slots = lengths[:, None] + steps  # (B, 1) + (T,) -> (B, T)
+        real = steps[None, :] < (plan.new_lengths - lengths)[:, None]  # (1, T) < (B, 1) -> (B, T)
+        return torch.where(real, slots, self.max_length)  # (B, T): padding (and, compiled, any excess) to scratch
+
+    def _undo(self, plan: Append) -> Callable[[], None]:
+        lengths, written = self._lengths, _restorer(self._k, self._v, self._slots(plan))
+
+        def undo() -> None:
+            self._lengths = lengths
+            written()
+        return undo
+
     def append(self, plan: Append) -> CachedKV:
         k, v = plan.k, plan.v
         T, L, lengths = k.shape[2], self.max_length, self._lengths
-        steps = torch.arange(T, device=k.device)  # (T,)
-        slots = lengths[:, None] + steps  # (B, 1) + (T,) -> (B, T)
-        real = steps[None, :] < (plan.new_lengths - lengths)[:, None]  # (1, T) < (B, 1) -> (B, T)
-        slots = torch.where(real, slots, L)  # (B, T): padding (and, compiled, any excess) to the scratch slot
+        slots = self._slots(plan)
         _write(self._k, slots, k)
         _write(self._v, slots, v)
         self._lengths = plan.new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid

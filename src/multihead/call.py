@@ -27,6 +27,9 @@ from . import masks
 from ._checks import flag, mask_tensor, probability
 
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what every backend can compute in
+
+
 class AttentionOutput(NamedTuple):
     """What a backend's forward returns, and `multihead.attention_with_lse`."""
 
@@ -89,8 +92,8 @@ def _check_tensors(q, k, v) -> None:
                             f"(pad the batch and pass a mask)")
         if x.dim() != 4:
             raise ValueError(f"{name} has {x.dim()} dims, {dims} expected, got {_shape(x)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; cast them to one dtype")
@@ -116,10 +119,12 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
 def check_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
     """The scale as a float: 1/sqrt(D) for None; else a finite number that stays finite in the compute dtype.
 
-    A scale beyond the compute dtype's range (1e300 for float32) would make
-    every score infinite and the output NaN, so it is refused. Zero and
-    negative scales are computed like any other (a zero scale spreads each
-    query evenly over the keys it may attend).
+    A scale beyond the compute dtype's range (1e300 for float32) is infinite
+    there, so every score would be, and it is refused. A representable scale
+    can still overflow scores (scale · q·k beyond the dtype's range gives
+    inf, then NaN), as any overflow does. Zero and negative scales are
+    computed like any other (a zero scale spreads each query evenly over the
+    keys it may attend).
     """
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0

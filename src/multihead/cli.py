@@ -437,56 +437,17 @@ def _occurrence(spec: str, name: str, i: int, tokens: Sequence[str], words: Sequ
     return TokenChoice(i)
 
 
-def _default_token(batch) -> int:
-    """The last token that is a word (not special, not punctuation): what the report shows without --token."""
-    tokens, special = batch.tokens[0], batch.special[0]
-    words = [i for i, t in enumerate(tokens) if not special[i] and any(ch.isalnum() for ch in t)]
-    return words[-1] if words else len(tokens) - 1
-
-
-def _token_report(model, text: str, query: int, layer: int | None, out_dir):
-    """viz.report.text_report's report and pictures, for the token at index `query`.
-
-    text_report takes the token as a string and finds its first occurrence;
-    --token WORD@I needs a later one, so the pieces are put together here.
-    """
-    from .viz.choices import head_choices, most_different_heads
-    from .viz.figures import grid_figure, layer_figure, save_png
-    from .viz.html import write_head_view
-    from .viz.report import TextReport
-
-    view = model.attention(text)
-    L = view.weights.shape[0]
-    if layer is not None and not -L <= layer < L:
-        raise ValueError(f"layer must be in [0, {L}) for this model, got {layer}")
-    choices = head_choices(view.weights, view.special, query)
-    disagreement = most_different_heads(view.weights, choices, query)
-    layer = (disagreement.first.layer if disagreement is not None else 0) if layer is None else layer % L
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"{model.name}: {' '.join(t.strip() for t in view.tokens)}"
-    title = title if len(title) <= 110 else title[:107] + "..."
-    files = {
-        "png": save_png(grid_figure(view.tokens, view.weights, title=title), out / "heads.png"),
-        "layer_png": save_png(layer_figure(view.tokens, view.weights, layer, title=f"layer {layer} of {title}"),
-                              out / f"layer{layer}.png"),
-        "html": write_head_view(out / "heads.html", view.tokens, view.weights, special=view.special,
-                                title=text if len(text) <= 200 else text[:197] + "...", model_name=model.name,
-                                layer=layer, focus=query),
-    }
-    return TextReport(model.name, view.tokens, view.special, view.weights, query, layer, choices,
-                      disagreement, files)
-
-
 def _text_part(console, steps: _Steps, model, text: str, token, layer, out_dir) -> None:
-    from .viz.report import print_report
+    from .viz.report import print_report, text_report
 
-    batch = model.tokenize([text])
-    choice = TokenChoice(_default_token(batch)) if token is None else resolve_token(token, batch)
-    for note in choice.notes:
-        console.print(note, soft_wrap=True)  # one line each, even past the console's width
+    query = None
+    if token is not None:
+        choice = resolve_token(token, model.tokenize([text]))
+        for note in choice.notes:
+            console.print(note, soft_wrap=True)  # one line each, even past the console's width
+        query = choice.index
     report = steps.run(f"attention weights and pictures of {text!r}",
-                       lambda: _token_report(model, text, choice.index, layer, out_dir))
+                       lambda: text_report(model, text, token=query, layer=layer, out_dir=out_dir))
     print_report(console, report)
     console.print()
     console.print(f"Wrote into {report.files['html'].parent}/:")

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._checks import mask_tensor, positive_int, probability
+from ._checks import check_like_parameters, mask_tensor, positive_int, probability
 from .attend import attend
 from .functional import attention_with_weights
 from .masks import combine, drop, keep_mask
@@ -374,15 +374,7 @@ class MultiheadAttention(nn.Module):
                 f"query, key and value must have the same batch size B (dim {batch_dim}, {layout} layout), "
                 f"got query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
             )
-        param = self.out_proj.weight
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            if x.dtype != param.dtype:
-                raise TypeError(
-                    f"{name} has dtype {x.dtype} but the module's parameters are {param.dtype}; "
-                    f"cast the input or the module (module.to({x.dtype}))"
-                )
-            if x.device != param.device:
-                raise ValueError(f"{name} is on {x.device} but the module's parameters are on {param.device}")
+        check_like_parameters(self.out_proj.weight, query=query, key=key, value=value)
         return query, key, value, batched
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool):

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from . import backends
 from .backends.chunked import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, ChunkedBackend
 from .backends.reference import reference_call
-from .call import AttentionOutput, make_call
+from ._checks import flag
+from .call import AttentionCall, AttentionOutput, make_call
 
 
 def attention(
@@ -91,7 +93,7 @@ def explain_dispatch(
     """
     backends.check_name(backend)
     call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
-    return backends.explain(call, backend, need_lse=bool(need_lse))
+    return backends.explain(call, backend, need_lse=flag("need_lse", need_lse))
 
 
 def chunked_attention(
@@ -117,6 +119,25 @@ def chunked_attention(
     if reason is not None:
         raise ValueError(f"chunked_attention cannot run this call: {reason}")
     return backend.forward(call, need_lse=True)
+
+
+def _check_dropout_mask(dropout_mask, call: AttentionCall) -> Tensor | None:
+    """A keep mask: bool, True = keep, broadcastable to (B, H, T, S), given with a dropout_p > 0."""
+    if dropout_mask is None:
+        return None
+    if not isinstance(dropout_mask, Tensor) or dropout_mask.dtype != torch.bool:
+        got = dropout_mask.dtype if isinstance(dropout_mask, Tensor) else type(dropout_mask).__name__
+        raise TypeError(f"dropout_mask must be a bool tensor (True = keep), got {got}")
+    if call.dropout_p == 0.0:
+        raise ValueError("dropout_mask was given with dropout_p=0.0; pass the probability it was drawn with")
+    scores = (call.batch, call.heads, call.q_len, call.kv_len)
+    if dropout_mask.dim() > 4 or any(
+            size not in (full, 1) for size, full in zip(dropout_mask.shape[::-1], scores[::-1])):
+        raise ValueError(f"dropout_mask of shape {tuple(dropout_mask.shape)} does not broadcast to "
+                         f"(B, H, T, S) = {scores}")
+    if dropout_mask.device != call.q.device:
+        raise ValueError(f"dropout_mask is on {dropout_mask.device} but q is on {call.q.device}")
+    return dropout_mask
 
 
 class AttentionWithWeights(NamedTuple):
@@ -146,7 +167,7 @@ def attention_with_weights(
     output instead.
     """
     call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
-    result = reference_call(call, dropout_mask=dropout_mask)
+    result = reference_call(call, dropout_mask=_check_dropout_mask(dropout_mask, call))
     return AttentionWithWeights(result.out, result.probs.to(q.dtype))
 
 

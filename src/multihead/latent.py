@@ -39,17 +39,18 @@ gives that and MHA's, GQA's and MQA's counts for comparison (docs/latent.md).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import backends, masks
-from ._checks import flag, positive_int
+from ._checks import check_like_parameters, flag, positive_int
 from ._checks import key_mask as check_key_mask
 from .attend import attend
-from .cache import LayerCache, StaticCache, chunk_lengths_from_key_mask
+from .cache import LayerCache, StaticCache, chunk_lengths_from_key_mask, token_positions
 from .module import MultiHeadAttentionOutput
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
@@ -232,6 +233,7 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(f"x has width {x.shape[-1]}, d_model={C} expected, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        check_like_parameters(self.out_proj.weight, x=x)
 
     # -- forward --------------------------------------------------------------------
 
@@ -267,16 +269,17 @@ class MultiHeadLatentAttention(nn.Module):
             module's `absorb` attribute.
         """
         absorb = self._check_call(x, key_mask, cache, positions, need_weights, absorb)
-        cos, sin = self.rope(self._positions(positions, cache, x), dtype=x.dtype)  # (B|1, 1, T, d_rope) each
+        positions = token_positions(positions, cache, x.shape[0], x.shape[1], x.device)  # (B, T) or (T,)
+        cos, sin = self.rope(positions, dtype=x.dtype)  # (B|1, 1, T, d_rope) each
         c_kv = self.latent(x)[:, None]  # (B, T, d_c) -> (B, 1, T, d_c): one "kv head"
         k_rot = apply_rotary(self.k_rope(x)[:, None], cos, sin)  # (B, T, d_rope) -> (B, 1, T, d_rope)
         q_nope, q_rot = self._queries(x)  # (B, H, T, D), (B, H, T, d_rope)
         q_rot = apply_rotary(q_rot, cos, sin)  # (B, H, T, d_rope)
-        c_kv, k_rot, mask = self._cached(c_kv, k_rot, key_mask, cache)  # (B, 1, S, d_c), (B, 1, S, d_rope)
-        q, k, v = (self._absorbed if absorb else self._plain)(q_nope, q_rot, c_kv, k_rot)
-        # The explicit scale matters on the absorbed path, whose q is d_c + d_rope wide but means D + d_rope.
-        attended = attend(q, k, v, attn_mask=mask, causal=cache is None, scale=self.scale,
-                          backend=self.config.backend, need_weights=need_weights)  # (B, H, T, Dv | d_c)
+        with self._cached(c_kv, k_rot, key_mask, cache) as (c_kv, k_rot, mask):  # (B, 1, S, d_c), (B, 1, S, d_rope)
+            q, k, v = (self._absorbed if absorb else self._plain)(q_nope, q_rot, c_kv, k_rot)
+            # The explicit scale matters on the absorbed path, whose q is d_c + d_rope wide but means D + d_rope.
+            attended = attend(q, k, v, attn_mask=mask, causal=cache is None, scale=self.scale,
+                              backend=self.config.backend, need_weights=need_weights)  # (B, H, T, Dv | d_c)
         out = self._values_up(attended.out) if absorb else attended.out  # (B, H, T, Dv)
         B, H, T, Dv = out.shape
         out = out.transpose(1, 2).reshape(B, T, H * Dv)  # (B, H, T, Dv) -> (B, T, H·Dv): concat heads
@@ -292,6 +295,9 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None and not isinstance(cache, LayerCache):
             hint = "; pass one layer's cache, cache[i]" if hasattr(cache, "layers") else ""
             raise TypeError(f"cache must be a multihead.cache.LayerCache, got {type(cache).__name__}{hint}")
+        if cache is not None and cache.sequences not in (None, B):
+            raise ValueError(f"the cache holds {cache.sequences} sequences, x has B={B} (x {tuple(x.shape)}); "
+                             f"reset() the cache for a new batch")
         if key_mask is not None and cache is None:
             check_key_mask(key_mask, B, T, x.device, what="T")
         if positions is not None:
@@ -300,24 +306,17 @@ class MultiHeadLatentAttention(nn.Module):
                 raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
         return absorb
 
-    def _positions(self, positions: Tensor | None, cache: LayerCache | None, x: Tensor) -> Tensor:
-        if positions is not None:
-            return positions
-        B, T = x.shape[0], x.shape[1]
+    @contextmanager
+    def _cached(self, c_kv, k_rot, key_mask, cache) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """(c_KV, k^R, mask) to attend: the chunk's own, or everything cached once it is appended (undone on a raise)."""
         if cache is None:
-            return torch.arange(T, device=x.device)  # (T,)
-        return cache.positions(T, batch_size=B, device=x.device).to(x.device)  # (B, T)
-
-    def _cached(self, c_kv, k_rot, key_mask, cache) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(c_KV, k^R, mask) to attend: the chunk's own, or everything cached after appending it."""
-        if cache is None:
-            mask = None if key_mask is None else masks.key_mask_to_attn_mask(key_mask)  # (B, 1, 1, S)
-            return c_kv, k_rot, mask
+            yield c_kv, k_rot, None if key_mask is None else masks.key_mask_to_attn_mask(key_mask)  # (B, 1, 1, S)
+            return
         B, T = c_kv.shape[0], c_kv.shape[2]
         chunk_lengths = None if key_mask is None else chunk_lengths_from_key_mask(key_mask, B, T, c_kv.device)
         # c_KV rides in the cache's "k" slot and k^R in its "v" slot: two tensors of any widths.
-        cached = cache.append(cache.prepare(c_kv, k_rot, chunk_lengths))
-        return cached.k, cached.v, cached.attn_mask  # (B, 1, S, d_c), (B, 1, S, d_rope), (B, 1, T, S)
+        with cache.appended(cache.prepare(c_kv, k_rot, chunk_lengths)) as cached:
+            yield cached.k, cached.v, cached.attn_mask  # (B, 1, S, d_c), (B, 1, S, d_rope), (B, 1, T, S)
 
     def _plain(self, q_nope, q_rot, c_kv, k_rot) -> tuple[Tensor, Tensor, Tensor]:
         """Per-head k and v up-projected from the latent: q (B, H, T, D + d_rope), k (B, H, S, ·), v (B, H, S, Dv)."""

@@ -14,17 +14,17 @@ heads share one key/value head; num_kv_heads = 1 is multi-query attention.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from . import backends, masks
-from ._checks import flag, positive_int, probability
+from ._checks import check_like_parameters, flag, positive_int, probability
 from ._checks import key_mask as check_key_mask
 from .attend import attend
-from .cache import LayerCache, chunk_lengths_from_key_mask
+from .cache import LayerCache, chunk_lengths_from_key_mask, token_positions
 from .call import check_mask
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
@@ -191,11 +191,11 @@ class MultiHeadAttention(nn.Module):
         flag("need_weights", need_weights)
         q, k, v = self.project(query, key, value)  # (B, H, T, D), (B, G, S, D), (B, G, S, Dv)
         if self.rope is not None:
-            q, k = self.rotate(q, k, self._positions(positions, cache, q))
-        k, v, mask = self._keys_and_mask(q, k, v, attn_mask, key_mask, cache)  # with a cache: all S cached
-        attended = attend(q, k, v, attn_mask=mask, causal=self.config.causal and cache is None,
-                          dropout_p=self.config.dropout if self.training else 0.0,
-                          backend=self.config.backend, need_weights=need_weights)
+            q, k = self.rotate(q, k, token_positions(positions, cache, q.shape[0], q.shape[2], q.device))
+        with self._keys_and_mask(q, k, v, attn_mask, key_mask, cache) as (k, v, mask):  # a cache: all S cached
+            attended = attend(q, k, v, attn_mask=mask, causal=self.config.causal and cache is None,
+                              dropout_p=self.config.dropout if self.training else 0.0,
+                              backend=self.config.backend, need_weights=need_weights)
         return MultiHeadAttentionOutput(self.merge(attended.out), attended.weights)
 
     # -- the stages ------------------------------------------------------------------
@@ -237,6 +237,7 @@ class MultiHeadAttention(nn.Module):
                 f"query (B, T, C), key (B, S, kdim), value (B, S, vdim) must agree on B and S, "
                 f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
             )
+        check_like_parameters(self.out_proj.weight, query=query, key=key, value=value)
         self._check_cache_use(query, key, value, cache, positions)
         return query, key, value
 
@@ -259,24 +260,20 @@ class MultiHeadAttention(nn.Module):
                     "cache= needs a causal module (MultiHeadAttention(..., causal=True)): decoding appends "
                     "tokens that must not be seen by the ones before them"
                 )
+        if cache is not None and cache.sequences not in (None, query.shape[0]):
+            raise ValueError(f"the cache holds {cache.sequences} sequences, the query has B={query.shape[0]} "
+                             f"(query {tuple(query.shape)}); reset() the cache for a new batch")
         if positions is not None:
             check_positions(positions, batch_size=query.shape[0], length=query.shape[1])
             if positions.device != query.device:
                 raise ValueError(f"positions is on {positions.device} but the query is on {query.device}")
 
-    def _positions(self, positions: Tensor | None, cache: LayerCache | None, q: Tensor) -> Tensor:
-        """The query tokens' positions: the given ones, else after the cache's tokens, else 0..T-1."""
-        if positions is not None:
-            return positions
-        B, T = q.shape[0], q.shape[2]
-        if cache is None:
-            return torch.arange(T, device=q.device)  # (T,)
-        return cache.positions(T, batch_size=B, device=q.device).to(q.device)  # (B, T)
+    @contextmanager
+    def _keys_and_mask(self, q, k, v, attn_mask, key_mask, cache) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """(k, v, mask) to attend: with a cache, everything cached once the chunk is appended.
 
-    def _keys_and_mask(self, q, k, v, attn_mask, key_mask, cache) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(k, v, mask) to attend: with a cache, everything cached after appending the chunk.
-
-        Every check runs before the cache is written (`LayerCache.prepare`).
+        Every argument is checked before the cache is written (`LayerCache.prepare`),
+        and the write is undone if the attention step then refuses the call.
         """
         B, T = q.shape[0], q.shape[2]
         if cache is None:
@@ -284,12 +281,13 @@ class MultiHeadAttention(nn.Module):
             if key_mask is not None:
                 real = check_key_mask(key_mask, B, k.shape[2], q.device)
                 mask = masks.combine(mask, masks.key_mask_to_attn_mask(real))
-            return k, v, mask
+            yield k, v, mask
+            return
         chunk_lengths = None if key_mask is None else chunk_lengths_from_key_mask(key_mask, B, T, q.device)
         plan = cache.prepare(k, v, chunk_lengths)
         mask = check_mask(attn_mask, q, plan.kv_len)
-        cached = cache.append(plan)  # (B, G, S, D), (B, G, S, Dv), (B, 1, T, S)
-        return cached.k, cached.v, masks.combine(mask, cached.attn_mask)
+        with cache.appended(plan) as cached:  # (B, G, S, D), (B, G, S, Dv), (B, 1, T, S)
+            yield cached.k, cached.v, masks.combine(mask, cached.attn_mask)
 
     def head(self, i: int) -> HeadProjections:
         """Head i's W_i^Q, W_i^K, W_i^V and its rows of W^O, cut out of the fused projections."""

@@ -123,9 +123,12 @@ class RotaryEmbedding(nn.Module):
         return Rotary(angles.cos().to(dtype), angles.sin().to(dtype))
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x (B, H, T, D) rotated to its positions (B, T) or (T,): apply_rotary with this embedding's angles."""
+        """x (B, H, T, D) rotated to its positions (B, T) or (T,) >= 0: apply_rotary with this embedding's angles."""
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"x must be a (B, H, T, D) tensor, got {tuple(x.shape) if isinstance(x, Tensor) else x!r}")
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"x has head dim {x.shape[-1]}, this RotaryEmbedding has head_dim={self.head_dim}")
+        check_positions(positions, batch_size=x.shape[0], length=x.shape[2])
         cos, sin = self(positions, dtype=x.dtype)
         return apply_rotary(x, cos, sin)
 

@@ -211,6 +211,9 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is asked for
+            raise RuntimeError("the chunked backend has no second derivative (its backward works in place); "
+                               "use backend='reference' for gradients of gradients")
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
         causal, scale, dropout_p, seed, block_q, block_k = ctx.call
         mask5 = _mask_5d(attn_mask, k.shape[1])

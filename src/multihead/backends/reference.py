@@ -103,7 +103,8 @@ def _naive(q, k, v, attn_mask, causal, scale, dropout_p, dropout_mask, upcast, i
         compute = torch.promote_types(q.dtype, torch.float32)
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
     T, S = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
 
     scores = masks.apply(_scores(q, k, scale), attn_mask, in_place=True)  # (B, H, T, S), a fresh buffer
     if causal:

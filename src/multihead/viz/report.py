@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .choices import Disagreement, HeadChoice, find_token, head_choices, heads_by_word, most_different_heads
+from .stats import checked_index
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,12 @@ def _default_query(tokens: list[str], special: list[bool]) -> int:
     return len(tokens) - 1
 
 
-def text_report(model, text: str, *, token: str | None, layer: int | None, out_dir: str | Path,
+def text_report(model, text: str, *, token: int | str | None, layer: int | None, out_dir: str | Path,
                 progress=None) -> TextReport:
     """Run `model` (a multihead.models.TextModel) on `text` and write the pictures into out_dir.
 
+    token: the query token to report on: its index among the text's tokens,
+        a token string (its first occurrence), or None for the last word.
     progress: optional callable(str) told about each slow step as it starts.
     """
     from .figures import grid_figure, layer_figure, save_png
@@ -53,7 +56,12 @@ def text_report(model, text: str, *, token: str | None, layer: int | None, out_d
     say("running the model's MultiHeadAttention layers")
     view = model.attention(text)
     L = view.weights.shape[0]
-    query = find_token(view.tokens, token) if token is not None else _default_query(view.tokens, view.special)
+    if token is None:
+        query = _default_query(view.tokens, view.special)
+    elif isinstance(token, str):
+        query = find_token(view.tokens, token)
+    else:
+        query = checked_index("token", token, len(view.tokens))
     if layer is not None and not -L <= layer < L:
         raise ValueError(f"layer must be in [0, {L}) for this model, got {layer}")
     choices = head_choices(view.weights, view.special, query)
