@@ -123,8 +123,8 @@ def test_register_refuses_what_is_not_a_backend():
 # ---- the module honours backend= with need_weights
 
 
-@pytest.mark.parametrize("backend", ["chunked", "cpu_flash", "reference"])
-def test_need_weights_output_comes_from_the_chosen_backend(backend, monkeypatch):
+@pytest.mark.parametrize("backend", ["chunked", "cpu_flash"])
+def test_need_weights_output_comes_from_the_named_backend(backend, monkeypatch):
     torch.manual_seed(0)
     mha = mh.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, backend=backend).eval()
     x = torch.randn(2, 9, 32)
@@ -142,6 +142,20 @@ def test_need_weights_output_comes_from_the_chosen_backend(backend, monkeypatch)
     want = eager(x.requires_grad_(), need_weights=True)  # the eager path, weights with a gradient
     assert want.weights.requires_grad and not got.weights.requires_grad
     assert max_err(got.output, want.output) < 1e-5 and max_err(got.weights, want.weights) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_need_weights_with_auto_takes_the_eager_pass(backend, monkeypatch):
+    import multihead.attend as attend_module
+
+    mha = mh.MultiHeadAttention(32, 4, causal=True, backend=backend).eval()
+    calls = []
+    real = attend_module.attention_with_weights
+    monkeypatch.setattr(attend_module, "attention_with_weights", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(attend_module, "attention_and_weights", lambda *a, **kw: pytest.fail("not the eager pass"))
+    with torch.no_grad():
+        out = mha(torch.randn(2, 5, 32), need_weights=True)
+    assert calls == [1] and torch.allclose(out.weights.sum(-1), torch.ones(2, 4, 5))
 
 
 def test_need_weights_with_a_backend_that_has_no_lse_says_so():

@@ -10,15 +10,18 @@ project, rotate and cache in their own way; from there on they call this, so
 the backend choice and the weights policy are the same for all of them:
 
 - need_weights=False: `multihead.attention` on the chosen backend (`backend=`).
-- need_weights=True, nothing needs a gradient (inference, torch.no_grad):
-  the output from the chosen backend with its logsumexp
-  (`attention_with_lse`), and the weights read off that logsumexp
-  (`multihead.weights`): the fused kernel is kept. backend="auto" takes the
-  first backend that gives a logsumexp (`explain_dispatch(..., need_lse=True)`).
-- need_weights=True where the weights must carry a gradient (training):
-  the eager path (`attention_with_weights`, the reference formula in the
-  inputs' precision), whose weights are part of the graph; `backend=` does
-  not apply there.
+- need_weights=True with backend="auto" (or "reference"), or where the
+  weights must carry a gradient (training): the eager path
+  (`attention_with_weights`, the reference formula in the inputs'
+  precision, in place where nothing needs a gradient). Every weight is
+  asked for, so computing them is the whole cost, and one pass that keeps
+  them does it fastest (BENCHMARKS.md); its weights are part of the graph.
+- need_weights=True with a named backend, where nothing needs a gradient:
+  the output from that backend with its logsumexp (`attention_with_lse`)
+  and the weights read off it (`multihead.weights`), so a fused kernel
+  still makes the output; a backend that gives no logsumexp is refused
+  with its reason. (`multihead.weights.attention_and_weights` does the same
+  for chosen heads and rows only, where the logsumexp pays off most.)
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def attend(
     call = dict(attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
     if not flag("need_weights", need_weights):
         return Attended(attention(q, k, v, backend=backend, **call), None)
-    if _weights_need_grad(q, k, v, attn_mask):
+    if backend in ("auto", "reference") or _weights_need_grad(q, k, v, attn_mask):
         return Attended(*attention_with_weights(q, k, v, **call))
     on_demand = attention_and_weights(q, k, v, backend=backend, **call)
     return Attended(on_demand.out, on_demand.weights)

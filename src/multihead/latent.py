@@ -263,8 +263,8 @@ class MultiHeadLatentAttention(nn.Module):
             arange(T) without a cache.
         need_weights: also return the per-head softmax weights, the same
             numbers on both paths; chosen as in `MultiHeadAttention`
-            (`multihead.attend`: read off the backend's logsumexp, or the
-            eager path where they need a gradient).
+            (`multihead.attend`: the eager path for backend="auto", else read
+            off the named backend's logsumexp).
         absorb: True = the absorbed path, False = the plain one, None = the
             module's `absorb` attribute.
         """

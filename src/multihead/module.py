@@ -169,11 +169,12 @@ class MultiHeadAttention(nn.Module):
             (T, S) or (B|1, H|1, T|1, S).
         key_mask: (B, S) bool, True = a real token, False = padding.
         need_weights: also return the per-head weights (B, H, T, S), the softmax
-            probabilities before dropout. Where nothing needs a gradient, the
-            output comes from the module's backend with its logsumexp and the
-            weights are read off it exactly (no gradient flows through them);
-            where the weights must carry a gradient (training), the eager path
-            computes both and `backend` does not apply (`multihead.attend`).
+            probabilities before dropout. With backend="auto", or where the
+            weights must carry a gradient (training), the eager path computes
+            output and weights in one pass. With a named backend and nothing
+            needing a gradient, the output comes from that backend with its
+            logsumexp and the weights are read off it exactly
+            (`multihead.attend` says why).
         cache: a layer cache (`cache[i]` of a `multihead.cache` KVCache), for
             decoding: the chunk's k and v are appended and its T queries attend
             to every real cached token, causal per sequence (bottom-right

@@ -211,8 +211,9 @@ def attention_weights(
         prob = _Problem(call, lse, heads_idx)
         out = torch.empty((q.shape[0], heads_idx.numel(), rows_idx.numel(), prob.S), dtype=prob.acc,
                           device=q.device)  # (B, h, t, S)
+        lse = prob.lse.index_select(2, rows_idx)[..., None]  # (B, h, t, 1)
         for s0, s1 in prob.tiles(block_k):
-            out[..., s0:s1] = prob.log_weights(rows_idx, prob.scores(rows_idx, s0, s1)).exp()
+            out[..., s0:s1] = prob.scores(rows_idx, s0, s1).sub_(lse).exp_()  # exp(s - lse), in the tile's buffer
         return _normalise_rows(out)
 
 
