@@ -41,7 +41,7 @@ def folder_with(tmp_path, source, name, data: bytes):
     return tmp_path
 
 
-def one_line_error(call, *named) -> str:
+def assert_one_line_error(call, *named) -> str:
     with pytest.raises(CheckpointError) as caught:
         call()
     message = str(caught.value)
@@ -55,7 +55,7 @@ def test_a_truncated_safetensors_file_is_named(gpt2_folder, tmp_path):
     data = (gpt2_folder / "model.safetensors").read_bytes()
     for cut in (len(data) // 2, 5):
         broken = folder_with(tmp_path, gpt2_folder, "model.safetensors", data[:cut])
-        message = one_line_error(lambda: load_gpt2(broken), broken / "model.safetensors")
+        message = assert_one_line_error(lambda: load_gpt2(broken), broken / "model.safetensors")
         assert "cannot be read as safetensors" in message
 
 
@@ -63,14 +63,14 @@ def test_a_truncated_pytorch_model_bin_is_named(gpt2_folder, tmp_path):
     data = (gpt2_folder / "weights.bin").read_bytes()
     for cut in (len(data) // 2, 10, 0):  # 0 bytes: torch.load raises EOFError
         broken = folder_with(tmp_path, gpt2_folder, "pytorch_model.bin", data[:cut])
-        message = one_line_error(lambda: read_checkpoint(broken), broken / "pytorch_model.bin")
+        message = assert_one_line_error(lambda: read_checkpoint(broken), broken / "pytorch_model.bin")
         assert "cannot be read by torch.load" in message
 
 
 def test_a_pytorch_model_bin_that_is_not_a_state_dict_is_named(gpt2_folder, tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")
     shutil.copy(gpt2_folder / "config.json", tmp_path / "config.json")
-    one_line_error(lambda: load_gpt2(tmp_path), tmp_path / "pytorch_model.bin", "not a dict of tensors")
+    assert_one_line_error(lambda: load_gpt2(tmp_path), tmp_path / "pytorch_model.bin", "not a dict of tensors")
 
 
 @pytest.mark.parametrize("text, says", [
@@ -81,20 +81,20 @@ def test_a_pytorch_model_bin_that_is_not_a_state_dict_is_named(gpt2_folder, tmp_
 ])
 def test_a_config_that_is_not_a_json_object_is_named(tmp_path, text, says):
     (tmp_path / "config.json").write_text(text)
-    one_line_error(lambda: read_config(tmp_path), tmp_path / "config.json", says)
-    one_line_error(lambda: load(tmp_path), tmp_path / "config.json", says)
+    assert_one_line_error(lambda: read_config(tmp_path), tmp_path / "config.json", says)
+    assert_one_line_error(lambda: load(tmp_path), tmp_path / "config.json", says)
 
 
 def test_a_config_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00garbage")
-    one_line_error(lambda: load(tmp_path), tmp_path / "config.json", "not UTF-8")
+    assert_one_line_error(lambda: load(tmp_path), tmp_path / "config.json", "not UTF-8")
 
 
 def test_a_broken_tokenizer_json_is_named(gpt2_folder, tmp_path):
     shutil.copy(gpt2_folder / "config.json", tmp_path / "config.json")
     shutil.copy(gpt2_folder / "model.safetensors", tmp_path / "model.safetensors")
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
-    one_line_error(lambda: load(tmp_path), tmp_path / "tokenizer.json")
+    assert_one_line_error(lambda: load(tmp_path), tmp_path / "tokenizer.json")
 
 
 def test_the_cli_reports_a_truncated_checkpoint_in_one_line(gpt2_folder, tmp_path, capsys):
@@ -156,8 +156,8 @@ def test_a_bert_folder_with_only_vocab_txt_loads(tmp_path):
 def test_a_bad_tokenizer_config_or_vocab_is_named(tmp_path):
     write_vocab(tmp_path, None)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": "yes"}))
-    one_line_error(lambda: TextTokenizer.from_directory(tmp_path), tmp_path / "tokenizer_config.json",
+    assert_one_line_error(lambda: TextTokenizer.from_directory(tmp_path), tmp_path / "tokenizer_config.json",
                    "do_lower_case='yes'")
     (tmp_path / "tokenizer_config.json").unlink()
     (tmp_path / "vocab.txt").write_text("only\nwords\n")  # no [CLS] / [SEP]
-    one_line_error(lambda: TextTokenizer.from_directory(tmp_path), tmp_path / "vocab.txt")
+    assert_one_line_error(lambda: TextTokenizer.from_directory(tmp_path), tmp_path / "vocab.txt")

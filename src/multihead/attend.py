@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from ._checks import flag
+from .call import records_grad
 from .functional import attention, attention_with_weights
 from .weights import attention_and_weights
 
@@ -39,10 +39,6 @@ from .weights import attention_and_weights
 class Attended(NamedTuple):
     out: Tensor  # (B, H, T, Dv)
     weights: Tensor | None  # (B, H, T, S) softmax probabilities before dropout, when need_weights
-
-
-def _weights_need_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 def attend(
@@ -61,7 +57,7 @@ def attend(
     call = dict(attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
     if not flag("need_weights", need_weights):
         return Attended(attention(q, k, v, backend=backend, **call), None)
-    if backend in ("auto", "reference") or _weights_need_grad(q, k, v, attn_mask):
+    if backend in ("auto", "reference") or records_grad(q, k, v, attn_mask):
         return Attended(*attention_with_weights(q, k, v, **call))
     on_demand = attention_and_weights(q, k, v, backend=backend, **call)
     return Attended(on_demand.out, on_demand.weights)

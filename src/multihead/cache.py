@@ -136,6 +136,19 @@ def chunk_lengths_from_key_mask(key_mask, batch: int, length: int, device: torch
     return key_mask.sum(dim=-1)  # (B, T) -> (B,)
 
 
+def check_layer_cache(cache, batch: int, holder: str) -> None:
+    """cache= of a module: one layer's cache (not the model's), holding `batch` sequences once it holds any.
+
+    holder names the input whose batch is compared ("query", "input x").
+    """
+    if not isinstance(cache, LayerCache):
+        hint = "; pass one layer's cache, cache[i]" if hasattr(cache, "layers") else ""
+        raise TypeError(f"cache must be a multihead.cache.LayerCache, got {type(cache).__name__}{hint}")
+    if cache.sequences not in (None, batch):
+        raise ValueError(f"the cache holds {cache.sequences} sequences, the {holder} has B={batch}; "
+                         f"reset() the cache for a new batch")
+
+
 def token_positions(positions: Tensor | None, cache: LayerCache | None, batch: int, length: int,
                     device: torch.device) -> Tensor:
     """A chunk's absolute positions: the given ones, else right after the cache's tokens (B, T), else 0..T-1 (T,)."""

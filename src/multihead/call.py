@@ -71,12 +71,16 @@ class AttentionCall:
 
     def needs_grad(self) -> bool:
         """Whether autograd records this call (grad mode on and an input that requires grad)."""
-        tracked = (self.q, self.k, self.v, self.attn_mask)
-        return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tracked)
+        return records_grad(self.q, self.k, self.v, self.attn_mask)
 
     def may_have_empty_rows(self) -> bool:
         """Whether a query row can be left with no key, decided from shapes and flags alone."""
         return masks.rows_can_be_empty(self.attn_mask is not None, self.causal, self.q_len, self.kv_len)
+
+
+def records_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records work on these tensors: grad mode on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 def _shape(x: Tensor) -> tuple[int, ...]:
@@ -178,4 +182,4 @@ def make_call(
     )
 
 
-__all__ = ["AttentionCall", "AttentionOutput", "check_mask", "check_scale", "make_call"]
+__all__ = ["AttentionCall", "AttentionOutput", "check_mask", "check_scale", "make_call", "records_grad"]

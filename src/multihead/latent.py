@@ -50,7 +50,7 @@ from . import backends, masks
 from ._checks import check_like_parameters, flag, positive_int
 from ._checks import key_mask as check_key_mask
 from .attend import attend
-from .cache import LayerCache, StaticCache, chunk_lengths_from_key_mask, token_positions
+from .cache import LayerCache, StaticCache, check_layer_cache, chunk_lengths_from_key_mask, token_positions
 from .module import MultiHeadAttentionOutput
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
@@ -292,18 +292,12 @@ class MultiHeadLatentAttention(nn.Module):
         flag("absorb", absorb)
         flag("need_weights", need_weights)
         B, T = x.shape[0], x.shape[1]
-        if cache is not None and not isinstance(cache, LayerCache):
-            hint = "; pass one layer's cache, cache[i]" if hasattr(cache, "layers") else ""
-            raise TypeError(f"cache must be a multihead.cache.LayerCache, got {type(cache).__name__}{hint}")
-        if cache is not None and cache.sequences not in (None, B):
-            raise ValueError(f"the cache holds {cache.sequences} sequences, x has B={B} (x {tuple(x.shape)}); "
-                             f"reset() the cache for a new batch")
+        if cache is not None:
+            check_layer_cache(cache, B, "input x")
         if key_mask is not None and cache is None:
             check_key_mask(key_mask, B, T, x.device, what="T")
         if positions is not None:
-            check_positions(positions, batch_size=B, length=T)
-            if positions.device != x.device:
-                raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
+            check_positions(positions, batch_size=B, length=T, device=x.device)
         return absorb
 
     @contextmanager

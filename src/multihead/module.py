@@ -24,7 +24,7 @@ from . import backends, masks
 from ._checks import check_like_parameters, flag, positive_int, probability
 from ._checks import key_mask as check_key_mask
 from .attend import attend
-from .cache import LayerCache, chunk_lengths_from_key_mask, token_positions
+from .cache import LayerCache, check_layer_cache, chunk_lengths_from_key_mask, token_positions
 from .call import check_mask
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
@@ -253,21 +253,14 @@ class MultiHeadAttention(nn.Module):
         if positions is not None and self.rope is None:
             raise ValueError("positions= is only used by rope, and this module has rope=None")
         if cache is not None:
-            if not isinstance(cache, LayerCache):
-                hint = "; pass one layer's cache, cache[i]" if hasattr(cache, "layers") else ""
-                raise TypeError(f"cache must be a multihead.cache.LayerCache, got {type(cache).__name__}{hint}")
+            check_layer_cache(cache, query.shape[0], "query")
             if not self.config.causal:
                 raise ValueError(
                     "cache= needs a causal module (MultiHeadAttention(..., causal=True)): decoding appends "
                     "tokens that must not be seen by the ones before them"
                 )
-        if cache is not None and cache.sequences not in (None, query.shape[0]):
-            raise ValueError(f"the cache holds {cache.sequences} sequences, the query has B={query.shape[0]} "
-                             f"(query {tuple(query.shape)}); reset() the cache for a new batch")
         if positions is not None:
-            check_positions(positions, batch_size=query.shape[0], length=query.shape[1])
-            if positions.device != query.device:
-                raise ValueError(f"positions is on {positions.device} but the query is on {query.device}")
+            check_positions(positions, batch_size=query.shape[0], length=query.shape[1], device=query.device)
 
     @contextmanager
     def _keys_and_mask(self, q, k, v, attn_mask, key_mask, cache) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:

@@ -133,12 +133,15 @@ class RotaryEmbedding(nn.Module):
         return apply_rotary(x, cos, sin)
 
 
-def check_positions(positions, batch_size: int | None = None, length: int | None = None) -> Tensor:
-    """positions: an integer tensor (T,) or (B, T) of absolute positions >= 0 (sizes checked when given).
+def check_positions(positions, batch_size: int | None = None, length: int | None = None,
+                    device: torch.device | None = None) -> Tensor:
+    """positions: an integer tensor (T,) or (B, T) of absolute positions >= 0 (sizes and device checked when given).
 
     The values are read on the host (one sync), except under torch.compile.
     """
     positions = _check_kind(positions)
+    if device is not None and positions.device != device:
+        raise ValueError(f"positions is on {positions.device} but the input is on {device}")
     if length is not None and positions.shape[-1] != length:
         raise ValueError(f"positions has {positions.shape[-1]} columns, one per query T={length} expected, "
                          f"got {tuple(positions.shape)}")

@@ -22,9 +22,6 @@ from .. import masks
 from ..call import AttentionCall, AttentionOutput
 from .sdpa import float_mask_reason
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def _op():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -44,8 +41,6 @@ class CpuFlashBackend:
             return "this torch has no aten._scaled_dot_product_flash_attention_for_cpu"
         if q.device.type != "cpu":
             return f"runs on CPU tensors, q is on {q.device}"
-        if q.dtype not in DTYPES:
-            return f"dtype {q.dtype} not supported"
         if call.dropout_p > 0.0:
             return "the op has no dropout"
         if call.q_len == 0 or call.kv_len == 0:
