@@ -39,7 +39,8 @@ CORRECTNESS = [  # (B, H, G, T, S, D, causal, mask): mask in None, "padding" (ke
 ]
 SPEED_LENGTHS = [1024, 4096, 16384]
 DECODE = [(1, 32, 8, 32768, 128), (16, 32, 8, 4096, 128)]  # (B, H, G, S, D), T = 1
-ESTIMATES = {"ceilings": 15, "correctness": 60, "speed": 120, "decode": 20}  # seconds, rough
+OVERHEAD_LENGTHS = [1, 14, 128, 1024, 4096]  # MultiHeadAttention vs torch.nn.MultiheadAttention, B=1, C=512, H=8
+ESTIMATES = {"ceilings": 15, "correctness": 60, "speed": 120, "decode": 20, "overhead": 40}  # seconds, rough
 
 
 class Recorder:
@@ -255,6 +256,59 @@ def decode(rec: Recorder, deadline: float) -> None:
                                "GB/s": read / ms / 1e6})
 
 
+def _wall_us(fn, calls: int = 200) -> float:
+    """Median wall-clock microseconds per call over 5 runs of `calls` calls: host work included."""
+    import statistics
+
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def overhead(rec: Recorder, deadline: float) -> None:
+    """Per-call cost with the host included: attention() vs raw SDPA, the module vs torch's,
+    graph breaks under torch.compile (a host sync shows up as one)."""
+    import torch
+    import torch.nn.functional as F
+
+    import multihead as mh
+
+    for T, S in ((1, 512), (128, 128)):
+        q = torch.randn(1, 8, T, 64, device="cuda")
+        k, v = (torch.randn(1, 8, S, 64, device="cuda") for _ in range(2))
+        rec.add("overhead", {"call": f"attention T={T} S={S} fp32",
+                             "multihead_us": _wall_us(lambda: mh.attention(q, k, v)),
+                             "sdpa_us": _wall_us(lambda: F.scaled_dot_product_attention(q, k, v))})
+    ours = mh.MultiHeadAttention(512, 8).cuda().eval()
+    theirs = torch.nn.MultiheadAttention(512, 8, batch_first=True).cuda().eval()
+    with torch.no_grad():
+        for T in OVERHEAD_LENGTHS:
+            if time.monotonic() > deadline:
+                rec.add("overhead", {"skipped": "budget"})
+                return
+            x = torch.randn(1, T, 512, device="cuda")
+            rec.add("overhead", {"call": f"module T={T} fp32", "multihead_us": _wall_us(lambda: ours(x)),
+                                 "torch_us": _wall_us(lambda: theirs(x, x, x, need_weights=False))})
+        x = torch.randn(2, 64, 512, device="cuda")
+        key_mask = torch.ones(2, 64, dtype=torch.bool, device="cuda")
+        key_mask[1, 40:] = False
+        causal = mh.MultiHeadAttention(512, 8, causal=True).cuda().eval()
+        for name, module, kwargs in (("key_mask", ours, {"key_mask": key_mask}), ("causal", causal, {})):
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(module)(x, **kwargs)
+            rec.add("overhead", {"call": f"dynamo.explain module {name}", "graph_breaks": explained.graph_break_count,
+                                 "reasons": [str(b.reason)[:120] for b in explained.break_reasons][:3]})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=300.0, help="seconds for all phases (default 300)")
@@ -279,7 +333,8 @@ def main(argv=None) -> int:
     print(rec.data["device"], rec.data["versions"], flush=True)
     end = time.monotonic() + args.budget
     for name, phase in (("ceilings", lambda: ceilings(rec)), ("correctness", lambda: correctness(rec, end - 40)),
-                        ("speed", lambda: speed(rec, end - 15)), ("decode", lambda: decode(rec, end))):
+                        ("speed", lambda: speed(rec, end - 15)), ("decode", lambda: decode(rec, end - 30)),
+                        ("overhead", lambda: overhead(rec, end))):
         left = end - time.monotonic()
         if left < ESTIMATES[name] / 2:
             rec.add(name, {"skipped": f"budget ({left:.0f} s left)"})
