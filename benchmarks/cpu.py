@@ -3,9 +3,16 @@
     python benchmarks/cpu.py                 # the full table (a few minutes on 2 cores)
     python benchmarks/cpu.py --quick         # tiny sizes, to check the script itself
 
-Three tables, each printed and written to benchmarks/results/cpu-<device>.json
+Five tables, each printed and written to benchmarks/results/cpu-<device>.json
 with the device, the versions and the raw times:
 
+0. Per-call cost where attention is cheap (the targets of "fast where it
+   counts"): MultiHeadAttention against torch.nn.MultiheadAttention (the
+   faster of its two layouts) at T in {1, 14, 128, 1024, 4096}, and
+   `multihead.attention` against calling SDPA directly at T=1, S=512 (a
+   decode step) and T=S=128; eval, fp32, B=1, C=512, H=8, no grad, with 1
+   and with 2 threads. Each sample times a batch of calls (about 20 ms), the
+   candidates take turns, and the median sample counts.
 1. multihead.MultiHeadAttention against torch.nn.MultiheadAttention (eval,
    fp32, B=1, H=8, D=64 so C=512), need_weights False and True, torch both
    with batch_first=True (its fused inference path) and with its default
@@ -46,6 +53,86 @@ def slug(text: str) -> str:
 def timeit(fn, repeats: int) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
     return timeit_side_by_side({"fn": fn}, repeats)["fn"]
+
+
+OVERHEAD_LENGTHS = [1, 14, 128, 1024, 4096]
+SDPA_SHAPES = [(1, 512), (128, 128)]  # (T, S): a decode step, a short prefill
+
+
+def per_call(fns, samples: int, sample_seconds: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each candidate; a sample is a batch of calls lasting about sample_seconds."""
+    batch = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()  # warm-up, and a first estimate of one call
+        batch[name] = max(1, int(sample_seconds / max(time.perf_counter() - start, 1e-7)))
+    times = {name: [] for name in fns}
+    for _ in range(samples):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(batch[name]):
+                fn()
+            times[name].append((time.perf_counter() - start) / batch[name])
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def overhead_module_rows(lengths, threads: int, samples: int):
+    rows = []
+    C, H = 512, 8
+    torch.manual_seed(0)
+    ours = mh.MultiHeadAttention(C, H).eval()
+    batch_first = torch.nn.MultiheadAttention(C, H, batch_first=True).eval()
+    seq_first = torch.nn.MultiheadAttention(C, H).eval()
+    for T in lengths:
+        x = torch.randn(1, T, C)
+        xs = x.transpose(0, 1).contiguous()  # (B, T, C) -> (T, B, C)
+        with torch.no_grad():
+            t = per_call({"multihead": lambda: ours(x),
+                          "torch_batch_first": lambda: batch_first(x, x, x, need_weights=False),
+                          "torch_seq_first": lambda: seq_first(xs, xs, xs, need_weights=False)}, samples)
+        best = min(t["torch_batch_first"], t["torch_seq_first"])
+        rows.append(dict(threads=threads, T=T, multihead_s=t["multihead"], torch_batch_first_s=t["torch_batch_first"],
+                         torch_seq_first_s=t["torch_seq_first"], best_torch_over_multihead=best / t["multihead"]))
+    return rows
+
+
+def overhead_sdpa_rows(shapes, threads: int, samples: int):
+    rows = []
+    for T, S in shapes:
+        torch.manual_seed(0)
+        q = torch.randn(1, 8, T, 64)
+        k, v = torch.randn(1, 8, S, 64), torch.randn(1, 8, S, 64)
+        with torch.no_grad():
+            t = per_call({"multihead": lambda: mh.attention(q, k, v),
+                          "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}, samples)
+        rows.append(dict(threads=threads, T=T, S=S, multihead_s=t["multihead"], sdpa_s=t["sdpa"],
+                         multihead_over_sdpa=t["multihead"] / t["sdpa"]))
+    return rows
+
+
+def overhead_tables(lengths, shapes, samples: int):
+    """Both per-call tables with 1 thread, then with 2; the thread setting is restored after."""
+    before = torch.get_num_threads()
+    modules, calls = [], []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            modules += overhead_module_rows(lengths, threads, samples)
+            calls += overhead_sdpa_rows(shapes, threads, samples)
+    finally:
+        torch.set_num_threads(before)
+    return modules, calls
+
+
+def print_overhead(modules, calls) -> None:
+    print_table("Per call: MultiHeadAttention vs torch.nn.MultiheadAttention (eval, fp32, B=1, C=512, H=8, no grad)",
+                ["threads", "T", "multihead us", "torch batch_first us", "torch seq-first us", "best torch / multihead"],
+                [[str(r["threads"]), str(r["T"]), f"{r['multihead_s'] * 1e6:.0f}", f"{r['torch_batch_first_s'] * 1e6:.0f}",
+                  f"{r['torch_seq_first_s'] * 1e6:.0f}", f"{r['best_torch_over_multihead']:.2f}x"] for r in modules])
+    print_table("Per call: multihead.attention vs F.scaled_dot_product_attention (fp32, B=1, H=8, D=64)",
+                ["threads", "T", "S", "multihead us", "SDPA us", "multihead / SDPA time"],
+                [[str(r["threads"]), str(r["T"]), str(r["S"]), f"{r['multihead_s'] * 1e6:.1f}",
+                  f"{r['sdpa_s'] * 1e6:.1f}", f"{r['multihead_over_sdpa']:.3f}"] for r in calls])
 
 
 def module_table(lengths, repeats):
@@ -154,6 +241,10 @@ def main(argv=None) -> int:
     device = device_name()
     print(f"device: {device}; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
+    overhead_lengths = [1, 14] if args.quick else OVERHEAD_LENGTHS
+    overhead_modules, overhead_calls = overhead_tables(overhead_lengths, SDPA_SHAPES, 3 if args.quick else 15)
+    print_overhead(overhead_modules, overhead_calls)
+
     modules = module_table(lengths, repeats)
     print_table("MultiHeadAttention vs torch.nn.MultiheadAttention (eval, fp32, B=1, H=8, D=64)",
                 ["T", "need_weights", "multihead ms", "torch batch_first ms", "speed-up",
@@ -182,7 +273,8 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(dict(
         device=device, threads=torch.get_num_threads(), torch=torch.__version__,
         python=platform.python_version(), multihead=mh.__version__,
-        date=time.strftime("%Y-%m-%d"), module=modules, backends=backends, memory=memory,
+        date=time.strftime("%Y-%m-%d"), overhead_module=overhead_modules, overhead_attention=overhead_calls,
+        module=modules, backends=backends, memory=memory,
     ), indent=2) + "\n")
     print(f"\nwrote {path}")
     return 0

@@ -423,15 +423,15 @@ def test_attention_runs_on_multihead_not_on_torchs_mha(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "multi_head_attention_forward", refuse)
     seen = []
-    real = mh.functional.attention
+    import multihead.attend as attend_module
+
+    real = attend_module.attend_call
 
     def spy(*args, **kwargs):
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    import multihead.attend as attend_module
-
-    monkeypatch.setattr(attend_module, "attention", spy)
+    monkeypatch.setattr(attend_module, "attend_call", spy)
     m = MultiheadAttention(8, 2, batch_first=True)
     x = torch.randn(2, 5, 8)
     m(x, x, x, need_weights=False)

@@ -154,9 +154,9 @@ def test_absorbed_path_attends_the_latent_as_one_shared_head(monkeypatch):
     # c_KV; plain = H heads of width D + d_rope and Dv. The module's `absorb` picks when forward's is None.
     import multihead.attend as attend_module
     seen = []
-    real = attend_module.attention
-    monkeypatch.setattr(attend_module, "attention", lambda q, k, v, **kw: seen.append(
-        (tuple(q.shape), tuple(k.shape), tuple(v.shape), kw["scale"])) or real(q, k, v, **kw))
+    real = attend_module.attend_call
+    monkeypatch.setattr(attend_module, "attend_call", lambda call, **kw: seen.append(
+        (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.scale)) or real(call, **kw))
     x = randn(2, 5, C)
     m = make_mla(absorb=True)
     m(x)

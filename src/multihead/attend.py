@@ -30,9 +30,10 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from . import backends
 from ._checks import flag
-from .call import records_grad
-from .functional import attention, attention_with_weights
+from .call import AttentionCall, make_call
+from .functional import attention_with_weights
 from .weights import attention_and_weights
 
 
@@ -54,10 +55,19 @@ def attend(
     need_weights: bool = False,
 ) -> Attended:
     """q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> Attended(out, weights); see the module docstring."""
-    call = dict(attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
-    if not flag("need_weights", need_weights):
-        return Attended(attention(q, k, v, backend=backend, **call), None)
-    if backend in ("auto", "reference") or records_grad(q, k, v, attn_mask):
-        return Attended(*attention_with_weights(q, k, v, **call))
-    on_demand = attention_and_weights(q, k, v, backend=backend, **call)
+    flag("need_weights", need_weights)
+    backends.check_name(backend)
+    call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
+    return attend_call(call, backend=backend, need_weights=need_weights)
+
+
+def attend_call(call: AttentionCall, *, backend: str = "auto", need_weights: bool = False) -> Attended:
+    """attend() for a call already checked: by `make_call`, or built by a module from q, k, v it projected itself."""
+    if not need_weights:
+        return Attended(backends.dispatch(call, backend).forward(call).out, None)
+    q, k, v = call.q, call.k, call.v
+    arguments = dict(attn_mask=call.attn_mask, causal=call.causal, scale=call.scale, dropout_p=call.dropout_p)
+    if backend in ("auto", "reference") or call.needs_grad():
+        return Attended(*attention_with_weights(q, k, v, **arguments))
+    on_demand = attention_and_weights(q, k, v, backend=backend, **arguments)
     return Attended(on_demand.out, on_demand.weights)

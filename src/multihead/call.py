@@ -17,7 +17,6 @@ This module sits below the backends and imports none of them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -27,7 +26,7 @@ from . import masks
 from ._checks import flag, mask_tensor, probability
 
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what every backend can compute in
+DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))  # what every backend computes in
 
 
 class AttentionOutput(NamedTuple):
@@ -37,9 +36,12 @@ class AttentionOutput(NamedTuple):
     lse: Tensor | None  # (B, H, T) float32 (float64 for float64 inputs); -inf for a row with no key; None unless asked
 
 
-@dataclass(frozen=True)
-class AttentionCall:
-    """A checked call: everything a backend needs to compute softmax(q kᵀ · scale + mask) v."""
+class AttentionCall(NamedTuple):
+    """A checked call: everything a backend needs to compute softmax(q kᵀ · scale + mask) v.
+
+    Immutable (a NamedTuple: built in a fraction of a microsecond, which
+    matters at decode sizes where the whole call takes tens of them).
+    """
 
     q: Tensor  # (B, H, T, D)
     k: Tensor  # (B, G, S, D)
@@ -88,6 +90,17 @@ def _shape(x: Tensor) -> tuple[int, ...]:
 
 
 def _check_tensors(q, k, v) -> None:
+    """q, k, v dense 4-dim tensors of one supported dtype on one device; the common case costs one expression."""
+    if (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+            and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in DTYPES
+            and k.dtype == q.dtype and v.dtype == q.dtype and k.device == q.device and v.device == q.device
+            and not (q.is_nested or k.is_nested or v.is_nested)):
+        return
+    _explain_tensors(q, k, v)
+
+
+def _explain_tensors(q, k, v) -> None:
+    """Raise the error that names what is wrong with q, k or v (called once the quick check failed)."""
     for name, x, dims in (("q", q, "(B, H, T, D)"), ("k", k, "(B, G, S, D)"), ("v", v, "(B, G, S, Dv)")):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(x).__name__}")
@@ -103,17 +116,19 @@ def _check_tensors(q, k, v) -> None:
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; cast them to one dtype")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}; move them to one device")
+    raise AssertionError("unreachable: the quick check failed but no rule did")
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     B, H, _, D = q.shape
-    G, S = k.shape[1], k.shape[2]
-    if k.shape[0] != B or v.shape[0] != B:
+    Bk, G, S, Dk = k.shape
+    Bv, Gv, Sv, _ = v.shape
+    if Bk != B or Bv != B:
         raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 is B)")
-    if v.shape[1] != G or v.shape[2] != S:
+    if Gv != G or Sv != S:
         raise ValueError(f"k (B, G, S, D) and v (B, G, S, Dv) must agree on G and S, "
                          f"got k {_shape(k)}, v {_shape(v)}")
-    if k.shape[3] != D:
+    if Dk != D:
         raise ValueError(f"q and k must have the same head dim D, got q {_shape(q)}, k {_shape(k)}")
     if G == 0 or H % G != 0:
         raise ValueError(f"query heads H={H} must be a multiple of key/value heads G={G} "
@@ -131,7 +146,7 @@ def check_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
     keys it may attend).
     """
     if scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0  # D > 0 once make_call has checked q
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None (= 1/sqrt(D)), got {scale!r}")
     largest = torch.finfo(torch.promote_types(dtype, torch.float32)).max

@@ -18,14 +18,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, masks
 from ._checks import check_like_parameters, flag, positive_int, probability
 from ._checks import key_mask as check_key_mask
-from .attend import attend
+from .attend import attend_call
 from .cache import LayerCache, check_layer_cache, chunk_lengths_from_key_mask, token_positions
-from .call import check_mask
+from .call import AttentionCall, check_mask, check_scale
+from .fused_linear import Stacked, call_linear, lay_out_together
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
 
@@ -140,6 +142,20 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.kdim, G * D, bias=cfg.bias, **factory)
         self.v_proj = nn.Linear(cfg.vdim, G * Dv, bias=cfg.bias, **factory)
         self.out_proj = nn.Linear(H * Dv, cfg.d_model, bias=cfg.bias, **factory)
+        # W^Q, W^K, W^V one after the other in memory: self-attention projects with one GEMM (fused_linear.py)
+        self._stacked = Stacked()
+        self._scale = check_scale(None, cfg.head_dim, self.out_proj.weight.dtype)  # 1/sqrt(D), the textbook's
+        self._lay_out_projections()
+        self.register_load_state_dict_post_hook(lambda module, _: module._lay_out_projections())
+
+    def _lay_out_projections(self) -> None:
+        lay_out_together([self.q_proj, self.k_proj, self.v_proj])
+
+    def _apply(self, fn, recurse: bool = True):
+        """.to(), .half(), .cuda() give each parameter its own storage: lay W^Q, W^K, W^V out together again."""
+        super()._apply(fn, recurse)
+        self._lay_out_projections()
+        return self
 
     def extra_repr(self) -> str:
         c = self.config
@@ -193,10 +209,11 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project(query, key, value)  # (B, H, T, D), (B, G, S, D), (B, G, S, Dv)
         if self.rope is not None:
             q, k = self.rotate(q, k, token_positions(positions, cache, q.shape[0], q.shape[2], q.device))
-        with self._keys_and_mask(q, k, v, attn_mask, key_mask, cache) as (k, v, mask):  # a cache: all S cached
-            attended = attend(q, k, v, attn_mask=mask, causal=self.config.causal and cache is None,
-                              dropout_p=self.config.dropout if self.training else 0.0,
-                              backend=self.config.backend, need_weights=need_weights)
+        if cache is None:
+            attended = self._attend(q, k, v, self._mask(q, k, attn_mask, key_mask), need_weights, cached=False)
+        else:
+            with self._cached(q, k, v, attn_mask, key_mask, cache) as (k, v, mask):  # all S cached, chunk appended
+                attended = self._attend(q, k, v, mask, need_weights, cached=True)
         return MultiHeadAttentionOutput(self.merge(attended.out), attended.weights)
 
     # -- the stages ------------------------------------------------------------------
@@ -205,9 +222,15 @@ class MultiHeadAttention(nn.Module):
         """(B, T, C), (B, S, kdim), (B, S, vdim) -> q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv)."""
         cfg = self.config
         B, T, S = query.shape[0], query.shape[1], key.shape[1]
-        q = self.q_proj(query).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
-        k = self.k_proj(key).view(B, S, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # -> (B, G, S, D)
-        v = self.v_proj(value).view(B, S, cfg.num_kv_heads, cfg.v_head_dim).transpose(1, 2)  # -> (B, G, S, Dv)
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        stacked = self._stacked.get(layers, query) if key is query and value is query else None
+        if stacked is None:  # (B, T, H·D), (B, S, G·D), (B, S, G·Dv)
+            q, k, v = (call_linear(layer, x) for layer, x in zip(layers, (query, key, value)))
+        else:  # one GEMM: (B, T, C) -> (B, T, H·D + G·D + G·Dv) -> the three parts
+            q, k, v = F.linear(query, stacked.weight, stacked.bias).split_with_sizes(stacked.sizes, dim=-1)
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
+        k = k.view(B, S, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, S, G·D) -> (B, G, S, D)
+        v = v.view(B, S, cfg.num_kv_heads, cfg.v_head_dim).transpose(1, 2)  # (B, S, G·Dv) -> (B, G, S, Dv)
         return q, k, v
 
     def rotate(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,7 +241,8 @@ class MultiHeadAttention(nn.Module):
     def merge(self, out: Tensor) -> Tensor:
         """Concatenate the heads and apply W^O: (B, H, T, Dv) -> (B, T, C)."""
         B, H, T, Dv = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dv))  # (B, H, T, Dv) -> (B, T, H·Dv) -> (B, T, C)
+        concatenated = out.transpose(1, 2).reshape(B, T, H * Dv)  # (B, H, T, Dv) -> (B, T, H·Dv)
+        return call_linear(self.out_proj, concatenated)  # (B, T, H·Dv) -> (B, T, C)
 
     # -- checks and the cache ---------------------------------------------------------
 
@@ -229,16 +253,21 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("value was given without key; pass key too (value alone is ambiguous)")
         key = query if key is None else key
         value = key if value is None else value
-        for name, x, width, width_name in (("query", query, cfg.d_model, "d_model"), ("key", key, cfg.kdim, "kdim"),
-                                           ("value", value, cfg.vdim, "vdim")):
-            _check_input(name, x, width, width_name)
+        _check_input("query", query, cfg.d_model, "d_model")
+        if key is not query or cfg.kdim != cfg.d_model:  # the same tensor checked against the same width: once
+            _check_input("key", key, cfg.kdim, "kdim")
+        if value is not query or cfg.vdim != cfg.d_model:
+            _check_input("value", value, cfg.vdim, "vdim")
         B, S = query.shape[0], key.shape[1]
         if key.shape[0] != B or value.shape[0] != B or value.shape[1] != S:
             raise ValueError(
                 f"query (B, T, C), key (B, S, kdim), value (B, S, vdim) must agree on B and S, "
                 f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
             )
-        check_like_parameters(self.out_proj.weight, query=query, key=key, value=value)
+        if key is query and value is query:
+            check_like_parameters(self.out_proj.weight, query=query)
+        else:
+            check_like_parameters(self.out_proj.weight, query=query, key=key, value=value)
         self._check_cache_use(query, key, value, cache, positions)
         return query, key, value
 
@@ -262,21 +291,32 @@ class MultiHeadAttention(nn.Module):
         if positions is not None:
             check_positions(positions, batch_size=query.shape[0], length=query.shape[1], device=query.device)
 
+    def _attend(self, q, k, v, mask, need_weights: bool, cached: bool):
+        """The attention step, on a call built here: the inputs and mask are checked, q, k, v are our projections.
+
+        With a cache the causal rule is in the cache's mask (per sequence), not the causal flag.
+        """
+        cfg = self.config
+        causal = cfg.causal and not cached
+        call = AttentionCall(q, k, v, mask, causal, self._scale, cfg.dropout if self.training else 0.0)
+        return attend_call(call, backend=cfg.backend, need_weights=need_weights)
+
+    def _mask(self, q, k, attn_mask, key_mask) -> Tensor | None:
+        """Without a cache: attn_mask and key_mask checked and combined over the S keys."""
+        mask = check_mask(attn_mask, q, k.shape[2])
+        if key_mask is None:
+            return mask
+        real = check_key_mask(key_mask, q.shape[0], k.shape[2], q.device)
+        return masks.combine(mask, masks.key_mask_to_attn_mask(real))
+
     @contextmanager
-    def _keys_and_mask(self, q, k, v, attn_mask, key_mask, cache) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-        """(k, v, mask) to attend: with a cache, everything cached once the chunk is appended.
+    def _cached(self, q, k, v, attn_mask, key_mask, cache) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """(k, v, mask) over everything cached once the chunk is appended.
 
         Every argument is checked before the cache is written (`LayerCache.prepare`),
         and the write is undone if the attention step then refuses the call.
         """
         B, T = q.shape[0], q.shape[2]
-        if cache is None:
-            mask = check_mask(attn_mask, q, k.shape[2])
-            if key_mask is not None:
-                real = check_key_mask(key_mask, B, k.shape[2], q.device)
-                mask = masks.combine(mask, masks.key_mask_to_attn_mask(real))
-            yield k, v, mask
-            return
         chunk_lengths = None if key_mask is None else chunk_lengths_from_key_mask(key_mask, B, T, q.device)
         plan = cache.prepare(k, v, chunk_lengths)
         mask = check_mask(attn_mask, q, plan.kv_len)

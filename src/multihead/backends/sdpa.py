@@ -40,16 +40,18 @@ class SdpaBackend:
     def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None:
         if need_lse:
             return "scaled_dot_product_attention returns no logsumexp"
-        if call.q_len == 0 or call.kv_len == 0:
+        if call.q.shape[2] == 0 or call.k.shape[2] == 0:
             return "zero-length T or S (chunked and reference handle it)"
-        return float_mask_reason(call)
+        return None if call.attn_mask is None else float_mask_reason(call)
 
     def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
-        q = call.q
-        fused = masks.for_fused_kernel(call.attn_mask, call.causal, call.q_len, call.kv_len, call.scale, q.dtype,
-                                       q.device)
+        q, k, v, attn_mask, causal, scale, dropout_p = call
+        gqa = bool(q.shape[1] != k.shape[1])  # bool(): under jit.trace sizes are tensors
+        if attn_mask is None and not causal:  # nothing to align or open: the kernel as it is
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+            return AttentionOutput(out, None)  # (B, H, T, Dv)
+        fused = masks.for_fused_kernel(attn_mask, causal, q.shape[2], k.shape[2], scale, q.dtype, q.device)
         out = F.scaled_dot_product_attention(
-            q, call.k, call.v, attn_mask=fused.mask, dropout_p=call.dropout_p, is_causal=fused.is_causal,
-            scale=call.scale, enable_gqa=bool(call.heads != call.kv_heads),
+            q, k, v, attn_mask=fused.mask, dropout_p=dropout_p, is_causal=fused.is_causal, scale=scale, enable_gqa=gqa,
         )  # (B, H, T, Dv)
         return AttentionOutput(masks.zero_empty_rows(out, fused.has_key), None)
