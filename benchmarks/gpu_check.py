@@ -2,10 +2,13 @@
 
     python benchmarks/gpu_check.py --budget 300 --out DIR       # on a CUDA machine
     python benchmarks/gpu_check.py --dry-run                    # the plan, anywhere
+    python benchmarks/gpu_check.py --probe                      # is there anything to run here? (make gpu-check)
+
+`make gpu-check` runs the GPU tests and then this script; see the Makefile.
 
 Phases, each skipped when the budget left is below its estimate, each row
-written to DIR/gpu-check.json as soon as it is measured (so a run cut short
-still leaves its data), a summary printed last:
+written to DIR/gpu-check-<device>.json as soon as it is measured (so a run cut
+short still leaves its data) and printed to stderr as progress:
 
 1. ceilings: device copy bandwidth (GB/s) and a bf16 8192^3 matmul (TFLOP/s);
 2. correctness: `multihead.attention` on every backend that supports the call
@@ -18,19 +21,36 @@ still leaves its data), a summary printed last:
    T in {1k, 4k, 16k}, D = 128, causal or not: triton, SDPA flash, SDPA cuDNN
    (`triton.testing.do_bench` medians, TFLOP/s as flash-attention counts them);
 4. decode: one query against a long cache (T = 1), triton vs SDPA, GB/s of
-   K and V read against the measured copy bandwidth.
+   K and V read against the measured copy bandwidth;
+5. overhead: per-call host cost against torch, and graph breaks under torch.compile.
+
+Last, the summary: every phase as a Markdown table (speed as a fraction of the
+measured matmul, decode of the measured copy bandwidth), printed to stdout and
+written to DIR/gpu-check-<device>.md. Exit status: 0, or 1 when a correctness
+row breaks the rule, a logsumexp check fails or a phase crashed; 124 when
+stopped by SIGTERM (the summary of what was measured is still written); 2
+without CUDA.
 
 Set MULTIHEAD_TRITON_CONFIGS=few to keep the autotuners to two tiles each.
+The module level and --probe run on any python3 >= 3.9 without torch (the
+Makefile calls them with the machine's own python3).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import re
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"
+NO_CUDA = "gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing to run"
+PROBE_NOTHING_TO_RUN = 3  # --probe's exit status when there is no CUDA: make gpu-check then exits 0
 CORRECTNESS = [  # (B, H, G, T, S, D, causal, mask): mask in None, "padding" (key lengths), "bool"
     (1, 8, 2, 1025, 1025, 128, True, None), (2, 4, 4, 113, 777, 64, False, None),
     (1, 4, 4, 777, 113, 64, True, None), (1, 4, 1, 1, 4099, 128, True, None),
@@ -44,17 +64,33 @@ ESTIMATES = {"ceilings": 15, "correctness": 60, "speed": 120, "decode": 20, "ove
 
 
 class Recorder:
-    """Rows by phase, written to disk after every row."""
+    """Rows by phase, written to DIR/gpu-check-<device>.json after every row and printed to stderr."""
 
-    def __init__(self, out: Path | None) -> None:
-        self.data: dict = {"phases": {}}
-        self.path = None if out is None else out / "gpu-check.json"
+    def __init__(self, out: Path | None, device: str = "unknown device") -> None:
+        self.data: dict = {"device": device, "phases": {}}
+        self.path = None if out is None else out / f"gpu-check-{slug(device)}.json"
 
     def add(self, phase: str, row: dict) -> None:
         self.data["phases"].setdefault(phase, []).append(row)
-        print(f"[{phase}] " + ", ".join(f"{k}={_short(v)}" for k, v in row.items()), flush=True)
+        print(f"[{phase}] " + ", ".join(f"{k}={_short(v)}" for k, v in row.items()), file=sys.stderr, flush=True)
+        self.save()
+
+    def save(self) -> None:
         if self.path is not None:
             self.path.write_text(json.dumps(self.data, indent=1))
+
+    def write_summary(self, text: str) -> Path | None:
+        """The Markdown summary beside the JSON: DIR/gpu-check-<device>.md."""
+        if self.path is None:
+            return None
+        path = self.path.with_suffix(".md")
+        path.write_text(text)
+        return path
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200', as the other benchmark scripts name their files."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
 def _short(value):
@@ -66,6 +102,8 @@ def plan() -> str:
     lines += [f"correctness: B,H,G,T,S,D,causal,mask = {case}" for case in CORRECTNESS]
     lines += [f"speed: T={T}, B={16384 // T}, H=16, D=128, causal in (False, True)" for T in SPEED_LENGTHS]
     lines += [f"decode: B,H,G,S,D = {case}" for case in DECODE]
+    lines += [f"overhead: module T={T}, C=512, H=8 against torch.nn.MultiheadAttention" for T in OVERHEAD_LENGTHS]
+    lines += ["writes: OUT/gpu-check-<device>.json (every row as measured) and OUT/gpu-check-<device>.md (summary)"]
     return "\n".join(lines)
 
 
@@ -309,29 +347,138 @@ def overhead(rec: Recorder, deadline: float) -> None:
                                  "reasons": [str(b.reason)[:120] for b in explained.break_reasons][:3]})
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--budget", type=float, default=300.0, help="seconds for all phases (default 300)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for gpu-check.json")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    args = parser.parse_args(argv)
-    if args.dry_run:
-        print(plan())
-        return 0
-    import torch
+# ---- the summary: Markdown tables built from the recorded rows (no torch needed)
 
+PHASE_ORDER = ["ceilings", "correctness", "lse", "nan", "speed", "decode", "overhead", "timing"]
+TITLES = {
+    "ceilings": "Ceilings: copy bandwidth and a bf16 matmul, as measured here",
+    "correctness": "Correctness against float64 (ok: err <= 2 x naive + 1e-5 and grad/naive <= 3)",
+    "lse": "Logsumexp against float64, and weights read off it",
+    "nan": "NaN in one value (key 10, causal) through the triton kernel (earlier rows may see it as 0 · NaN)",
+    "speed": "Speed, bf16, B·T = 16k tokens, H = 16, D = 128 (% of the measured bf16 matmul)",
+    "decode": "Decode step, T = 1: K and V read per second (% of the measured copy bandwidth)",
+    "overhead": "Per-call overhead with the host included (µs), graph breaks under torch.compile",
+    "timing": "Seconds per phase",
+}
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "; ".join(str(v) for v in value)
+    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list, columns: list | None = None) -> str:
+    """Rows (dicts) as a Markdown table; columns in order of first appearance, numbers right-aligned."""
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    numeric = [all(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)
+                   for row in rows if row.get(c) is not None) for c in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ceiling(phases: dict, key: str) -> float | None:
+    for row in phases.get("ceilings", []):
+        if isinstance(row.get(key), (int, float)) and row[key] > 0:
+            return float(row[key])
+    return None
+
+
+def _with_fraction(row: dict, key: str, name: str, ceiling: float) -> dict:
+    value = row.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return row
+    return dict(row, **{name: 100 * value / ceiling})
+
+
+def with_fractions(phases: dict) -> dict:
+    """Speed rows gain % of the measured matmul TFLOP/s, decode rows % of the measured copy GB/s."""
+    matmul, copy = _ceiling(phases, "TFLOP/s"), _ceiling(phases, "GB/s")
+    out = dict(phases)
+    if matmul is not None and "speed" in phases:
+        out["speed"] = [_with_fraction(_with_fraction(row, "fwd_TFLOP/s", "fwd % of matmul", matmul),
+                                       "fwd+bwd_TFLOP/s", "fwd+bwd % of matmul", matmul) for row in phases["speed"]]
+    if copy is not None and "decode" in phases:
+        out["decode"] = [_with_fraction(row, "GB/s", "% of copy", copy) for row in phases["decode"]]
+    return out
+
+
+def failures(data: dict) -> list:
+    """What makes the run fail: a correctness row off the rule (or one that raised), a logsumexp
+    check that failed, a phase that crashed. Budget skips and a speed candidate's error do not."""
+    phases = data.get("phases", {})
+    bad = [f"correctness {row.get('case')} on {row.get('backend')}: "
+           + (row["error"] if "error" in row else f"err {_cell(row.get('err'))}, naive {_cell(row.get('naive'))}, "
+              f"grad/naive {_cell(row.get('grad/naive'))}")
+           for row in phases.get("correctness", []) if "skipped" not in row and row.get("ok") is not True]
+    bad += [f"lse on {row.get('backend')}: " + (row.get("error") or "empty rows disagree with float64")
+            for row in phases.get("lse", []) if "error" in row or row.get("empty_rows_agree") is False]
+    bad += [f"phase {name} crashed: {row['phase_error']}"
+            for name, rows in phases.items() for row in rows if "phase_error" in row]
+    return bad
+
+
+def summary(data: dict) -> str:
+    """The whole run as Markdown: a verdict, then one table per phase."""
+    versions = ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items())
+    bad = failures(data)
+    checked = [r for r in data.get("phases", {}).get("correctness", []) if "skipped" not in r]
+    verdict = (f"**FAILED**: {len(bad)} problem(s)\n" + "\n".join(f"- {line}" for line in bad) if bad
+               else f"**ok**: {len(checked)} correctness rows within the rule")
+    lines = [f"# gpu-check: {data.get('device', 'unknown device')}", "", versions, "", verdict]
+    phases = with_fractions(data.get("phases", {}))
+    for name in PHASE_ORDER + sorted(set(phases) - set(PHASE_ORDER)):
+        if phases.get(name):
+            lines += ["", f"## {TITLES.get(name, name)}", "", markdown_table(phases[name])]
+    return "\n".join(lines) + "\n"
+
+
+# ---- running it
+
+
+def probe() -> int:
+    """For `make gpu-check`: 0 = CUDA, torch and triton are here, run; PROBE_NOTHING_TO_RUN = no CUDA
+    (one line said); 1 = a GPU machine that cannot run it (nvidia-smi is here, but not torch with CUDA)."""
+    gpu_here = shutil.which("nvidia-smi") is not None
+    try:
+        import torch
+    except ImportError as exc:
+        if gpu_here:
+            print(f"gpu-check: nvidia-smi is here but {sys.executable} cannot import torch ({exc}); "
+                  f"run with GPU_PYTHON= a python that has torch and triton", file=sys.stderr)
+            return 1
+        print(f"gpu-check: no CUDA device here ({sys.executable} cannot import torch); nothing to run")
+        return PROBE_NOTHING_TO_RUN
     if not torch.cuda.is_available():
-        print("gpu_check needs a CUDA device (use --dry-run to see the plan)", file=sys.stderr)
-        return 2
-    import triton
+        if gpu_here:
+            print(f"gpu-check: nvidia-smi is here but torch {torch.__version__} sees no CUDA device "
+                  f"(torch.cuda.is_available() is False): a CPU build of torch, or CUDA_VISIBLE_DEVICES?",
+                  file=sys.stderr)
+            return 1
+        print(NO_CUDA)
+        return PROBE_NOTHING_TO_RUN
+    if importlib.util.find_spec("triton") is None:
+        print(f"gpu-check: CUDA is here but {sys.executable} has no triton", file=sys.stderr)
+        return 1
+    return 0
 
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-    rec = Recorder(args.out)
-    rec.data["device"] = torch.cuda.get_device_name()
-    rec.data["versions"] = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]}
-    print(rec.data["device"], rec.data["versions"], flush=True)
-    end = time.monotonic() + args.budget
+
+class Stopped(BaseException):
+    """SIGTERM (make's `timeout`): stop measuring, still write the summary."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
+def run_phases(rec: Recorder, budget: float) -> None:
+    end = time.monotonic() + budget
     for name, phase in (("ceilings", lambda: ceilings(rec)), ("correctness", lambda: correctness(rec, end - 40)),
                         ("speed", lambda: speed(rec, end - 15)), ("decode", lambda: decode(rec, end - 30)),
                         ("overhead", lambda: overhead(rec, end))):
@@ -342,11 +489,59 @@ def main(argv=None) -> int:
         started = time.monotonic()
         try:
             phase()
-        except Exception as exc:
+        except Exception as exc:  # record and go on: one phase must not hide the others
             rec.add(name, {"phase_error": f"{type(exc).__name__}: {exc}"[:300]})
         rec.add("timing", {"phase": name, "seconds": time.monotonic() - started})
-    print(json.dumps(rec.data, indent=1))
-    return 0
+
+
+def measure_and_summarize(rec: Recorder, budget: float) -> int:
+    """The phases, then the summary (stdout and the .md beside the JSON); returns the exit status.
+
+    SIGTERM (the Makefile's timeout) stops the phases but not the summary of what was measured.
+    """
+    previous = signal.signal(signal.SIGTERM, _stop)
+    stopped = False
+    try:
+        run_phases(rec, budget)
+    except Stopped:
+        stopped = True
+        rec.add("timing", {"phase": "stopped by SIGTERM", "seconds": None})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    text = summary(rec.data)
+    rec.write_summary(text)
+    print(text, flush=True)
+    return 124 if stopped else 1 if failures(rec.data) else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds for all phases (default 300)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for gpu-check-<device>.json and .md (default benchmarks/results)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--probe", action="store_true",
+                        help=f"exit 0 where CUDA, torch and triton are here, {PROBE_NOTHING_TO_RUN} (one line) "
+                             f"where there is no CUDA, 1 where a GPU machine cannot run it")
+    args = parser.parse_args(argv)
+    if args.probe:
+        return probe()
+    if args.dry_run:
+        print(plan())
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device (use --dry-run to see the plan)", file=sys.stderr)
+        return 2
+    import triton
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rec = Recorder(args.out, torch.cuda.get_device_name())
+    rec.data["versions"] = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]}
+    rec.data["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    rec.data["budget_s"] = args.budget
+    return measure_and_summarize(rec, args.budget)
 
 
 if __name__ == "__main__":

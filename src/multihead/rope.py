@@ -98,11 +98,16 @@ class RotaryEmbedding(nn.Module):
     def inv_freq(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """θ_i = base^(-2i/D) for i < D/2, (D/2,), computed as Hugging Face does in float32."""
         device = torch.device("cpu") if device is None else torch.device(device)
+        if torch.compiler.is_compiling():  # computed in the graph (a constant there): a memo would add a guard
+            return self._frequencies(device, dtype)
         key = (device, dtype)
         if key not in self._inv_freq:
-            exponents = torch.arange(0, self.head_dim, 2, dtype=dtype) / self.head_dim  # (D/2,)
-            self._inv_freq[key] = (1.0 / (self.base ** exponents)).to(device)  # (D/2,)
+            self._inv_freq[key] = self._frequencies(device, dtype)
         return self._inv_freq[key]
+
+    def _frequencies(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=dtype) / self.head_dim  # (D/2,)
+        return (1.0 / (self.base ** exponents)).to(device)  # (D/2,)
 
     def forward(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> Rotary:
         """cos and sin (B|1, 1, T, D) for integer positions (B, T) or (T,).
