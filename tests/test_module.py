@@ -157,8 +157,11 @@ def test_bad_forward_inputs():
     y = torch.randn(2, 7, 6)
     with pytest.raises(ValueError, match=r"query has 2 dims, \(B, len, d_model=8\) expected"):
         mha(x[0], y)
-    with pytest.raises(ValueError, match=r"key has width 8, kdim=6 expected"):
+    with pytest.raises(ValueError, match=r"key and value default to the query \(width d_model=8\), but this "
+                                         r"module projects keys of width kdim=6"):
         mha(x)  # self-attention needs kdim == d_model
+    with pytest.raises(ValueError, match=r"key has width 8, kdim=6 expected"):
+        mha(x, x, y)
     with pytest.raises(ValueError, match="value was given without key"):
         mha(x, value=y)
     with pytest.raises(ValueError, match="must agree on B and S"):

@@ -197,4 +197,4 @@ def make_call(
     )
 
 
-__all__ = ["AttentionCall", "AttentionOutput", "check_mask", "check_scale", "make_call", "records_grad"]
+__all__ = ["DTYPES", "AttentionCall", "AttentionOutput", "check_mask", "check_scale", "make_call", "records_grad"]

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, masks
@@ -26,8 +25,8 @@ from ._checks import check_like_parameters, flag, positive_int, probability
 from ._checks import key_mask as check_key_mask
 from .attend import attend_call
 from .cache import LayerCache, check_layer_cache, chunk_lengths_from_key_mask, token_positions
-from .call import AttentionCall, check_mask, check_scale
-from .fused_linear import Stacked, call_linear, lay_out_together
+from .call import DTYPES, AttentionCall, check_mask, check_scale
+from .linear_call import call_linear
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
 
@@ -142,20 +141,7 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.kdim, G * D, bias=cfg.bias, **factory)
         self.v_proj = nn.Linear(cfg.vdim, G * Dv, bias=cfg.bias, **factory)
         self.out_proj = nn.Linear(H * Dv, cfg.d_model, bias=cfg.bias, **factory)
-        # W^Q, W^K, W^V one after the other in memory: self-attention projects with one GEMM (fused_linear.py)
-        self._stacked = Stacked()
         self._scale = check_scale(None, cfg.head_dim, self.out_proj.weight.dtype)  # 1/sqrt(D), the textbook's
-        self._lay_out_projections()
-        self.register_load_state_dict_post_hook(lambda module, _: module._lay_out_projections())
-
-    def _lay_out_projections(self) -> None:
-        lay_out_together([self.q_proj, self.k_proj, self.v_proj])
-
-    def _apply(self, fn, recurse: bool = True):
-        """.to(), .half(), .cuda() give each parameter its own storage: lay W^Q, W^K, W^V out together again."""
-        super()._apply(fn, recurse)
-        self._lay_out_projections()
-        return self
 
     def extra_repr(self) -> str:
         c = self.config
@@ -222,12 +208,9 @@ class MultiHeadAttention(nn.Module):
         """(B, T, C), (B, S, kdim), (B, S, vdim) -> q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv)."""
         cfg = self.config
         B, T, S = query.shape[0], query.shape[1], key.shape[1]
-        layers = (self.q_proj, self.k_proj, self.v_proj)
-        stacked = self._stacked.get(layers, query) if key is query and value is query else None
-        if stacked is None:  # (B, T, H·D), (B, S, G·D), (B, S, G·Dv)
-            q, k, v = (call_linear(layer, x) for layer, x in zip(layers, (query, key, value)))
-        else:  # one GEMM: (B, T, C) -> (B, T, H·D + G·D + G·Dv) -> the three parts
-            q, k, v = F.linear(query, stacked.weight, stacked.bias).split_with_sizes(stacked.sizes, dim=-1)
+        q = call_linear(self.q_proj, query)  # (B, T, C) -> (B, T, H·D)
+        k = call_linear(self.k_proj, key)  # (B, S, kdim) -> (B, S, G·D)
+        v = call_linear(self.v_proj, value)  # (B, S, vdim) -> (B, S, G·Dv)
         q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, T, H·D) -> (B, H, T, D)
         k = k.view(B, S, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, S, G·D) -> (B, G, S, D)
         v = v.view(B, S, cfg.num_kv_heads, cfg.v_head_dim).transpose(1, 2)  # (B, S, G·Dv) -> (B, G, S, Dv)
@@ -251,6 +234,10 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         if key is None and value is not None:
             raise ValueError("value was given without key; pass key too (value alone is ambiguous)")
+        if key is None and (cfg.kdim != cfg.d_model or cfg.vdim != cfg.d_model):
+            raise ValueError(f"key and value default to the query (width d_model={cfg.d_model}), but this module "
+                             f"projects keys of width kdim={cfg.kdim} and values of width vdim={cfg.vdim}; "
+                             f"pass key (B, S, kdim) and value (B, S, vdim)")
         key = query if key is None else key
         value = key if value is None else value
         _check_input("query", query, cfg.d_model, "d_model")
@@ -351,5 +338,7 @@ def _check_input(name: str, x, width: int, width_name: str) -> None:
         raise TypeError(f"{name} is a nested tensor; pass a padded (B, len, {width_name}) tensor and a key_mask")
     if x.dim() != 3:
         raise ValueError(f"{name} has {x.dim()} dims, (B, len, {width_name}={width}) expected, got {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.shape[-1] != width:
         raise ValueError(f"{name} has width {x.shape[-1]}, {width_name}={width} expected, got {tuple(x.shape)}")
