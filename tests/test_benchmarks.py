@@ -36,3 +36,20 @@ def test_gpu_check_plan_and_refusal_without_cuda():
     if not torch.cuda.is_available():
         done = subprocess.run([sys.executable, script, "--budget", "5"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "needs a CUDA device" in done.stderr
+
+
+def test_decode_benchmark_quick_run_reports_eager_compiled_and_transformers_tokens_per_second(tmp_path):
+    script = str(ROOT / "benchmarks" / "decode.py")
+    done = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "compiled tokens/s" in done.stdout and "transformers tokens/s" in done.stdout
+    assert "the faster multihead path decodes at" in done.stdout
+    (result,) = tmp_path.glob("decode-*-quick.json")
+    rows = json.loads(result.read_text())["decoding"]
+    assert [r["model"] for r in rows] == ["gpt2", "llama"]
+    for r in rows:
+        assert r["same_tokens"] is True, r
+        assert r["attn_implementation"] == "sdpa" and r["compile_backend"] == "eager"
+        assert min(r["eager_s"], r["compiled_s"], r["transformers_s"]) > 0 and r["compile_s"] >= 0
+        assert r["best_vs_transformers"] == max(r["eager_vs_transformers"], r["compiled_vs_transformers"])

@@ -32,6 +32,13 @@ that hold real tokens: the causal mask aligned bottom-right, per sequence.
        q1 (p=4)  x x x x x           q1 (pad)  x x . . .   <- padded query: sees the real tokens,
                                                               so its output is finite (and unused)
 
+Decoding loops. `KVCache.layout(T, chunk_lengths)` works out once per step
+what every layer's `update` would work out again (positions, slots, lengths
+after the chunk, the mask), without a check that reads a tensor; each layer
+then `write`s its k and v there. It is for loops that ran their first chunk
+through the checked path and know the rest fits (`multihead.generate`): one
+chunk's bookkeeping per step instead of one per layer, and no host sync.
+
 The caches are for inference: run decoding under torch.no_grad(). They write in
 place, so autograd refuses a backward through a step whose keys were written
 over since.
@@ -53,6 +60,16 @@ class CachedKV(NamedTuple):
     k: Tensor  # (B, G, S, D): every cached key of the layer, the new chunk's included
     v: Tensor  # (B, G, S, Dv): likewise for the values
     attn_mask: Tensor  # (B, 1, T, S) bool, True = may attend: causal per sequence, real tokens only
+
+
+class ChunkLayout(NamedTuple):
+    """Where a chunk goes, the same in every layer of a cache (`KVCache.layout`, `LayerCache.layout`)."""
+
+    positions: Tensor  # (B, T) int64: absolute position of each of the chunk's tokens (RoPE's, a position embedding's)
+    slots: Tensor  # (B, T) int64: the storage slot each token is written to; padding goes where no query reads it
+    new_lengths: Tensor  # (B,) int64: each sequence's length after the chunk
+    attn_mask: Tensor  # (B, 1, T, S) bool, True = may attend: causal per sequence, real tokens only
+    kv_len: int  # S, the key length `write` returns
 
 
 class Append(NamedTuple):
@@ -85,6 +102,12 @@ def kv_bytes_per_token(
 def _compiling() -> bool:
     """Under torch.compile the checks that read tensor values are skipped: each would be a graph break."""
     return torch.compiler.is_compiling()
+
+
+def _check_num_new(num_new) -> int:
+    if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 0:
+        raise ValueError(f"num_new must be an int >= 0 (tokens in the next chunk), got {num_new!r}")
+    return num_new
 
 
 def _check_chunk(k, v) -> None:
@@ -178,6 +201,13 @@ def _write(storage: Tensor, slots: Tensor, chunk: Tensor) -> None:
     storage.scatter_(2, _slot_index(slots, storage), chunk)
 
 
+def _write_both(keys: Tensor, values: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
+    """`_write` of the keys and the values, with one index for both where D == Dv."""
+    index = _slot_index(slots, keys)  # (B, G, T, D)
+    keys.scatter_(2, index, k)
+    values.scatter_(2, index if values.shape[3] == keys.shape[3] else _slot_index(slots, values), v)
+
+
 def _read(storage: Tensor, slots: Tensor) -> Tensor:
     """storage[b, g, slots[b, t]] as (B, G, T, width): what `_write` at these slots would overwrite."""
     return storage.gather(2, _slot_index(slots, storage))
@@ -225,8 +255,7 @@ class LayerCache:
         batch_size and device serve only a cache that has not seen a batch yet
         (everything starts at position 0 then).
         """
-        if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 0:
-            raise ValueError(f"num_new must be an int >= 0 (tokens in the next chunk), got {num_new!r}")
+        _check_num_new(num_new)
         if self._lengths is None:
             if batch_size is None:
                 self.lengths  # raises, saying what is missing
@@ -254,6 +283,43 @@ class LayerCache:
 
     def append(self, plan: Append) -> CachedKV:
         """Write a prepared chunk; return all cached keys, values and the mask (B, 1, T, S)."""
+        return self.write(self._layout(plan.k.shape[2], plan.new_lengths, plan.kv_len), plan.k, plan.v)
+
+    def layout(self, num_new: int, chunk_lengths: Tensor | None = None) -> ChunkLayout:
+        """Where the next chunk of num_new tokens goes (chunk_lengths (B,): real ones per sequence; None: all).
+
+        Nothing is checked that would read a tensor (no host sync): the
+        caller knows the chunk fits (a static cache drops what would not, as
+        under torch.compile), and a dynamic cache's S is its upper bound
+        (the longest length before the chunk + num_new). Nothing is written.
+        """
+        _check_num_new(num_new)
+        return self._layout(num_new, *self._advance(num_new, chunk_lengths))
+
+    def write(self, layout: ChunkLayout, k: Tensor, v: Tensor) -> CachedKV:
+        """Write k (B, G, T, D) and v (B, G, T, Dv) where `layout` says, unchecked; return all cached and the mask.
+
+        The lengths become layout.new_lengths (a new tensor). With `layout`
+        from `KVCache.layout`, every layer of a decoding step writes here.
+        """
+        raise NotImplementedError
+
+    def _layout(self, num_new: int, new_lengths: Tensor, kv_len: int) -> ChunkLayout:
+        lengths = self._before(new_lengths)
+        positions = lengths[:, None] + torch.arange(num_new, device=lengths.device)  # (B, 1) + (T,) -> (B, T)
+        mask = _decode_mask(lengths, new_lengths, num_new, kv_len)  # (B, 1, T, S)
+        return ChunkLayout(positions, self._slots(positions, new_lengths), new_lengths, mask, kv_len)
+
+    def _advance(self, num_new: int, chunk_lengths: Tensor | None) -> tuple[Tensor, int]:
+        """(lengths after the chunk (B,), S), unchecked: what `prepare` plans for a chunk that passes its checks."""
+        raise NotImplementedError
+
+    def _before(self, new_lengths: Tensor) -> Tensor:
+        """(B,) lengths before a chunk that brings the sequences to new_lengths."""
+        return self.lengths
+
+    def _slots(self, positions: Tensor, new_lengths: Tensor) -> Tensor:
+        """(B, T) storage slots of a chunk's tokens at `positions`, real ones those before new_lengths."""
         raise NotImplementedError
 
     @contextmanager
@@ -366,25 +432,30 @@ class DynamicLayerCache(LayerCache):
             return torch.zeros(B, dtype=torch.int64, device=device)
         return self._lengths
 
-    def append(self, plan: Append) -> CachedKV:
-        k, v = plan.k, plan.v
+    def write(self, layout: ChunkLayout, k: Tensor, v: Tensor) -> CachedKV:
         B, G, T, D = k.shape
         if self._k is None:
             capacity = max(self.initial_capacity, T)
             self._k = torch.zeros(B, G, capacity, D, dtype=k.dtype, device=k.device)
             self._v = torch.zeros(B, G, capacity, v.shape[3], dtype=k.dtype, device=k.device)
-        lengths = self._current_lengths(B, k.device)
         needed = self._high + T  # padded tokens are written too (after the real ones), then overwritten later
         if needed > self.capacity:
             self._grow(max(needed, 2 * self.capacity))
-        slots = lengths[:, None] + torch.arange(T, device=k.device)  # (B, 1) + (T,) -> (B, T)
-        _write(self._k, slots, k)
-        _write(self._v, slots, v)
-        self._lengths = plan.new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid
-        self._high = S = plan.kv_len
-        mask = _decode_mask(lengths, plan.new_lengths, T, S)  # (B, 1, T, S)
+        _write_both(self._k, self._v, layout.slots, k, v)
+        self._lengths = layout.new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid
+        self._high = S = layout.kv_len
         # (B, G, capacity, D) -> (B, G, S, D): views, no copy
-        return CachedKV(self._k[:, :, :S], self._v[:, :, :S], mask)
+        return CachedKV(self._k[:, :, :S], self._v[:, :, :S], layout.attn_mask)
+
+    def _advance(self, num_new: int, chunk_lengths: Tensor | None) -> tuple[Tensor, int]:
+        added = num_new if chunk_lengths is None else chunk_lengths
+        return self.lengths + added, self._high + num_new  # S: an upper bound, known without reading the lengths
+
+    def _before(self, new_lengths: Tensor) -> Tensor:
+        return self._current_lengths(new_lengths.shape[0], new_lengths.device)
+
+    def _slots(self, positions: Tensor, new_lengths: Tensor) -> Tensor:
+        return positions  # padding lands after the real tokens, where the next chunk overwrites it
 
     def _grow(self, capacity: int) -> None:
         """Reallocate to `capacity` slots: zeros beyond the old ones, so a masked slot never holds NaN."""
@@ -454,32 +525,38 @@ class StaticLayerCache(LayerCache):
             )
         return Append(k, v, new_lengths.clamp(max=L), L)  # the clamp only acts under torch.compile, unchecked
 
-    def _slots(self, plan: Append) -> Tensor:
+    def _slots(self, positions: Tensor, new_lengths: Tensor) -> Tensor:
         """(B, T) where the chunk's tokens go: after each sequence's tokens; padding to the scratch slot."""
-        T, lengths = plan.k.shape[2], self._lengths
-        steps = torch.arange(T, device=plan.k.device)  # (T,)
-        slots = lengths[:, None] + steps  # (B, 1) + (T,) -> (B, T)
-        real = steps[None, :] < (plan.new_lengths - lengths)[:, None]  # (1, T) < (B, 1) -> (B, T)
-        return torch.where(real, slots, self.max_length)  # (B, T): padding (and, compiled, any excess) to scratch
+        real = positions < new_lengths[:, None]  # (B, T) < (B, 1) -> (B, T): right padding comes after the real
+        return torch.where(real, positions, self.max_length)  # (B, T): padding (and, compiled, any excess) to scratch
 
     def _undo(self, plan: Append) -> Callable[[], None]:
-        lengths, written = self._lengths, _restorer(self._k, self._v, self._slots(plan))
+        lengths = self._lengths
+        positions = lengths[:, None] + torch.arange(plan.k.shape[2], device=lengths.device)  # (B, 1) + (T,) -> (B, T)
+        written = _restorer(self._k, self._v, self._slots(positions, plan.new_lengths))
 
         def undo() -> None:
             self._lengths = lengths
             written()
         return undo
 
-    def append(self, plan: Append) -> CachedKV:
-        k, v = plan.k, plan.v
-        T, L, lengths = k.shape[2], self.max_length, self._lengths
-        slots = self._slots(plan)
-        _write(self._k, slots, k)
-        _write(self._v, slots, v)
-        self._lengths = plan.new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid
-        mask = _decode_mask(lengths, plan.new_lengths, T, L)  # (B, 1, T, L)
+    def _advance(self, num_new: int, chunk_lengths: Tensor | None) -> tuple[Tensor, int]:
+        added = num_new if chunk_lengths is None else chunk_lengths
+        return (self._lengths + added).clamp(max=self.max_length), self.max_length  # the clamp: as prepare's
+
+    def write(self, layout: ChunkLayout, k: Tensor, v: Tensor) -> CachedKV:
+        L = self.max_length
+        _write_both(self._k, self._v, layout.slots, k, v)
+        self._lengths = layout.new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid
         # (B, G, L + 1, D) -> (B, G, L, D): views without the scratch slot
-        return CachedKV(self._k[:, :, :L], self._v[:, :, :L], mask)
+        return CachedKV(self._k[:, :, :L], self._v[:, :, :L], layout.attn_mask)
+
+    def storage(self) -> tuple[Tensor, Tensor]:
+        """The preallocated keys (B, G, L + 1, D) and values (B, G, L + 1, Dv), written in place (slot L: scratch).
+
+        What CUDA graphs need at fixed addresses (torch._dynamo.mark_static_address).
+        """
+        return self._k, self._v
 
 
 class KVCache:
@@ -515,6 +592,30 @@ class KVCache:
                   device: torch.device | str | None = None) -> Tensor:
         """(B, T) absolute positions of the next chunk of num_new tokens, from layer 0's lengths."""
         return self.layers[0].positions(num_new, batch_size=batch_size, device=device)
+
+    def layout(self, num_new: int, chunk_lengths: Tensor | None = None) -> ChunkLayout:
+        """Where the next chunk goes in every layer, from layer 0's lengths: `LayerCache.layout`, once per step.
+
+        Then `cache[i].write(layout, k, v)` in every layer. Unchecked: for a
+        loop whose first chunk went through the checked path (`update`, or a
+        model's forward) and whose later chunks fit.
+        """
+        return self.layers[0].layout(num_new, chunk_lengths)
+
+    def copy_lengths(self) -> None:
+        """Give the layers copies of their lengths: same values, new tensors (one per tensor the layers share).
+
+        A step replayed as a CUDA graph leaves the new lengths in the graph's
+        memory, which its next replay reuses; the copies stay valid.
+        """
+        copies: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (the original, kept alive: no id reused; its copy)
+        for layer in self.layers:
+            lengths = layer._lengths
+            if lengths is None:
+                continue
+            if id(lengths) not in copies:
+                copies[id(lengths)] = (lengths, lengths.clone())
+            layer._lengths = copies[id(lengths)][1]
 
     def bytes_per_token(self) -> int:
         """Bytes one token of one sequence costs across all layers: sum of G·(D + Dv)·size."""

@@ -36,6 +36,22 @@ pass float32's range (1e-40, say) leaves the most likely token with all the
 mass, which is greedy decoding (argmax). Only logits that tie exactly at the
 top share it, as they would at any temperature.
 
+Eager and compiled. With the cache, the prompt runs once through the
+model's checked `forward`; every later token goes through `decode_step`
+(the same arithmetic without the per-step checks, which this loop has made
+once: see `multihead.models.decoder`). compile=True compiles that step,
+gpt-fast style: a static cache sized for the longest prompt +
+max_new_tokens (rounded up to a power of two, so that calls of similar
+lengths share one compiled step) and torch.compile(fullgraph=True,
+dynamic=False), with CUDA graphs (mode "reduce-overhead") on CUDA. The
+step is compiled once per model, compile settings and shapes, kept in a
+table that does not keep the model alive; the prompt runs eagerly. The
+compiled step computes what the eager one does, so it chooses the same
+tokens (up to float rounding deciding a near tie). Which one is faster
+depends on the machine and the model: benchmarks/decode.py measures both
+(on the project's 2-core CPU the eager step is mostly Python and dispatch,
+which the compiled one removes).
+
 Text. `generate` works on token ids. To print new tokens, decode them with
 the prompt (`TextTokenizer.continuation`): a SentencePiece tokenizer writes
 a word's leading space only when the word is not the first token decoded.
@@ -43,8 +59,11 @@ a word's leading space only when the word is not the first token decoded.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -80,6 +99,29 @@ class GenerateOutput(NamedTuple):
         return [self.tokens[b, :int(n)].tolist() for b, n in enumerate(self.lengths)]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """How `generate(..., compile=...)` compiles the decoding step: torch.compile(fullgraph=True, dynamic=False)."""
+
+    mode: str | None = None  # torch.compile's mode; None: "reduce-overhead" (CUDA graphs) on CUDA, else "default"
+    backend: str = "inductor"  # torch.compile's backend; "aot_eager" and "eager" trace without generating code
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in COMPILE_MODES:
+            raise ValueError(f"CompileConfig mode must be None or one of {COMPILE_MODES}, got {self.mode!r}")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise TypeError(f"CompileConfig backend must be a torch.compile backend name (str), got {self.backend!r}")
+
+    def resolved_mode(self, device: torch.device) -> str:
+        """The mode used on `device`: CUDA graphs on CUDA unless a mode was given."""
+        if self.mode is not None:
+            return self.mode
+        return "reduce-overhead" if device.type == "cuda" else "default"
+
+
 class _Settings(NamedTuple):
     do_sample: bool  # sample instead of argmax
     temperature: float  # logits are divided by it before sampling
@@ -92,7 +134,7 @@ def generate(
     model: nn.Module, input_ids: Tensor, *, key_mask: Tensor | None = None, max_new_tokens: int,
     do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     seed: int | None = None, stop_tokens: Iterable[int] = (), use_cache: bool = True,
-    static_cache: bool = False, pad_token_id: int = 0,
+    static_cache: bool = False, pad_token_id: int = 0, compile: bool | str | CompileConfig = False,
 ) -> GenerateOutput:
     """Continue every prompt of input_ids (B, T) by up to max_new_tokens tokens.
 
@@ -111,11 +153,15 @@ def generate(
     use_cache: decode with a KV cache (the default) or recompute every step.
     static_cache: preallocate the cache to the longest prompt + max_new_tokens.
     pad_token_id: what fills the rows after their real tokens.
+    compile: False (eager); True, a torch.compile mode ("default",
+        "reduce-overhead", ...) or a CompileConfig(mode=, backend=): decode
+        with a static cache and a step compiled once (fullgraph=True,
+        dynamic=False); True uses CUDA graphs on CUDA. Needs use_cache=True.
     """
     B, T = _batch_shape(input_ids)
     steps = stream(model, input_ids, key_mask=key_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
-                   use_cache=use_cache, static_cache=static_cache, pad_token_id=pad_token_id)
+                   use_cache=use_cache, static_cache=static_cache, pad_token_id=pad_token_id, compile=compile)
     device = input_ids.device
     real = _real_tokens(key_mask, input_ids)  # (B, T)
     prompt_lengths = real.sum(dim=1)  # (B, T) -> (B,)
@@ -136,7 +182,7 @@ def stream(
     model: nn.Module, input_ids: Tensor, *, key_mask: Tensor | None = None, max_new_tokens: int,
     do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     seed: int | None = None, stop_tokens: Iterable[int] = (), use_cache: bool = True,
-    static_cache: bool = False, pad_token_id: int = 0,
+    static_cache: bool = False, pad_token_id: int = 0, compile: bool | str | CompileConfig = False,
 ) -> Iterator[NewTokens]:
     """`generate`, one step at a time: an iterator of NewTokens (B,), one per step, as soon as it is chosen.
 
@@ -158,13 +204,19 @@ def stream(
         raise ValueError(f"pad_token_id must be an int in [0, vocab_size={vocab_size}), got {pad_token_id!r}")
     if static_cache and not use_cache:
         raise ValueError("static_cache=True needs use_cache=True")
+    compiled = _check_compile(compile, use_cache)
     prompt_lengths = real.sum(dim=1)  # (B, T) -> (B,)
     longest = _check_lengths(model, prompt_lengths, max_new_tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    return _decode(model, input_ids.long(), real, key_mask is not None, prompt_lengths, longest, max_new_tokens,
-                   settings, generator, use_cache, static_cache, pad_token_id)
+    ids, padded = input_ids.long(), key_mask is not None
+    if not use_cache:
+        source = _Recomputed(model, ids, real, padded, longest, max_new_tokens, pad_token_id)
+    else:
+        source = _Cached(model, _make_cache(model, ids.shape[0], longest + max_new_tokens, static_cache, compiled),
+                         ids, real if padded else None, _step_function(model, compiled, ids.device))
+    return _decode(source, prompt_lengths, max_new_tokens, settings, generator, pad_token_id)
 
 
 def _check_lengths(model, prompt_lengths: Tensor, max_new_tokens: int) -> int:
@@ -181,27 +233,13 @@ def _check_lengths(model, prompt_lengths: Tensor, max_new_tokens: int) -> int:
 
 
 @torch.no_grad()
-def _decode(model, input_ids, real, padded, prompt_lengths, longest, max_new_tokens, settings, generator,
-            use_cache, static_cache, pad_token_id) -> Iterator[NewTokens]:
-    B, T = input_ids.shape
-    device = input_ids.device
-    rows = torch.arange(B, device=device)
-    prompt_mask = real if padded else None
+def _decode(source, prompt_lengths: Tensor, max_new_tokens: int, settings: _Settings,
+            generator: torch.Generator | None, pad_token_id: int) -> Iterator[NewTokens]:
+    """The loop: choose every sequence's next token from its logits (B, V), feed it to `source`, until done."""
     if max_new_tokens == 0:
         return
-    if use_cache:
-        if static_cache:
-            cache = model.make_cache(batch_size=B, max_length=longest + max_new_tokens, static=True)
-        else:
-            cache = model.make_cache(batch_size=B)
-        logits = model(input_ids, key_mask=prompt_mask, cache=cache)[0]  # (B, T, V)
-    else:
-        buffer = torch.full((B, T + max_new_tokens), pad_token_id, dtype=torch.int64, device=device)  # (B, T + n)
-        buffer[:, :T] = torch.where(real, input_ids, pad_token_id)
-        logits = model(buffer[:, :T], key_mask=prompt_mask)[0]  # (B, T, V)
-    lengths = prompt_lengths  # (B,) real tokens so far, per sequence
-    last = logits[rows, lengths - 1]  # (B, T, V) -> (B, V): each sequence's last real token predicts the next
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    last = source.first(prompt_lengths)  # (B, V): each sequence's last real token predicts the next
+    finished = torch.zeros(prompt_lengths.shape[0], dtype=torch.bool, device=prompt_lengths.device)
     for step in range(max_new_tokens):
         chosen = _choose(last, settings, generator)  # (B,)
         running = ~finished
@@ -216,21 +254,141 @@ def _decode(model, input_ids, real, padded, prompt_lengths, longest, max_new_tok
         if settings.stop is not None:
             if bool(finished.all()):
                 return
-            if bool(finished.any()):
-                feed_mask = ~finished
-        if use_cache:
-            logits = model(chosen[:, None], key_mask=None if feed_mask is None else feed_mask[:, None],
-                           cache=cache)[0]  # (B, 1) -> (B, 1, V)
-            lengths = lengths + (1 if feed_mask is None else feed_mask.long())
-            last = logits[:, 0]  # (B, 1, V) -> (B, V)
-        else:
-            buffer[rows, lengths] = chosen  # a stopped sequence's is pad_token_id, written past its tokens
-            lengths = lengths + (1 if feed_mask is None else feed_mask.long())
-            width = longest + step + 1  # every row's real tokens fit; shorter rows are padded
-            all_real = not padded and feed_mask is None and settings.stop is None
-            mask = None if all_real else torch.arange(width, device=device)[None, :] < lengths[:, None]  # (B, width)
-            logits = model(buffer[:, :width], key_mask=mask)[0]  # (B, width, V)
-            last = logits[rows, lengths - 1]  # (B, width, V) -> (B, V)
+            feed_mask = ~finished  # (B,), every step: a compiled step keeps one graph
+        last = source.next(chosen, feed_mask)  # (B, V)
+
+
+def _last_logits(model, input_ids: Tensor, cache, key_mask: Tensor | None) -> Tensor:
+    """The next-token logits (B, V) of a chunk input_ids (B, 1) appended to the cache: the step that compiles."""
+    step = getattr(model, "decode_step", None)
+    if step is None:  # a model with only the decoders' forward contract
+        return model(input_ids, key_mask=key_mask, cache=cache)[0][:, -1]  # (B, 1, V) -> (B, V)
+    return step(input_ids, cache, key_mask=key_mask)[:, -1]  # (B, 1, V) -> (B, V)
+
+
+class _Cached:
+    """Tokens through a KV cache: the prompt through the model's checked forward, then one step per token."""
+
+    def __init__(self, model, cache, input_ids: Tensor, prompt_mask: Tensor | None, step: Callable) -> None:
+        self.model, self.cache, self.input_ids, self.prompt_mask, self.step = model, cache, input_ids, prompt_mask, step
+
+    def first(self, prompt_lengths: Tensor) -> Tensor:
+        logits = self.model(self.input_ids, key_mask=self.prompt_mask, cache=self.cache)[0]  # (B, T, V)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, prompt_lengths - 1]  # (B, T, V) -> (B, V)
+
+    def next(self, chosen: Tensor, feed_mask: Tensor | None) -> Tensor:
+        return self.step(self.model, chosen[:, None], self.cache,
+                         None if feed_mask is None else feed_mask[:, None])  # (B, 1) -> (B, V)
+
+
+class _Recomputed:
+    """Tokens without a cache: every step runs the whole sequence so far again."""
+
+    def __init__(self, model, input_ids: Tensor, real: Tensor, padded: bool, longest: int, max_new_tokens: int,
+                 pad_token_id: int) -> None:
+        B, T = input_ids.shape
+        self.model, self.prompt_width, self.longest, self.steps = model, T, longest, 0
+        self.buffer = torch.full((B, T + max_new_tokens), pad_token_id, dtype=torch.int64,
+                                 device=input_ids.device)  # (B, T + n)
+        self.buffer[:, :T] = torch.where(real, input_ids, pad_token_id)
+        self.prompt_mask = real if padded else None
+        self.rows = torch.arange(B, device=input_ids.device)
+
+    def first(self, prompt_lengths: Tensor) -> Tensor:
+        self.lengths = prompt_lengths  # (B,) real tokens so far, per sequence
+        logits = self.model(self.buffer[:, :self.prompt_width], key_mask=self.prompt_mask)[0]  # (B, T, V)
+        return logits[self.rows, prompt_lengths - 1]  # (B, T, V) -> (B, V)
+
+    def next(self, chosen: Tensor, feed_mask: Tensor | None) -> Tensor:
+        self.buffer[self.rows, self.lengths] = chosen  # a stopped sequence's is pad_token_id, past its tokens
+        self.lengths = self.lengths + (1 if feed_mask is None else feed_mask.long())
+        self.steps += 1
+        width = self.longest + self.steps  # every row's real tokens fit; shorter rows are padded
+        mask = None
+        if self.prompt_mask is not None or feed_mask is not None:
+            mask = torch.arange(width, device=chosen.device)[None, :] < self.lengths[:, None]  # (B, width)
+        logits = self.model(self.buffer[:, :width], key_mask=mask)[0]  # (B, width, V)
+        return logits[self.rows, self.lengths - 1]  # (B, width, V) -> (B, V)
+
+
+# model -> {(mode, backend): its compiled step}; weak keys: a model that is gone takes its steps with it
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_compile(compile, use_cache: bool) -> CompileConfig | None:
+    """generate's `compile` as a CompileConfig, or None for eager decoding."""
+    if compile is False:
+        return None
+    if compile is True:
+        config = CompileConfig()
+    elif isinstance(compile, str) and compile in COMPILE_MODES:
+        config = CompileConfig(mode=compile)
+    elif isinstance(compile, CompileConfig):
+        config = compile
+    else:
+        error = ValueError if isinstance(compile, str) else TypeError
+        raise error(f"compile must be False, True, a torch.compile mode {COMPILE_MODES} or a "
+                    f"multihead.generate.CompileConfig, got {type(compile).__name__} {compile!r}")
+    if not use_cache:
+        raise ValueError("compile needs use_cache=True: the compiled step decodes against a static KV cache")
+    return config
+
+
+def static_length(needed: int, limit: int | None) -> int:
+    """The static cache length of a compiled decode: needed rounded up to a power of two (>= 64), within limit.
+
+    Calls whose prompt + new tokens round to the same length share one
+    compiled step; the extra slots are masked (they cost attention over at
+    most twice the keys).
+    """
+    length = max(64, 1 << (needed - 1).bit_length())
+    return length if limit is None else max(needed, min(length, limit))
+
+
+def _make_cache(model, batch_size: int, needed: int, static_cache: bool, compiled: CompileConfig | None):
+    if compiled is not None:
+        cache = model.make_cache(batch_size=batch_size, max_length=static_length(
+            needed, getattr(model, "position_limit", None)), static=True)
+        if compiled.resolved_mode(next(model.parameters()).device) == "reduce-overhead":
+            for layer in cache:  # CUDA graphs replay at fixed addresses: the cache is written in place there
+                for storage in layer.storage():
+                    torch._dynamo.mark_static_address(storage)
+        return cache
+    if static_cache:
+        return model.make_cache(batch_size=batch_size, max_length=needed, static=True)
+    return model.make_cache(batch_size=batch_size)
+
+
+def _step_function(model, compiled: CompileConfig | None, device: torch.device) -> Callable:
+    """The decoding step: `_last_logits`, or its compiled form for this model (compiled once, then reused)."""
+    if compiled is None:
+        return _last_logits
+    mode = compiled.resolved_mode(device)
+    steps = _COMPILED.setdefault(model, {})
+    key = (mode, compiled.backend)
+    if key not in steps:
+        options = {"mode": mode} if compiled.backend == "inductor" and mode != "default" else {}
+        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:  # torch >= 2.13
+            options["isolate_recompiles"] = True  # this model's compiles count against no other model's limit
+        step = torch.compile(_last_logits, fullgraph=True, dynamic=False, backend=compiled.backend, **options)
+        steps[key] = _with_step_marks(step) if mode == "reduce-overhead" else step
+    return steps[key]
+
+
+def _with_step_marks(step: Callable) -> Callable:
+    """A step replayed as a CUDA graph: each call starts a new step, and nothing stays in the graph's memory.
+
+    The last step's logits are consumed (the next token is chosen) before
+    the next call, which may overwrite them; the cache's new lengths are
+    copied out, since the next call reads them.
+    """
+    def marked(model, input_ids: Tensor, cache, key_mask: Tensor | None) -> Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        logits = step(model, input_ids, cache, key_mask)  # (B, V)
+        cache.copy_lengths()
+        return logits
+    return marked
 
 
 def _choose(logits: Tensor, settings: _Settings, generator: torch.Generator | None) -> Tensor:

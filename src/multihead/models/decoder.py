@@ -16,6 +16,15 @@ the attention layers get (RoPE's) if any.
 A call is checked whole before any layer runs (token ids, key_mask,
 need_weights, the cache and the positions the chunk would reach), so a
 refused call leaves the cache exactly as it was.
+
+`decode_step` is the same arithmetic for a decoding loop's later steps,
+without the checks the loop has made once (`multihead.generate`): the
+chunk's place in the cache (positions, slots, mask) is worked out once for
+every layer, RoPE's angles once, and no tensor is read on the host, so the
+step runs lean in eager mode and compiles to one graph (fullgraph=True).
+Under torch.compile `forward` compiles whole too: the checks that read
+tensor values (token ids in range, right padding, positions) are skipped
+while compiling, as the cache's are.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import flag, positive_int
-from ..cache import DynamicCache, KVCache, StaticCache
+from ..cache import ChunkLayout, DynamicCache, KVCache, LayerCache, StaticCache
+from ..functional import attention
+from ..rope import Rotary, apply_rotary
 from ._checks import check_token_ids
 
 
@@ -67,6 +78,25 @@ class PreNormBlock(nn.Module):
         x = x + attended.output
         x = x + self.mlp(self.mlp_norm(x))
         return BlockOutput(x, attended.weights)
+
+    def decode(self, x: Tensor, layer: LayerCache, layout: ChunkLayout, rotation: Rotary | None) -> Tensor:
+        """forward(x, cache=layer) for a chunk x (B, T, C) whose place in the cache is `layout`, unchecked.
+
+        The attention module's own stages (project, RoPE, merge) around the
+        layer's `write` and `multihead.attention` on the module's backend:
+        the same arithmetic as its forward, without re-checking per layer
+        what the decoding loop checked once.
+        """
+        mha = self.attention
+        h = self.attention_norm(x)
+        q, k, v = mha.project(h, h, h)  # (B, T, C) -> (B, H, T, D), (B, G, T, D), (B, G, T, Dv)
+        if rotation is not None:
+            q, k = apply_rotary(q, *rotation), apply_rotary(k, *rotation)
+        cached = layer.write(layout, k, v)  # (B, G, S, D), (B, G, S, Dv), mask (B, 1, T, S)
+        out = attention(q, cached.k, cached.v, attn_mask=cached.attn_mask, backend=mha.config.backend,
+                        dropout_p=mha.config.dropout if mha.training else 0.0)  # (B, H, T, Dv)
+        x = x + mha.merge(out)  # (B, H, T, Dv) -> (B, T, C)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class Decoder(nn.Module):
@@ -132,10 +162,34 @@ class Decoder(nn.Module):
         logits = self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
         return DecoderOutput(logits, tuple(attentions) if need_weights else None)
 
+    def decode_step(self, input_ids: Tensor, cache: KVCache, key_mask: Tensor | None = None) -> Tensor:
+        """logits (B, T, V) of a chunk input_ids (B, T) appended to `cache`: forward's arithmetic, unchecked.
+
+        For a decoding loop that ran its first chunk through `forward` (which
+        checked the cache, the batch and the positions) and guarantees what
+        forward would check again every step: token ids in [0, vocab_size),
+        key_mask (B, T) bool and right-padded (or None), every real token
+        inside the model's positions and the cache's room. Nothing reads a
+        tensor's value: no host sync, no graph break under torch.compile.
+        """
+        chunk_lengths = None if key_mask is None else key_mask.sum(dim=1)  # (B, T) -> (B,)
+        layout = cache.layout(input_ids.shape[1], chunk_lengths)  # once for every layer
+        x, rotary_positions = self.embed(input_ids, layout.positions, key_mask)  # (B, T) -> (B, T, C)
+        rope, rotation = None, None
+        for block, layer in zip(self.blocks, cache):
+            if rotary_positions is not None and block.attention.rope is not rope:  # layers share one: angles once
+                rope = block.attention.rope
+                rotation = rope(rotary_positions, dtype=x.dtype)  # cos, sin (B, 1, T, D)
+            x = block.decode(x, layer, layout, rotation)
+        return self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
+
     def _check_call(self, input_ids, key_mask, cache, need_weights) -> Tensor:
         """Every check of a forward call; the chunk's positions: (T,) without a cache, (B, T) with one."""
         limit = self.position_limit
-        B, T = check_token_ids(input_ids, self.config.vocab_size, sys.maxsize if limit is None else limit)
+        if torch.compiler.is_compiling():  # check_token_ids reads the ids' values: a graph break per call
+            B, T = input_ids.shape
+        else:
+            B, T = check_token_ids(input_ids, self.config.vocab_size, sys.maxsize if limit is None else limit)
         if key_mask is not None:
             check_key_mask(key_mask, input_ids)
         flag("need_weights", need_weights)
@@ -201,6 +255,8 @@ def check_key_mask(key_mask, input_ids: Tensor) -> None:
                          f"got {tuple(key_mask.shape)}")
     if key_mask.device != input_ids.device:
         raise ValueError(f"key_mask is on {key_mask.device} but input_ids is on {input_ids.device}")
+    if torch.compiler.is_compiling():  # the padding check reads the mask: a graph break, skipped as the cache's
+        return
     if (key_mask[:, 1:] & ~key_mask[:, :-1]).any():  # a real token after padding
         rows = (key_mask[:, 1:] & ~key_mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(
