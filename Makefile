@@ -43,11 +43,14 @@ bench: install-test
 # PYTHONPATH=src. It runs the GPU tests (tests/test_triton.py -k gpu: the Triton kernels against the float64
 # reference in fp16/bf16, forward and backward, the auto choice), then benchmarks/gpu_check.py under
 # GPU_BUDGET seconds (ceilings, correctness, speed, decode bandwidth, overhead), and prints its Markdown
-# summary. Measured on an H200 with a cold Triton cache: the 19 GPU tests 156 s, the phases 60-80 s; the
-# limits below cap a run at GPU_TEST_TIMEOUT + GPU_BUDGET + 60 s of grace = 7.5 minutes. The tests get
-# SIGINT at their limit, so pytest still prints what passed and what failed.
+# summary, then the decoding table of benchmarks/decode.py on CUDA (needs transformers there; measured, never
+# failing the check). Measured on an H200 with a cold Triton cache: the 19 GPU tests 156 s, the phases 60-80 s;
+# the decoding table is about 1-2 minutes (not yet measured there). The limits below cap a run at
+# GPU_TEST_TIMEOUT + GPU_BUDGET + 60 s of grace + DECODE_TIMEOUT = 9.5 minutes; a typical run is about 6.
+# The tests get SIGINT at their limit, so pytest still prints what passed and what failed.
 # Where things go: OUT (default benchmarks/results/, tracked) receives only the results,
-# gpu-check-<device>.json and gpu-check-<device>.md; the logs (pytest-gpu.log, gpu-check.log, summary.md)
+# gpu-check-<device>.json, gpu-check-<device>.md and decode-<device>.json; the logs (pytest-gpu.log,
+# gpu-check.log, summary.md, decode.log)
 # and triton-cache.tgz (TRITON_CACHE archived, to reuse the compiled kernels elsewhere) go to GPU_LOGS
 # (default gpu-check-out/, git-ignored), so a run leaves no logs or binaries among the tracked results.
 # Exit status: non-zero when a GPU test fails (or none ran, or they timed out) or gpu_check.py fails (a
@@ -58,6 +61,7 @@ GPU_LOGS ?= gpu-check-out
 GPU_PYTHON ?= python3
 GPU_TEST_TIMEOUT ?= 240
 GPU_BUDGET ?= 150
+DECODE_TIMEOUT ?= 120
 TRITON_CACHE ?= $(CURDIR)/.triton-cache
 GPU_ENV := PYTHONPATH=src MULTIHEAD_TRITON_CONFIGS=few TRITON_CACHE_DIR=$(TRITON_CACHE)
 gpu-check:
@@ -72,6 +76,10 @@ gpu-check:
 	$(GPU_ENV) timeout -k 10 $$(( $(GPU_BUDGET) + 60 )) $(GPU_PYTHON) benchmarks/gpu_check.py \
 		--budget $(GPU_BUDGET) --out $(OUT) > $(GPU_LOGS)/summary.md 2> $(GPU_LOGS)/gpu-check.log; bench=$$?; \
 	cat $(GPU_LOGS)/summary.md; [ $$bench -eq 0 ] || tail -n 5 $(GPU_LOGS)/gpu-check.log; \
+	echo "gpu-check: decoding tokens/s, eager vs compiled (CUDA graphs) vs transformers, at most $(DECODE_TIMEOUT) s"; \
+	$(GPU_ENV) timeout -k 10 $(DECODE_TIMEOUT) $(GPU_PYTHON) benchmarks/decode.py --device cuda --tables speed \
+		--out $(OUT) > $(GPU_LOGS)/decode.log 2>&1 && tail -n 12 $(GPU_LOGS)/decode.log \
+		|| echo "gpu-check: decoding table not measured (exit $$?, $(GPU_LOGS)/decode.log); it does not fail the check"; \
 	[ ! -d $(TRITON_CACHE) ] || tar czf $(GPU_LOGS)/triton-cache.tgz -C $(TRITON_CACHE) .; \
 	echo "gpu-check: GPU tests exit $$tests, gpu_check.py exit $$bench; results in $(OUT), logs in $(GPU_LOGS)"; \
 	[ $$tests -eq 0 ] && [ $$bench -eq 0 ]
