@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 
 # Subpackages with optional extras or a cost to import, reachable as attributes on first use:
 # `multihead.compat`, `multihead.models` (safetensors, tokenizers), `multihead.viz` (matplotlib), ...
-_LAZY = ("compat", "explain", "generate", "models", "timing", "viz")
+_LAZY = ("compat", "explain", "generate", "hf", "models", "timing", "viz")
 
 
 def __getattr__(name: str):
