@@ -46,7 +46,7 @@ bench: install-test
 # summary, then the decoding table of benchmarks/decode.py on CUDA (needs transformers there; measured, never
 # failing the check). Measured on an H200 with a cold Triton cache: the 19 GPU tests 156 s, the phases 60-80 s;
 # the decoding table is about 1-2 minutes (not yet measured there). The limits below cap a run at
-# GPU_TEST_TIMEOUT + GPU_BUDGET + 60 s of grace + DECODE_TIMEOUT = 9.5 minutes; a typical run is about 6.
+# GPU_TEST_TIMEOUT + GPU_BUDGET + 60 s of grace + DECODE_TIMEOUT = 10.3 minutes; a typical one about 7.
 # The tests get SIGINT at their limit, so pytest still prints what passed and what failed.
 # Where things go: OUT (default benchmarks/results/, tracked) receives only the results,
 # gpu-check-<device>.json, gpu-check-<device>.md and decode-<device>.json; the logs (pytest-gpu.log,
@@ -54,19 +54,21 @@ bench: install-test
 # and triton-cache.tgz (TRITON_CACHE archived, to reuse the compiled kernels elsewhere) go to GPU_LOGS
 # (default gpu-check-out/, git-ignored), so a run leaves no logs or binaries among the tracked results.
 # Exit status: non-zero when a GPU test fails (or none ran, or they timed out) or gpu_check.py fails (a
-# correctness row off the rule, a crashed phase, its timeout); without CUDA one line, then 0 (the probe's
-# status 3 is gpu_check.py's PROBE_NOTHING_TO_RUN).
+# correctness row off the rule, a crashed phase, its timeout); without CUDA one line saying so, then the
+# plan it would run with each phase's budget (gpu_check.py --dry-run, which imports no torch), then 0 (the
+# probe's status 3 is gpu_check.py's PROBE_NOTHING_TO_RUN).
 OUT ?= benchmarks/results
 GPU_LOGS ?= gpu-check-out
 GPU_PYTHON ?= python3
 GPU_TEST_TIMEOUT ?= 240
-GPU_BUDGET ?= 150
+GPU_BUDGET ?= 200
 DECODE_TIMEOUT ?= 120
 TRITON_CACHE ?= $(CURDIR)/.triton-cache
 GPU_ENV := PYTHONPATH=src MULTIHEAD_TRITON_CONFIGS=few TRITON_CACHE_DIR=$(TRITON_CACHE)
 gpu-check:
 	@$(GPU_ENV) $(GPU_PYTHON) benchmarks/gpu_check.py --probe; probe=$$?; \
-	if [ $$probe -eq 3 ]; then exit 0; elif [ $$probe -ne 0 ]; then exit $$probe; fi; \
+	if [ $$probe -eq 3 ]; then $(GPU_PYTHON) benchmarks/gpu_check.py --dry-run --budget $(GPU_BUDGET); exit 0; \
+	elif [ $$probe -ne 0 ]; then exit $$probe; fi; \
 	mkdir -p $(OUT) $(GPU_LOGS); \
 	echo "gpu-check: GPU tests, tests/test_triton.py -k gpu, at most $(GPU_TEST_TIMEOUT) s"; \
 	$(GPU_ENV) timeout -s INT -k 10 $(GPU_TEST_TIMEOUT) $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -rfE \

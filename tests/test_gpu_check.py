@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,24 +57,30 @@ def _make_gpu_check(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
 # -- make gpu-check without CUDA --------------------------------------------------------
 
 
+def _makefile_budget() -> float:
+    """GPU_BUDGET's default in the Makefile: the budget the plan is printed for."""
+    return float(re.search(r"^GPU_BUDGET \?= (\d+)$", (ROOT / "Makefile").read_text(), re.M).group(1))
+
+
 @no_cuda_here
-def test_make_gpu_check_without_cuda_says_so_in_one_line_and_exits_0(tmp_path):
+def test_make_gpu_check_without_cuda_says_so_in_one_line_then_prints_the_plan_and_exits_0(tmp_path):
     done = _make_gpu_check(tmp_path, f"GPU_PYTHON={sys.executable}")  # a python with torch, CPU only
     assert done.returncode == 0, done.stderr
-    assert done.stdout == gc.NO_CUDA + "\n"
-    assert done.stdout.strip() == (
+    first, *plan = done.stdout.splitlines()
+    assert first == gc.NO_CUDA == (
         "gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing to run")
+    assert plan == gc.plan(_makefile_budget()).splitlines()  # every phase with its budget
     assert done.stderr == ""
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()  # nothing ran, nothing written
 
 
 @no_cuda_here
-def test_make_gpu_check_with_the_systems_python3_also_exits_0_in_one_line(tmp_path):
-    """The target's default python3 (here it may have no torch at all): still one line and 0."""
+def test_make_gpu_check_with_the_systems_python3_also_exits_0(tmp_path):
+    """The target's default python3 (here it may have no torch at all): the one line, the plan, and 0."""
     done = _make_gpu_check(tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA device here (")
+    assert lines[0].startswith("gpu-check: no CUDA device here (") and lines[1].startswith("phases: ")
     assert lines[0].endswith("; nothing to run") and done.stderr == ""
     assert not (tmp_path / "out").exists()
 
@@ -326,3 +333,84 @@ def test_sigterm_stops_the_phases_but_not_the_summary(monkeypatch, tmp_path, cap
     text = (tmp_path / "gpu-check-fake-gpu.md").read_text()
     assert "## Correctness" in text and "## Decode" not in text
     assert capsys.readouterr().out.startswith("# gpu-check: Fake GPU")
+
+
+# -- issue 13: budgets in the plan, the new checks, the targets, and every phase in the interpreter -------------
+
+
+def test_dry_run_prints_each_phases_budget_and_the_targets():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--budget", "150"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    budgets = [line for line in done.stdout.splitlines() if line.startswith("budget: ")]
+    assert [line.split()[1] for line in budgets] == list(gc.ESTIMATES)
+    assert budgets[-1].endswith("stops by +150 s of 150") and "smoke: " in done.stdout
+    assert sum(line.startswith("target: ") for line in done.stdout.splitlines()) == len(gc.TARGETS)
+    ends = gc.deadlines(150)
+    assert list(ends.values()) == sorted(ends.values()) and ends["overhead"] == 150  # each leaves room for the later
+
+
+def test_every_phase_has_a_title_and_every_check_can_fail_the_run():
+    assert set(gc.PHASE_ORDER) == set(gc.TITLES) and set(gc.CHECKS) <= set(gc.PHASE_ORDER)
+    phases = {name: [{"what": "x", "ok": True}] for name in gc.CHECKS}
+    assert gc.failures({"phases": phases}) == []
+    phases["probe"] = [{"T": 262208, "err": 3.0, "ok": False}]
+    phases["graph"] = [{"S": 96, "error": "RuntimeError: capture", "ok": False}]
+    assert gc.failures({"phases": phases}) == ["probe: T=262208, err=3", "graph: S=96, error=RuntimeError: capture"]
+
+
+def _run_with(speed=None, decode=None, correct=True, copy=4000.0) -> dict:
+    phases = {"ceilings": [{"what": "copy", "GB/s": copy}],
+              "correctness": [{"case": "a", "backend": "triton", "ok": correct}, {"skipped": "budget"}]}
+    if speed is not None:
+        phases["speed"] = [{"T": 16384, "causal": causal, "candidate": name, "fwd_TFLOP/s": value}
+                           for (causal, name), value in speed.items()]
+    if decode is not None:
+        phases["decode"] = [{"B": 1, "H": 32, "G": g, "T": 1, "S": 32768, "candidate": name, "GB/s": value}
+                            for (g, name), value in decode.items()]
+    return {"device": "Fake", "phases": phases}
+
+
+def test_targets_read_off_a_run():
+    assert gc.targets({"phases": {}}) == [f"{gc.TARGETS[0]}: non-causal not measured; causal not measured",
+                                          f"{gc.TARGETS[1]}: not measured", f"{gc.TARGETS[2]}: not measured"]
+    speed = {(False, "triton"): 550.0, (False, "sdpa-cudnn"): 600.0, (False, "sdpa-flash"): 340.0,
+             (True, "triton"): 400.0, (True, "sdpa-cudnn"): 580.0}
+    decode = {(8, "triton split-KV"): 3000.0, (8, "triton split-KV (graph)"): 3600.0, (8, "sdpa"): 3900.0,
+              (32, "triton split-KV"): 3300.0}
+    lines = gc.targets(_run_with(speed, decode, correct=False))
+    assert lines[0].endswith("non-causal met: 0.92x SDPA's best; causal missed: 0.69x SDPA's best")
+    assert lines[1].endswith("missed: 82% of copy at worst")  # G=32: 3300 / 4000; G=8 takes its graph replay, 90%
+    assert lines[2].endswith(": missed")
+    graph_only = _run_with(decode={(8, "triton split-KV (graph)"): 3600.0})
+    assert gc.targets(graph_only)[1].endswith("met: 90% of copy at worst")
+    text = gc.summary(_run_with(speed, decode))
+    assert "\n\nTargets (issue 13, item 4):\n- forward T=16k" in text and text.count("\n## ") == 4
+
+
+def test_the_recorded_h200_run_reads_as_not_yet_meeting_the_targets():
+    lines = gc.targets(json.loads(H200.read_text()))
+    assert "non-causal missed: 0.73x" in lines[0] and "; causal missed: 0.76x" in lines[0]  # BENCHMARKS.md: 0.76x cuDNN
+    assert lines[1].endswith(": not measured")  # its decode rows name the old kernel "triton"
+
+
+@pytest.mark.slow
+def test_cpu_check_runs_every_phase_in_the_interpreter(tmp_path):
+    """The whole script on the CPU (triton's interpreter, tiny sizes): every phase and check runs and passes,
+    so the first GPU run cannot stop on a typo."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--cpu-check", "--out", str(tmp_path), "--budget", "900"],
+                          capture_output=True, text=True, timeout=600, env=dict(env, PYTHONPATH=str(ROOT / "src")))
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    data = json.loads((tmp_path / "gpu-check-cpu-interpreter.json").read_text())
+    phases = data["phases"]
+    expected = {"ceilings", "smoke", "correctness", "lse", "nan", "determinism", "probe", "tiles", "speed", "decode",
+                "graph", "overhead", "timing"}
+    assert set(phases) == expected
+    assert not any("phase_error" in row or "skipped" in row for rows in phases.values() for row in rows)
+    assert len(phases["correctness"]) >= 3 * len(gc.TINY["correctness"]) - 1  # triton, sdpa, chunked on each case
+    candidates = {row["candidate"] for row in phases["decode"]}
+    assert {"triton split-KV", "triton split-KV (graph)", "sdpa", "multihead triton, mask"} <= candidates
+    assert [row["phase"] for row in phases["timing"]] == list(gc.ESTIMATES)
+    assert (tmp_path / "gpu-check-cpu-interpreter.md").read_text().startswith("# gpu-check: cpu-interpreter")
+    assert "**ok**" in done.stdout

@@ -101,6 +101,26 @@ def test_key_padding_mask(causal, lengths):
     assert_matches_reference(run_triton(), q, k, v, attn_mask=mask, causal=causal)
 
 
+@pytest.mark.parametrize("decode", [False, True])
+def test_key_mask_with_holes_runs_on_the_device(decode):
+    """A bool (B|1, 1, 1, S) mask that is not a prefix (holes before real keys) is taken, not refused:
+    whether it is a prefix is never asked on the host; keys in [lo, hi) are masked one by one."""
+    B, H, G, T, S = 3, 4, 2, 5, 150
+    q, k, v = make_qkv(B, H, G, T, S, 16, seed=11)
+    mask = torch.rand(B, 1, 1, S, generator=torch.Generator().manual_seed(2)) > 0.4
+    mask[1, ..., 40:] = True  # a prefix with holes, then whole tiles
+    mask[2] = False  # no key at all
+    assert mh.explain_dispatch(q, k, v, attn_mask=mask, need_lse=True).chosen == "triton"
+
+    def run(q, k, v, *, attn_mask, causal, scale):
+        key_range = tb.keys.from_mask(attn_mask, B)
+        return tb._apply(q, k, v, key_range, causal, scale, tb.Options(block_m=16, block_n=16, decode=decode)).out
+
+    assert_matches_reference(run, q, k, v, attn_mask=mask, causal=True, scale=0.25)
+    one_row = mask[:1]  # (1, 1, 1, S): the same keys for every sequence
+    assert_matches_reference(run_triton(), q, k, v, attn_mask=one_row, backward=False)
+
+
 def test_key_lengths_argument_is_the_padding_mask():
     B, H, G, T, S = 3, 2, 1, 21, 35
     q, k, v = make_qkv(B, H, G, T, S, 16, seed=4)
@@ -218,7 +238,6 @@ def test_sdpa_comes_first_and_triton_gives_the_lse_where_it_runs():
 @pytest.mark.parametrize("case,reason", [
     ("float_mask", "a dense float mask is not supported"),
     ("per_query_mask", "is not a key-padding mask (B, 1, 1, S)"),
-    ("not_a_prefix", "is not a prefix of the keys"),
     ("dropout", "dropout is not implemented"),
     ("float64", "dtype torch.float64 not supported"),
     ("bf16_interpreted", "no bf16 arithmetic"),
@@ -234,10 +253,6 @@ def test_refusals_name_the_reason_and_auto_moves_on(case, reason):
         call["attn_mask"] = torch.zeros(B, 1, 1, S)
     elif case == "per_query_mask":
         call["attn_mask"] = torch.ones(B, 1, T, S, dtype=torch.bool)
-    elif case == "not_a_prefix":
-        mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
-        mask[1, ..., 2] = False  # a hole before real keys
-        call["attn_mask"] = mask
     elif case == "dropout":
         call["dropout_p"] = 0.1
     report = mh.explain_dispatch(q, k, v, **call)
@@ -261,22 +276,36 @@ def test_importing_multihead_does_not_import_triton():
 
 def test_argument_errors():
     q, k, v = make_qkv(2, 2, 2, 5, 7, 16)
-    with pytest.raises(ValueError, match=r"key_lengths must be in \[0, S=7\]"):
-        tb.triton_attention(q, k, v, key_lengths=torch.tensor([3, 8]))
     with pytest.raises(ValueError, match="key_lengths has 3 entries, expected one per sequence"):
         tb.triton_attention(q, k, v, key_lengths=torch.tensor([3, 4, 5]))
     with pytest.raises(ValueError, match=r"key_lengths must be \(B,\)"):
         tb.triton_attention(q, k, v, key_lengths=torch.tensor([3.0, 4.0]))
     with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
         tb.triton_attention(q, k, v, block_m=24)
+    with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
+        tb.triton_attention(q, k, v, num_splits=0)
+    with pytest.raises(TypeError, match="decode must be a bool or None"):
+        tb.triton_attention(q, k, v, decode=1)
     with pytest.raises(ValueError, match="query heads H=2 must be a multiple"):
         tb.triton_attention(q, k[:, :1].expand(2, 3, 7, 16), v[:, :1].expand(2, 3, 7, 16))
+
+
+def test_key_lengths_outside_the_keys_are_clamped_on_the_device():
+    """Lengths are never read on the host (no sync): the kernels clamp them to [0, S], so a length past
+    S reads no memory beyond k and v, and a negative one attends nothing."""
+    q, k, v = make_qkv(3, 2, 2, 5, 7, 16, seed=8)
+    clamped = tb.triton_attention(q, k, v, key_lengths=torch.tensor([7, 0, 3]))
+    for decode in (False, True):
+        wild = tb.triton_attention(q, k, v, key_lengths=torch.tensor([9, -4, 3]), decode=decode)
+        assert torch.allclose(wild.out, clamped.out, atol=1e-6) and torch.equal(wild.lse.isinf(), clamped.lse.isinf())
+    assert torch.all(clamped.out[1] == 0)
 
 
 def test_the_kernel_modules_load_once_per_mode():
     interpreted = tb._kernels(True)
     assert tb._kernels(True) is interpreted
-    assert interpreted[0].INTERPRET and interpreted[1].INTERPRET
+    assert all(module.INTERPRET for module in interpreted)
+    assert interpreted._fields == ("forward", "backward", "decode")
 
 
 # ---- on a GPU: the compiled kernels, fp16/bf16, full sizes
@@ -335,3 +364,71 @@ def test_gpu_benchmark_script_dry_run_and_cpu_refusal():
     if not HAS_CUDA:
         done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "needs a CUDA device" in done.stderr
+
+
+# ---- on a GPU: the split-KV decode kernel, CUDA-graph capture, no host sync (issue 13)
+
+GPU_DECODE_CASES = [  # (B, H, G, T, S, D, causal), padding lengths [S, 2S/3, 0, 1][:B]
+    (4, 32, 8, 1, 4096, 128, True), (2, 16, 2, 16, 2048, 96, True), (1, 8, 1, 3, 5000, 64, False),
+]
+
+
+@gpu
+@pytest.mark.parametrize("B,H,G,T,S,D,causal", GPU_DECODE_CASES)
+def test_gpu_decode_against_reference(B, H, G, T, S, D, causal):
+    q, k, v = (x.cuda() for x in make_qkv(B, H, G, T, S, D, dtype=torch.bfloat16, seed=T + S + D))
+    mask = padding_mask([S, S * 2 // 3, 0, 1][:B], S).cuda()
+    assert tb._kernels(False).decode.applies(T, S)
+    assert_matches_reference(run_triton(), q, k, v, attn_mask=mask, causal=causal)
+
+
+@gpu
+def test_gpu_decode_cuda_graph_replays_new_inputs_and_lengths():
+    """A decode step captured once, replayed after writing new q, K, V and cache lengths into its tensors:
+    the same output as an eager call, bitwise, and within the rule against float64."""
+    B, H, G, T, S, D = 4, 32, 8, 1, 8192, 128
+    q, k, v = (x.cuda() for x in make_qkv(B, H, G, T, S, D, dtype=torch.bfloat16, seed=1))
+    lengths = torch.full((B,), S, dtype=torch.int32, device="cuda")
+    result = {}
+
+    def step():
+        result["out"] = tb.triton_attention(q, k, v, causal=True, key_lengths=lengths).out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed, new_lengths in ((2, [S // 2, 1, 0, S]), (3, [17, S, 4000, 2])):
+        for static, fresh in zip((q, k, v), make_qkv(B, H, G, T, S, D, dtype=torch.bfloat16, seed=seed)):
+            static.copy_(fresh)
+        lengths.copy_(torch.tensor(new_lengths))
+        graph.replay()
+        eager = tb.triton_attention(q, k, v, causal=True, key_lengths=lengths).out
+        assert torch.equal(result["out"], eager)
+        assert_matches_reference(lambda *a, **c: result["out"].clone(), q, k, v, causal=True, backward=False,
+                                 attn_mask=padding_mask(new_lengths, S).cuda())
+
+
+@gpu
+@pytest.mark.parametrize("T,S", [(300, 700), (1, 4096)])
+def test_gpu_no_host_sync(T, S):
+    """supports, forward and backward with a key-padding mask never wait for the GPU (set_sync_debug_mode
+    raises on any synchronising call), once the kernels are compiled and tuned."""
+    q, k, v = (x.cuda().requires_grad_() for x in make_qkv(2, 8, 2, T, S, 64, dtype=torch.bfloat16, seed=T))
+    mask = padding_mask([S, S // 3], S).cuda()
+
+    def step():
+        out = mh.attention(q, k, v, attn_mask=mask, causal=True, backend="triton")
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    step()  # compile and autotune first: the autotuner times configs once per key, which syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

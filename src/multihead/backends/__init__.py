@@ -13,7 +13,7 @@ down and takes the first that supports the call; `explain` asks every one of
 them, so the dispatch can always say which backend ran and why the others
 did not.
 
-    auto order:  triton (30, CUDA)  sdpa (20)  cpu_flash (15, CPU, gives the lse)
+    auto order:  sdpa (20)  triton (17, CUDA, gives the lse)  cpu_flash (15, CPU, gives the lse)
                  chunked (10)  reference (0, always)
 """
 

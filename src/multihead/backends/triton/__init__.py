@@ -6,13 +6,23 @@ q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> out (B, H, T, Dv), lse (B, H,
 
 - forward.py: online softmax over key tiles, exp2 with log2 e folded into
   the scale, the logsumexp saved;
+- decode.py: split-KV ("flash-decoding") for T <= 16 queries against a long
+  cache, a group's query heads packed into one tile, slices merged by their
+  logsumexp; chosen by shape (`decode.applies`);
 - backward.py: the probabilities recomputed from the logsumexp, dq, dk, dv,
-  without atomics (deterministic);
+  without atomics (deterministic); it follows either forward;
+- keys.py: key lengths or a key-padding mask as (lo, hi, mask) on the device;
+- configs.py: the autotuners' tiles, checked for sm_90a;
 - here: one torch.autograd.Function joining them, the public
   `triton_attention`, and the registry's `TritonBackend`.
 
+No host sync anywhere on this path: `supports` decides from dtypes, shapes
+and flags, and key lengths stay on the device, so a call never waits for the
+GPU and a decode step can be captured in a CUDA graph.
+
 What the kernels take: causal (bottom-right aligned, T != S allowed), key
-masks as per-sequence key lengths (a query sees keys j < key_lengths[b]),
+masks (bool (B|1, 1, 1, S)) and per-sequence key lengths (a query sees keys
+j < key_lengths[b]),
 grouped-query attention (kv head h // R, never copied), head dims up to 256
 (padded inside the kernel to a power of two), any T and S, fp16, bf16 and
 fp32. A query row with no key (causal with T > S, key length 0) gives
@@ -46,6 +56,8 @@ import torch
 from torch import Tensor
 
 from ...call import AttentionCall, AttentionOutput, make_call
+from . import keys
+from .keys import KeyRange
 
 MAX_HEAD_DIM = 256  # q, k, v tiles of a wider head no longer fit on chip
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -71,14 +83,22 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-_kernel_modules: dict[bool, tuple[ModuleType, ModuleType]] = {}
+class Kernels(NamedTuple):
+    """The kernel modules of one mode (interpreted or compiled)."""
+
+    forward: ModuleType  # forward.py: online softmax over key tiles
+    backward: ModuleType  # backward.py: dq, dk, dv
+    decode: ModuleType  # decode.py: split-KV for a few queries against a long cache
+
+
+_kernel_modules: dict[bool, Kernels] = {}
 _load_lock = threading.Lock()
 
 
-def _kernels(interpret: bool) -> tuple[ModuleType, ModuleType]:
-    """(forward, backward) kernel modules, decorated compiled or interpreted.
+def _kernels(interpret: bool) -> Kernels:
+    """The kernel modules, decorated compiled or interpreted.
 
-    Each mode gets its own copy of the two files, loaded with TRITON_INTERPRET
+    Each mode gets its own copy of the files, loaded with TRITON_INTERPRET
     set to match while triton.jit decorates them, so that CPU tests under the
     interpreter and CUDA calls can share one process.
     """
@@ -87,21 +107,29 @@ def _kernels(interpret: bool) -> tuple[ModuleType, ModuleType]:
             saved = os.environ.get("TRITON_INTERPRET")
             os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
             try:
-                loaded = []
-                for stem in ("forward", "backward"):
-                    name = f"{__name__}._{stem}_{'interpreted' if interpret else 'compiled'}"
-                    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{stem}.py"))
-                    module = importlib.util.module_from_spec(spec)
-                    sys.modules[name] = module
-                    spec.loader.exec_module(module)
-                    loaded.append(module)
+                loaded = [_load(stem, interpret) for stem in Kernels._fields]
             finally:
                 if saved is None:
                     del os.environ["TRITON_INTERPRET"]
                 else:
                     os.environ["TRITON_INTERPRET"] = saved
-            _kernel_modules[interpret] = (loaded[0], loaded[1])
+            _kernel_modules[interpret] = Kernels(*loaded)
         return _kernel_modules[interpret]
+
+
+def kernel_modules(interpret: bool = False) -> Kernels:
+    """The kernel modules of one mode: compiled (interpret=False, what benchmarks/triton_ptxas.py
+    compiles for sm_90a ahead of time) or interpreted."""
+    return _kernels(interpret)
+
+
+def _load(stem: str, interpret: bool) -> ModuleType:
+    name = f"{__name__}._{stem}_{'interpreted' if interpret else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{stem}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _interpreted(x: Tensor) -> bool:
@@ -141,68 +169,57 @@ def _kernel_limits(q: Tensor, v: Tensor) -> str | None:
     return None
 
 
-def key_lengths_from_mask(attn_mask: Tensor, B: int) -> tuple[Tensor | None, str | None]:
-    """A key-padding mask as key lengths: (lengths (B,) int32 or None if nothing is masked, None),
-    or (None, why it is not one).
-
-    A key-padding mask is bool, (B|1, 1, 1, S), and True on a prefix of the keys
-    (the first n real tokens, padding after), which is what
-    `masks.key_mask_to_attn_mask(masks.lengths_to_key_mask(lengths, S))` builds.
-    """
-    if attn_mask.dtype != torch.bool:
-        return None, ("a dense float mask is not supported; triton takes key-padding masks only "
-                      "(bool (B, 1, 1, S), True on the first n keys)")
-    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1:
-        return None, (f"attn_mask of shape {tuple(attn_mask.shape)} is not a key-padding mask "
-                      "(B, 1, 1, S); triton takes key lengths only")
-    S = attn_mask.shape[-1]
-    rows = attn_mask.reshape(attn_mask.shape[0], S)  # (b, 1, 1, S) -> (b, S)
-    lengths = rows.sum(dim=-1)  # (b,)
-    prefix = torch.arange(S, device=rows.device)[None, :] < lengths[:, None]  # (b, S)
-    if not torch.equal(prefix, rows):
-        return None, "attn_mask is not a prefix of the keys per sequence (padding before a real token)"
-    if bool((lengths == S).all()):
-        return None, None  # nothing masked
-    return lengths.to(torch.int32).expand(B).contiguous(), None
-
-
 def _contiguous_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+class Options(NamedTuple):
+    """How a call runs, decided from shapes and arguments (never from a tensor's values)."""
+
+    block_m: int | None = None  # query rows per tile in the interpreter (the GPU autotunes)
+    block_n: int | None = None  # keys per tile in the interpreter; the decode path's tile anywhere
+    decode: bool | None = None  # the split-KV decode path: None = by shape (`decode.applies`)
+    num_splits: int | None = None  # decode: slices of the key range; None = from the shape and the SM count
+
+
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_lengths, causal, scale, blocks):
+    def forward(ctx, q, k, v, key_range, causal, scale, options):
         interpret = _interpreted(q)
-        fwd, _ = _kernels(interpret)
+        kernels = _kernels(interpret)
         q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
         B, H, T, _ = q.shape
         S = k.shape[2]
+        precision = _precision(q.dtype, interpret)
+        split_kv = kernels.decode.applies(T, S) if options.decode is None else options.decode  # from shapes
         if T == 0 or S == 0 or B * H == 0:  # nothing to attend: output 0, lse -inf
             out = q.new_zeros((B, H, T, v.shape[-1]))
             lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
+        elif split_kv:
+            with _on_device(q):
+                out, lse = kernels.decode.attention_decode(q, k, v, key_range, causal, scale, precision,
+                                                           options.block_n, options.num_splits)
         else:
             with _on_device(q):
-                out, lse = fwd.attention_forward(q, k, v, key_lengths, causal, scale,
-                                                 _precision(q.dtype, interpret), *blocks)
-        ctx.save_for_backward(q, k, v, out, lse, key_lengths)
-        ctx.call = (causal, scale, blocks, interpret)
+                out, lse = kernels.forward.attention_forward(q, k, v, key_range, causal, scale, precision,
+                                                             options.block_m, options.block_n)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = (key_range, causal, scale, options, interpret)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, key_lengths = ctx.saved_tensors
-        causal, scale, blocks, interpret = ctx.call
+        q, k, v, out, lse = ctx.saved_tensors
+        key_range, causal, scale, options, interpret = ctx.call
         B, H, T, _ = q.shape
         S = k.shape[2]
         if grad_out is None or T == 0 or S == 0 or B * H == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
-        _, bwd = _kernels(interpret)
         with _on_device(q):
-            dq, dk, dv = bwd.attention_backward(_contiguous_last(grad_out.to(q.dtype)), q, k, v, out, lse,
-                                                key_lengths, causal, scale, _precision(q.dtype, interpret),
-                                                *blocks)
+            dq, dk, dv = _kernels(interpret).backward.attention_backward(
+                _contiguous_last(grad_out.to(q.dtype)), q, k, v, out, lse, key_range, causal, scale,
+                _precision(q.dtype, interpret), options.block_m, options.block_n)
         return dq, dk, dv, None, None, None, None
 
 
@@ -221,7 +238,9 @@ class _on_device:
             self.ctx.__exit__(*exc)
 
 
-def _check_key_lengths(key_lengths, B: int, S: int, device: torch.device) -> Tensor | None:
+def _check_key_lengths(key_lengths, B: int, device: torch.device) -> KeyRange | None:
+    """key_lengths (B,) integers on q's device -> a KeyRange; checked from its type and shape only
+    (its values stay on the device: the kernels clamp them to [0, S])."""
     if key_lengths is None:
         return None
     if not isinstance(key_lengths, Tensor):
@@ -233,9 +252,16 @@ def _check_key_lengths(key_lengths, B: int, S: int, device: torch.device) -> Ten
         raise ValueError(f"key_lengths has {key_lengths.shape[0]} entries, expected one per sequence (B={B})")
     if key_lengths.device != device:
         raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {device}")
-    if B and (int(key_lengths.min()) < 0 or int(key_lengths.max()) > S):
-        raise ValueError(f"key_lengths must be in [0, S={S}], got {key_lengths.tolist()}")
-    return key_lengths.to(torch.int32).contiguous()
+    return keys.from_lengths(key_lengths, B)
+
+
+def _check_option(name: str, value, smallest: int, power_of_two: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < smallest or (
+            power_of_two and value & (value - 1)):
+        kind = "a power of two" if power_of_two else "an int"
+        raise ValueError(f"{name} must be {kind} >= {smallest} or None, got {value!r}")
 
 
 def triton_attention(
@@ -248,14 +274,20 @@ def triton_attention(
     key_lengths: Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    decode: bool | None = None,
+    num_splits: int | None = None,
 ) -> TritonOutput:
     """The triton kernels, with the logsumexp: (out (B, H, T, Dv), lse (B, H, T) float32).
 
     q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv); H a multiple of G.
     causal: bottom-right aligned, query i sees keys j <= i + S - T.
-    key_lengths: (B,) ints in [0, S]; sequence b attends only its first
-        key_lengths[b] keys (a key-padding mask). None: all S.
-    block_m, block_n: query rows and keys per tile in the interpreter (the GPU autotunes).
+    key_lengths: (B,) ints; sequence b attends only its first key_lengths[b] keys (a
+        key-padding mask, or a cache's fill level). None: all S. The values stay on the
+        device (no host sync): a length below 0 or above S counts as 0 or S.
+    block_m, block_n: query rows and keys per tile in the interpreter (the GPU autotunes);
+        block_n also sets the decode path's tile.
+    decode: the split-KV path for a few queries (T <= 16) against a long cache; None
+        picks it from the shapes. num_splits: its number of key slices (None: from the shapes).
 
     Differentiable in q, k, v. lse[b, h, t] = log sum_j exp(score) over the keys the
     query sees (-inf when none), so the weights are exp(score - lse)
@@ -265,16 +297,17 @@ def triton_attention(
     reason = _where_it_runs(q) or _kernel_limits(q, v)
     if reason is not None:
         raise ValueError(f"triton_attention cannot run this call: {reason}")
-    for name, block in (("block_m", block_m), ("block_n", block_n)):
-        if block is not None and (isinstance(block, bool) or not isinstance(block, int)
-                                  or block < 16 or block & (block - 1)):
-            raise ValueError(f"{name} must be a power of two >= 16 or None, got {block!r}")
-    lengths = _check_key_lengths(key_lengths, q.shape[0], k.shape[2], q.device)
-    return _apply(q, k, v, lengths, call.causal, call.scale, block_m, block_n)
+    _check_option("block_m", block_m, 16, True)
+    _check_option("block_n", block_n, 16, True)
+    _check_option("num_splits", num_splits, 1, False)
+    if decode is not None and not isinstance(decode, bool):
+        raise TypeError(f"decode must be a bool or None, got {type(decode).__name__} {decode!r}")
+    key_range = _check_key_lengths(key_lengths, q.shape[0], q.device)
+    return _apply(q, k, v, key_range, call.causal, call.scale, Options(block_m, block_n, decode, num_splits))
 
 
-def _apply(q, k, v, key_lengths, causal, scale, block_m=None, block_n=None) -> TritonOutput:
-    out, lse = _TritonAttention.apply(q, k, v, key_lengths, causal, scale, (block_m, block_n))
+def _apply(q, k, v, key_range, causal, scale, options=Options()) -> TritonOutput:
+    out, lse = _TritonAttention.apply(q, k, v, key_range, causal, scale, options)
     return TritonOutput(out, lse)
 
 
@@ -284,26 +317,30 @@ class TritonBackend:
     # backward at T 1k-16k, and SDPA decodes 10x faster; above cpu_flash (15) and chunked (10), so
     # calls that need the logsumexp on CUDA come here.
     priority = 17
-    summary = "fused Triton kernels (forward + backward) on CUDA; key-padding masks, no dropout; gives the lse"
+    summary = ("fused Triton kernels (forward, backward, split-KV decode) on CUDA; key-padding masks, "
+               "no dropout; gives the lse")
 
     def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None:
+        """Decided from devices, dtypes, shapes and flags: no tensor's value is read (no host sync)."""
         reason = _where_it_runs(call.q) or _kernel_limits(call.q, call.v)
         if reason is not None:
             return reason
         if call.dropout_p > 0.0:
             return "dropout is not implemented in the triton kernels"
         if call.attn_mask is not None:
-            return key_lengths_from_mask(call.attn_mask, call.batch)[1]
+            return keys.refusal(call.attn_mask)
         return None
 
     def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
-        lengths = None
+        key_range = None
         if call.attn_mask is not None:
-            lengths, reason = key_lengths_from_mask(call.attn_mask, call.batch)
+            reason = keys.refusal(call.attn_mask)
             if reason is not None:
                 raise ValueError(f"backend 'triton' cannot run this call: {reason}")
-        out, lse = _apply(call.q, call.k, call.v, lengths, call.causal, call.scale)
+            key_range = keys.from_mask(call.attn_mask, call.batch)  # on the device
+        out, lse = _apply(call.q, call.k, call.v, key_range, call.causal, call.scale)
         return AttentionOutput(out, lse if need_lse else None)
 
 
-__all__ = ["TritonBackend", "TritonOutput", "key_lengths_from_mask", "triton_attention", "triton_installed"]
+__all__ = ["KeyRange", "Kernels", "Options", "TritonBackend", "TritonOutput", "kernel_modules", "keys",
+           "triton_attention", "triton_installed"]

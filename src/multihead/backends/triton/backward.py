@@ -15,8 +15,10 @@ the gradients are the same bit for bit from run to run:
    tiles as the forward does: dQ += dS K.
 
 Both walks split their tiles as the forward does: the ones every row and key
-of the pair sees whole need no mask; the ones the causal diagonal or a key
-length cuts are masked element by element.
+of the pair sees whole need no mask; the ones the causal diagonal or the key
+range (`keys.KeyRange`: lo, hi, a key-padding mask) cuts are masked element
+by element, and keys from hi on are never read. Pointer offsets built from a
+row or key index times a stride are int64, as in the forward.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+
 
 
 @triton.jit
@@ -44,14 +49,15 @@ def _bwd_preprocess(
     h = tl.program_id(1)  # heads and batch on grid axes 1 and 2: each may reach 65535
     b = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = offs_m.to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < T) & (offs_dv[None, :] < HEAD_DIM_V)
     o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_ot + offs_dv[None, :], mask=mask, other=0.0).to(tl.float32)
+                + (rows64[:, None] * stride_ot + offs_dv[None, :]), mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-                 + offs_m[:, None] * stride_dt + offs_dv[None, :], mask=mask, other=0.0).to(tl.float32)
+                 + (rows64[:, None] * stride_dt + offs_dv[None, :]), mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)  # (BLOCK_M,)
-    row = (b * H + h).to(tl.int64) * T + offs_m
+    row = (b * H + h).to(tl.int64) * T + rows64
     lse = tl.load(Lse + row, mask=offs_m < T, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(Delta + row, delta, mask=offs_m < T)
@@ -60,28 +66,29 @@ def _bwd_preprocess(
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, m0, cols,
-    offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, kv_len, offset, qk_scale2,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, m0, cols, key_ok,
+    offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, offset, qk_scale2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = m0 + offs_m  # (BLOCK_M,)
-    q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :],
+    rows64 = rows.to(tl.int64)
+    q = tl.load(q_base + (rows64[:, None] * stride_qt + offs_d[None, :]),
                 mask=(rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_M, BLOCK_D)
     # rows past T load lse2 = +inf: their P is 0 without a mask
-    lse2 = tl.load(lse_base + rows, mask=rows < T, other=float("inf"))
+    lse2 = tl.load(lse_base + rows64, mask=rows < T, other=float("inf"))
     qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2  # (BLOCK_N, BLOCK_M)
     p_t = tl.exp2(qk_t - lse2[None, :])
     if MASKED:
-        allowed = cols[:, None] < kv_len
+        allowed = key_ok[:, None]
         if CAUSAL:
             allowed = allowed & (cols[:, None] <= rows[None, :] + offset)
         p_t = tl.where(allowed, p_t, 0.0)
-    do = tl.load(do_base + rows[:, None] * stride_dt + offs_dv[None, :],
+    do = tl.load(do_base + (rows64[:, None] * stride_dt + offs_dv[None, :]),
                  mask=(rows[:, None] < T) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BLOCK_M, BLOCK_DV)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-    delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
+    delta = tl.load(delta_base + rows64, mask=rows < T, other=0.0)
     ds_t = p_t * (dp_t - delta[None, :])
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
@@ -89,17 +96,18 @@ def _dkdv_step(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse2, Delta, DK, DV, KeyLen,
+    Q, K, V, DO, Lse2, Delta, DK, DV, KeyLo, KeyHi, KeyMask,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_dt,
     stride_dkb, stride_dkh, stride_dks,
-    stride_dvb, stride_dvh, stride_dvs,
+    stride_dvb, stride_dvh, stride_dvs, stride_mb,
     H, G, T, S, R, qk_scale2, scale,
+    T_BUCKET, S_BUCKET,  # read by the autotuner's key only: a tile per length bucket
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -107,21 +115,27 @@ def _bwd_dkdv_kernel(
     b = tl.program_id(2)
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k = tl.load(K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
-                + cols[:, None] * stride_ks + offs_d[None, :],
-                mask=(cols[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
-                + cols[:, None] * stride_vs + offs_dv[None, :],
-                mask=(cols[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BLOCK_N, BLOCK_DV)
-
-    if HAS_LENGTHS:
-        kv_len = tl.load(KeyLen + b)
+    if HAS_LENGTHS:  # clamped: a length outside [0, S] can never address outside k and v
+        kv_hi = tl.minimum(tl.maximum(tl.load(KeyHi + b), 0), S)
+        kv_lo = tl.minimum(tl.maximum(tl.load(KeyLo + b), 0), kv_hi)
     else:
-        kv_len = S
+        kv_hi = S
+        kv_lo = S
+    key_ok = cols < kv_hi  # keys from the key length on are never read
+    if HAS_KEYMASK:
+        key_ok = key_ok & (tl.load(KeyMask + b.to(tl.int64) * stride_mb + cols64, mask=key_ok, other=0) != 0)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
+                + (cols64[:, None] * stride_ks + offs_d[None, :]),
+                mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
+                + (cols64[:, None] * stride_vs + offs_dv[None, :]),
+                mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BLOCK_N, BLOCK_DV)
+
     offset = S - T  # query i sees keys j <= i + offset
     m_end = tl.cdiv(T, BLOCK_M) * BLOCK_M
     if CAUSAL:
@@ -133,8 +147,8 @@ def _bwd_dkdv_kernel(
         m_full = 0
     m_lo = tl.minimum(m_lo, m_end)
     m_full = tl.minimum(m_full, m_end)
-    m_full = tl.where(n0 + BLOCK_N > kv_len, m_end, m_full)  # the key length cuts this tile: mask it all
-    m_lo = tl.where(n0 >= kv_len, m_end, m_lo)  # no key of the tile is attended: dk = dv = 0
+    m_full = tl.where(n0 + BLOCK_N > kv_lo, m_end, m_full)  # the key range cuts this tile: mask it all
+    m_lo = tl.where(n0 >= kv_hi, m_end, m_lo)  # no key of the tile is attended: dk = dv = 0
     m_full = tl.maximum(m_full, m_lo)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -145,43 +159,50 @@ def _bwd_dkdv_kernel(
         do_base = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
         row_base = (b * H + h).to(tl.int64) * T
         for m0 in range(m_lo, m_full, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, m0, cols,
-                                offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, kv_len, offset, qk_scale2,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, m0, cols, key_ok,
+                                offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, offset, qk_scale2,
                                 HEAD_DIM, HEAD_DIM_V, True, CAUSAL, PRECISION)
         for m0 in range(m_full, m_end, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, m0, cols,
-                                offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, kv_len, offset, qk_scale2,
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, m0, cols, key_ok,
+                                offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, offset, qk_scale2,
                                 HEAD_DIM, HEAD_DIM_V, False, CAUSAL, PRECISION)
     dk = dk * scale  # the scores were scale * q·k
 
     tl.store(DK + b.to(tl.int64) * stride_dkb + g.to(tl.int64) * stride_dkh
-             + cols[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             + (cols64[:, None] * stride_dks + offs_d[None, :]), dk.to(DK.dtype.element_ty),
              mask=(cols[:, None] < S) & (offs_d[None, :] < HEAD_DIM))
     tl.store(DV + b.to(tl.int64) * stride_dvb + g.to(tl.int64) * stride_dvh
-             + cols[:, None] * stride_dvs + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             + (cols64[:, None] * stride_dvs + offs_dv[None, :]), dv.to(DV.dtype.element_ty),
              mask=(cols[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
 def _dq_step(
-    dq, q, do, lse2, delta, k_base, v_base, start_n,
-    offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_len, offset, qk_scale2,
+    dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n,
+    offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n
+    cols64 = cols.to(tl.int64)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     if MASKED:
-        k_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
-        v_mask = (cols[:, None] < kv_len) & (offs_dv[None, :] < HEAD_DIM_V)
+        key_ok = cols < kv_hi
+        if HAS_KEYMASK:
+            key_ok = key_ok & (tl.load(mask_base + cols64, mask=key_ok, other=0) != 0)
+        k_mask = key_ok[:, None] & d_ok
+        v_mask = key_ok[:, None] & dv_ok
     else:
-        k_mask = offs_d[None, :] < HEAD_DIM
-        v_mask = offs_dv[None, :] < HEAD_DIM_V
-    k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=k_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(v_base + cols[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)  # (BLOCK_N, BLOCK_DV)
+        k_mask = d_ok
+        v_mask = dv_ok
+    k = tl.load(k_base + (cols64[:, None] * stride_ks + offs_d[None, :]), mask=k_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(v_base + (cols64[:, None] * stride_vs + offs_dv[None, :]), mask=v_mask,
+                other=0.0)  # (BLOCK_N, BLOCK_DV)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
     p = tl.exp2(qk - lse2[:, None])
     if MASKED:
-        allowed = cols[None, :] < kv_len
+        allowed = key_ok[None, :]
         if CAUSAL:
             allowed = allowed & (cols[None, :] <= offs_m[:, None] + offset)
         p = tl.where(allowed, p, 0.0)
@@ -193,16 +214,17 @@ def _dq_step(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse2, Delta, DQ, KeyLen,
+    Q, K, V, DO, Lse2, Delta, DQ, KeyLo, KeyHi, KeyMask,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_db, stride_dh, stride_dt,
-    stride_dqb, stride_dqh, stride_dqt,
+    stride_dqb, stride_dqh, stride_dqt, stride_mb,
     H, T, S, R, qk_scale2, scale,
+    T_BUCKET, S_BUCKET,  # read by the autotuner's key only: a tile per length bucket
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -211,84 +233,93 @@ def _bwd_dq_kernel(
     g = h // R
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows64 = offs_m.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
     row_mask = offs_m < T
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qt + offs_d[None, :],
+                + (rows64[:, None] * stride_qt + offs_d[None, :]),
                 mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-                 + offs_m[:, None] * stride_dt + offs_dv[None, :],
+                 + (rows64[:, None] * stride_dt + offs_dv[None, :]),
                  mask=row_mask[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BLOCK_M, BLOCK_DV)
-    row = (b * H + h).to(tl.int64) * T + offs_m
+    row = (b * H + h).to(tl.int64) * T + rows64
     lse2 = tl.load(Lse2 + row, mask=row_mask, other=float("inf"))
     delta = tl.load(Delta + row, mask=row_mask, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
+    mask_base = KeyMask + b.to(tl.int64) * stride_mb
 
-    if HAS_LENGTHS:
-        kv_len = tl.load(KeyLen + b)
+    if HAS_LENGTHS:  # clamped: a length outside [0, S] can never address outside k and v
+        kv_hi = tl.minimum(tl.maximum(tl.load(KeyHi + b), 0), S)
+        kv_lo = tl.minimum(tl.maximum(tl.load(KeyLo + b), 0), kv_hi)
     else:
-        kv_len = S
+        kv_hi = S
+        kv_lo = S
     offset = S - T
     if CAUSAL:
-        hi = tl.minimum(kv_len, tl.minimum(m0 + BLOCK_M, T) + offset)
-        full = tl.minimum(kv_len, m0 + offset + 1)
+        hi = tl.minimum(kv_hi, tl.minimum(m0 + BLOCK_M, T) + offset)
+        full = tl.minimum(kv_lo, m0 + offset + 1)
     else:
-        hi = kv_len
-        full = kv_len
+        hi = kv_hi
+        full = kv_lo
     hi = tl.maximum(hi, 0)
     full = (tl.maximum(full, 0) // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n,
-                      offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_len, offset, qk_scale2,
-                      HEAD_DIM, HEAD_DIM_V, False, CAUSAL, PRECISION)
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n,
+                      offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
+                      HEAD_DIM, HEAD_DIM_V, False, CAUSAL, HAS_KEYMASK, PRECISION)
     for start_n in range(full, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n,
-                      offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_len, offset, qk_scale2,
-                      HEAD_DIM, HEAD_DIM_V, True, CAUSAL, PRECISION)
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n,
+                      offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
+                      HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION)
     dq = dq * scale
 
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             + (rows64[:, None] * stride_dqt + offs_d[None, :]), dq.to(DQ.dtype.element_ty),
              mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-# MULTIHEAD_TRITON_CONFIGS=few: one tile for D <= 128 and one for wider heads (a short GPU check).
-_FEW = os.environ.get("MULTIHEAD_TRITON_CONFIGS") == "few"
+def _itemsize(named_args) -> int:
+    q = named_args.get("Q")
+    return q.element_size() if hasattr(q, "element_size") else 2
 
 
-def _gpu_configs(shapes):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+def _tile(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
 
 
-def _prune(configs, named_args, **kwargs):
-    named_args = {**named_args, **kwargs}  # constexprs come as keyword arguments
-    big = max(named_args["HEAD_DIM"], named_args["HEAD_DIM_V"]) > 128
-    kept = [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32]
-    return kept or configs
+def _pruner(kernel: str):
+    def prune(candidates, named_args, **kwargs):
+        """The tiles `configs.tiles` keeps for this head dim (compiled for sm_90a without spills)."""
+        named_args = {**named_args, **kwargs}  # constexprs come as keyword arguments
+        wanted = configs.tiles(kernel, named_args["BLOCK_D"], itemsize=_itemsize(named_args),
+                               block_dv=named_args["BLOCK_DV"])
+        return [c for c in candidates if _tile(c) in wanted] or candidates[:1]
+    return prune
 
 
-_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_LENGTHS", "PRECISION"]
+def _autotuned(kernel: str, fn):
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                 for bm, bn, w, s in configs.all_tiles(kernel)],
+        key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kernel)},
+    )(fn)
+
+
+# What changes the best tile; T_BUCKET and S_BUCKET are powers of two (`configs.length_bucket`).
+AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_LENGTHS", "HAS_KEYMASK", "PRECISION",
+                "T_BUCKET", "S_BUCKET"]
 if INTERPRET:
     _dkdv_launch, _dq_launch = _bwd_dkdv_kernel, _bwd_dq_kernel
 else:
-    # (BLOCK_M, BLOCK_N, warps, stages): dk/dv hold a key tile on chip and stream
-    # query blocks past it, dq the other way round.
-    _dkdv_launch = triton.autotune(
-        configs=_gpu_configs([(32, 128, 8, 3), (32, 32, 4, 2)] if _FEW else
-                             [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]),
-        key=_KEY, prune_configs_by={"early_config_prune": _prune},
-    )(_bwd_dkdv_kernel)
-    _dq_launch = triton.autotune(
-        configs=_gpu_configs([(128, 32, 8, 3), (32, 32, 4, 2)] if _FEW else
-                             [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)]),
-        key=_KEY, prune_configs_by={"early_config_prune": _prune},
-    )(_bwd_dq_kernel)
+    # dk/dv hold a key tile on chip and stream query blocks past it, dq the other way round.
+    _dkdv_launch = _autotuned("dkdv", _bwd_dkdv_kernel)
+    _dq_launch = _autotuned("dq", _bwd_dq_kernel)
 
 _PRE_BLOCK_M = 64
 
@@ -298,38 +329,49 @@ def padded_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def attention_backward(grad_out, q, k, v, out, lse, key_lengths, causal: bool, scale: float, precision: str,
+def kernel_args(grad_out, q, k, v, lse2, delta, dq, dk, dv, keys, causal: bool, scale: float, precision: str):
+    """((dkdv args, dq args), constexprs) without the tiles: what the launches pass, and what
+    benchmarks/triton_ptxas.py compiles ahead of time. keys: a `keys.KeyRange` or None."""
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    lo, hi, mask = (delta, delta, None) if keys is None else keys
+    key_args = (lo, hi, mask if mask is not None else delta)
+    stride_mb = mask.stride(0) if mask is not None else 0
+    common = (q.stride(0), q.stride(1), q.stride(2),
+              k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2),
+              grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    buckets = (configs.length_bucket(T), configs.length_bucket(S))
+    dkdv = (q, k, v, grad_out, lse2, delta, dk, dv, *key_args, *common,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), stride_mb,
+            H, G, T, S, H // G, scale * LOG2E, scale, *buckets)
+    dq_args = (q, k, v, grad_out, lse2, delta, dq, *key_args, *common,
+               dq.stride(0), dq.stride(1), dq.stride(2), stride_mb, H, T, S, H // G, scale * LOG2E, scale, *buckets)
+    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(Dv), CAUSAL=causal,
+                HAS_LENGTHS=keys is not None, HAS_KEYMASK=mask is not None, PRECISION=precision)
+    return (dkdv, dq_args), meta
+
+
+def attention_backward(grad_out, q, k, v, out, lse, keys, causal: bool, scale: float, precision: str,
                        block_m: int | None = None, block_n: int | None = None):
     """dq, dk, dv for out = attention(q, k, v); all of them (B, ·, ·, ·) with contiguous last dims.
 
-    lse (B, H, T) float32 is the forward's. block_m / block_n pick the tiles in the
-    interpreter (on a GPU the autotuner does).
+    lse (B, H, T) float32 is the forward's; keys the forward's `keys.KeyRange` or None.
+    block_m / block_n pick the tiles in the interpreter (on a GPU the autotuner does).
     """
-    B, H, T, D = q.shape
+    B, H, T, _ = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _bwd_preprocess[(triton.cdiv(T, _PRE_BLOCK_M), H, B)](
         out, grad_out, lse, delta, lse2,
         out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         H, T, HEAD_DIM_V=Dv, BLOCK_DV=padded_dim(Dv), BLOCK_M=_PRE_BLOCK_M,
     )
-    lengths = key_lengths if key_lengths is not None else delta
-    common = (q.stride(0), q.stride(1), q.stride(2),
-              k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2),
-              grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(Dv),
-                CAUSAL=causal, HAS_LENGTHS=key_lengths is not None, PRECISION=precision)
-    dkdv_args = (q, k, v, grad_out, lse2, delta, dk, dv, lengths, *common,
-                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                 H, G, T, S, H // G, scale * LOG2E, scale)
-    dq_args = (q, k, v, grad_out, lse2, delta, dq, lengths, *common,
-               dq.stride(0), dq.stride(1), dq.stride(2), H, T, S, H // G, scale * LOG2E, scale)
+    (dkdv_args, dq_args), meta = kernel_args(grad_out, q, k, v, lse2, delta, dq, dk, dv, keys, causal, scale,
+                                             precision)
     if INTERPRET:
         bm, bn = block_m or 32, block_n or 32
         _dkdv_launch[(triton.cdiv(S, bn), G, B)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn)

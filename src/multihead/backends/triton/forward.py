@@ -16,6 +16,13 @@ diagonal or the key length cuts: those are masked element by element.
     rows 8..11    full    full   masked    <- one masked tile per block
     rows 0..3     masked   -      -        <- tiles right of the diagonal are skipped
 
+Which keys a sequence attends comes as a `keys.KeyRange` on the device: keys
+below lo are attended whole (unmasked tiles), keys from hi on are never read
+(so unwritten cache slots past a sequence's length cannot inject NaN), keys
+in [lo, hi) are masked one by one. Every pointer offset built from a row or
+key index times a stride is int64: a strided view larger than 2^31 elements
+is addressed correctly.
+
 Grouped-query attention reads kv head h // R for query head h: k and v are
 never copied per head. Head dims that are not powers of two are padded to
 the next one inside the kernel (masked loads, zeros in the padding), which
@@ -34,30 +41,39 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
+
 # Read when this copy of the module was loaded: the loader sets it to match.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e)
 
 
+
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, start_n,
-    offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_len, offset, qk_scale2,
+    acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
+    offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_n  # (BLOCK_N,) key positions of this tile
+    cols64 = cols.to(tl.int64)  # row index times a stride: int64, or a view past 2^31 elements wraps
+    d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     if MASKED:
-        k_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
-        v_mask = (cols[:, None] < kv_len) & (offs_dv[None, :] < HEAD_DIM_V)
+        key_ok = cols < kv_hi  # keys from the key length on are never read (an unwritten cache slot may be NaN)
+        if HAS_KEYMASK:
+            key_ok = key_ok & (tl.load(mask_base + cols64, mask=key_ok, other=0) != 0)
+        k_mask = key_ok[:, None] & d_ok
+        v_mask = key_ok[:, None] & dv_ok
     else:
-        k_mask = offs_d[None, :] < HEAD_DIM
-        v_mask = offs_dv[None, :] < HEAD_DIM_V
-    k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=k_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        k_mask = d_ok
+        v_mask = dv_ok
+    k = tl.load(k_base + (cols64[:, None] * stride_ks + offs_d[None, :]), mask=k_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N), base-2 scores
     if MASKED:
-        allowed = cols[None, :] < kv_len
+        allowed = key_ok[None, :]
         if CAUSAL:
             allowed = allowed & (cols[None, :] <= offs_m[:, None] + offset)  # bottom-right aligned
         qk = tl.where(allowed, qk, float("-inf"))
@@ -67,22 +83,24 @@ def _fwd_tile(
     p = tl.exp2(qk - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
     alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old maximum
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + cols[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)  # (BLOCK_N, BLOCK_DV)
+    v = tl.load(v_base + (cols64[:, None] * stride_vs + offs_dv[None, :]), mask=v_mask,
+                other=0.0)  # (BLOCK_N, BLOCK_DV)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # accumulates in place
     return acc, l_i, m_new
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, KeyLen,
+    Q, K, V, Out, Lse, KeyLo, KeyHi, KeyMask,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh, stride_ot,
+    stride_ob, stride_oh, stride_ot, stride_mb,
     H, T, S, R, qk_scale2,
+    T_BUCKET, S_BUCKET,  # read by the autotuner's key only: a tile per length bucket
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -91,6 +109,7 @@ def _fwd_kernel(
     g = h // R  # grouped-query: the kv head this query head reads
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows64 = offs_m.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -98,22 +117,25 @@ def _fwd_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+    mask_base = KeyMask + b.to(tl.int64) * stride_mb
+    q = tl.load(q_base + (rows64[:, None] * stride_qt + offs_d[None, :]),
                 mask=(offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_M, BLOCK_D)
 
-    if HAS_LENGTHS:
-        kv_len = tl.load(KeyLen + b)
+    if HAS_LENGTHS:  # clamped: a length outside [0, S] can never address outside k and v
+        kv_hi = tl.minimum(tl.maximum(tl.load(KeyHi + b), 0), S)
+        kv_lo = tl.minimum(tl.maximum(tl.load(KeyLo + b), 0), kv_hi)
     else:
-        kv_len = S
+        kv_hi = S
+        kv_lo = S
     offset = S - T  # query i sees keys j <= i + offset
     if CAUSAL:
         # the block's last real row sees up to key (last + offset); its first row sees whole
         # every tile that ends at or before key (m0 + offset)
-        hi = tl.minimum(kv_len, tl.minimum(m0 + BLOCK_M, T) + offset)
-        full = tl.minimum(kv_len, m0 + offset + 1)
+        hi = tl.minimum(kv_hi, tl.minimum(m0 + BLOCK_M, T) + offset)
+        full = tl.minimum(kv_lo, m0 + offset + 1)
     else:
-        hi = kv_len
-        full = kv_len
+        hi = kv_hi
+        full = kv_lo
     hi = tl.maximum(hi, 0)
     full = (tl.maximum(full, 0) // BLOCK_N) * BLOCK_N
 
@@ -121,13 +143,13 @@ def _fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n,
-                                  offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_len, offset,
-                                  qk_scale2, HEAD_DIM, HEAD_DIM_V, False, CAUSAL, PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
+                                  offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset,
+                                  qk_scale2, HEAD_DIM, HEAD_DIM_V, False, CAUSAL, HAS_KEYMASK, PRECISION)
     for start_n in range(full, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n,
-                                  offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_len, offset,
-                                  qk_scale2, HEAD_DIM, HEAD_DIM_V, True, CAUSAL, PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
+                                  offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset,
+                                  qk_scale2, HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION)
 
     # A row with no key has l = 0: output 0, lse = -inf. A NaN row keeps its NaN.
     no_key = l_i == 0.0
@@ -137,38 +159,40 @@ def _fwd_kernel(
     lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
 
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_dv[None, :], acc.to(Out.dtype.element_ty),
+    tl.store(o_base + (rows64[:, None] * stride_ot + offs_dv[None, :]), acc.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < T) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(Lse + (b * H + h).to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+    tl.store(Lse + ((b * H + h).to(tl.int64) * T + rows64), lse, mask=offs_m < T)
 
 
-def _gpu_configs():
-    # (BLOCK_M, BLOCK_N, warps, stages); the autotuner drops what does not fit the
-    # shared memory of the device at hand and times the rest once per shape key.
-    # MULTIHEAD_TRITON_CONFIGS=few keeps one tile for D <= 128 and one for wider heads,
-    # so a short GPU check compiles little.
-    if os.environ.get("MULTIHEAD_TRITON_CONFIGS") == "few":
-        shapes = [(128, 64, 8, 3), (64, 64, 4, 2)]
-    else:
-        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
-                  (128, 32, 4, 2), (64, 64, 4, 2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+def _itemsize(named_args) -> int:
+    q = named_args.get("Q")
+    return q.element_size() if hasattr(q, "element_size") else 2
 
 
-def _prune(configs, named_args, **kwargs):
+def _tile(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _prune(candidates, named_args, **kwargs):
+    """The tiles `configs.tiles` keeps for this head dim (compiled for sm_90a without spills)."""
     named_args = {**named_args, **kwargs}  # constexprs come as keyword arguments
-    # Head dims above 128 need smaller tiles to keep q, k, v and acc on chip.
-    big = max(named_args["HEAD_DIM"], named_args["HEAD_DIM_V"]) > 128
-    kept = [c for c in configs if not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs
+    wanted = configs.tiles("forward", named_args["BLOCK_D"], itemsize=_itemsize(named_args),
+                           block_dv=named_args["BLOCK_DV"])
+    return [c for c in candidates if _tile(c) in wanted] or candidates[:1]
 
+
+# The autotuner's key: what changes the best tile. T_BUCKET and S_BUCKET are powers of two
+# (`configs.length_bucket`), so a decode call and a 16k prefill each get their own tile.
+AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_LENGTHS", "HAS_KEYMASK", "PRECISION",
+                "T_BUCKET", "S_BUCKET"]
 
 if INTERPRET:
     _fwd_launch = _fwd_kernel  # block sizes come from the caller
 else:
     _fwd_launch = triton.autotune(
-        configs=_gpu_configs(),
-        key=["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_LENGTHS", "PRECISION"],
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                 for bm, bn, w, s in configs.all_tiles("forward")],
+        key=AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": _prune},
     )(_fwd_kernel)
 
@@ -178,28 +202,37 @@ def padded_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def attention_forward(q, k, v, key_lengths, causal: bool, scale: float, precision: str,
+def kernel_args(q, k, v, out, lse, keys, causal: bool, scale: float, precision: str):
+    """(args, constexprs) of `_fwd_kernel` without the tile: what a launch passes, and what
+    benchmarks/triton_ptxas.py compiles ahead of time. keys: a `keys.KeyRange` or None."""
+    B, H, T, D = q.shape
+    G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    lo, hi, mask = (lse, lse, None) if keys is None else keys
+    args = (
+        q, k, v, out, lse, lo, hi, mask if mask is not None else lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), mask.stride(0) if mask is not None else 0,
+        H, T, S, H // G, scale * LOG2E, configs.length_bucket(T), configs.length_bucket(S),
+    )
+    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(Dv), CAUSAL=causal,
+                HAS_LENGTHS=keys is not None, HAS_KEYMASK=mask is not None, PRECISION=precision)
+    return args, meta
+
+
+def attention_forward(q, k, v, keys, causal: bool, scale: float, precision: str,
                       block_m: int | None = None, block_n: int | None = None):
     """Launch the kernel. q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv), last dims contiguous;
-    key_lengths None or int32 (B,) with values in [0, S]. -> out (B, H, T, Dv), lse (B, H, T) float32.
+    keys a `keys.KeyRange` (lo, hi, mask) or None (every key). -> out (B, H, T, Dv), lse (B, H, T) float32.
     precision: tl.dot's input_precision ("ieee" keeps fp32 products exact, "tf32" is faster).
 
     block_m / block_n pick the tiles in the interpreter (on a GPU the autotuner does).
     """
-    B, H, T, D = q.shape
-    G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    out = torch.empty((B, H, T, Dv), dtype=q.dtype, device=q.device)
+    B, H, T, _ = q.shape
+    out = torch.empty((B, H, T, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    args = (
-        q, k, v, out, lse, key_lengths if key_lengths is not None else lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        H, T, S, H // G, scale * LOG2E,
-    )
-    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(Dv),
-                CAUSAL=causal, HAS_LENGTHS=key_lengths is not None, PRECISION=precision)
+    args, meta = kernel_args(q, k, v, out, lse, keys, causal, scale, precision)
     if INTERPRET:
         bm, bn = block_m or 32, block_n or 32
         _fwd_launch[(triton.cdiv(T, bm), H, B)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
