@@ -32,7 +32,7 @@ def test_gpu_check_plan_and_refusal_without_cuda():
     done = subprocess.run([sys.executable, script, "--dry-run"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "phases: ceilings" in done.stdout and "correctness: B,H,G,T,S,D,causal,mask" in done.stdout
-    assert "speed: T=16384, B=1, H=16, D=128" in done.stdout and "decode: B,H,G,S,D = (1, 32, 8, 32768, 128)" in done.stdout
+    assert "speed: T=16384, B=1, H=16, D=128" in done.stdout and "decode: B,H,G,T,S,D = (1, 32, 8, 1, 32768, 128)" in done.stdout
     if not torch.cuda.is_available():
         done = subprocess.run([sys.executable, script, "--budget", "5"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "needs a CUDA device" in done.stderr
