@@ -4,6 +4,7 @@
                       [--no-causal] [--bias] [--text "..."]
     multihead demo [--out DIR]
     multihead visualize "TEXT" [--model minilm|PATH] [--layer L] [--token WORD|WORD@I] [--out DIR]
+                      (PATH: bert/gpt2/llama on multihead's modules, any other model_type through transformers)
     multihead generate "PROMPT" --model PATH [--max-new-tokens N] [--temperature T]
                       [--top-k K] [--top-p P] [--seed S]
     multihead --version
@@ -354,6 +355,9 @@ def _check_sentence_transformers(model, console) -> bool:
 
 
 def _describe_model(model) -> str:
+    describe = getattr(model, "describe", None)  # a model run in transformers (multihead.models.hf_any)
+    if describe is not None:
+        return describe()
     cfg = model.network.config
     return (f"{model.name}: {model.kind}, {cfg.num_layers} layers x {cfg.num_heads} heads, width {cfg.d_model}; "
             f"every attention layer is multihead.MultiHeadAttention")
@@ -497,16 +501,39 @@ def _cmd_demo(args, console) -> int:
     return 0 if whiteboard_ok and embeddings_ok else 1
 
 
-def _cmd_visualize(args, console) -> int:
-    from .models import load
+# config.json model_type values that `multihead.models.load` builds on multihead's own modules
+BUILT_IN_ARCHITECTURES = ("bert", "gpt2", "llama")
 
+
+def _load_model(spec: str):
+    """The model `visualize` runs, by the rule its help states.
+
+    'minilm' and folders whose config.json says bert, gpt2 or llama: multihead's
+    own modules (multihead.models.load, the readable reference implementations).
+    Any other folder: transformers with attn_implementation="multihead"
+    (multihead.models.hf_any), when transformers knows its model_type.
+    """
+    from .models import KNOWN_MODELS, load
+    from .models.checkpoint_map import read_config
+
+    if not spec.strip():
+        raise UsageError("--model is empty; give 'minilm' or a local Hugging Face checkpoint folder")
+    built_in = spec in KNOWN_MODELS or not Path(spec).is_dir()  # load() says what a path that is no folder is
+    if built_in or read_config(spec).get("model_type") in BUILT_IN_ARCHITECTURES:
+        return load(spec)
+    from .models.hf_any import load_any
+
+    return load_any(spec)
+
+
+def _cmd_visualize(args, console) -> int:
     steps = _Steps(console)
     if not args.text.strip():
         raise UsageError("TEXT is empty; give the sentence to look at")
     if args.token is not None and not args.token.strip():
         raise UsageError("--token is empty; give a word of TEXT, or WORD@I as the report labels it")
     _check_out(args.out)
-    model = steps.run(f"loading {args.model}", lambda: load(args.model))
+    model = steps.run(f"loading {args.model}", lambda: _load_model(args.model))
     console.print(_describe_model(model))
     _text_part(console, steps, model, args.text, args.token, args.layer, args.out)
     return 0
@@ -599,12 +626,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=_positive, default=7, help="timing repeats per row (default 7)")
     demo.set_defaults(func=_cmd_demo)
     visualize = sub.add_parser("visualize", help="every head of a model on your text: PNG, HTML and a table",
-                               description="Run a BERT, GPT-2 or Llama checkpoint through multihead on TEXT and "
-                                           "show where each head looks.")
+                               description="Run a model on TEXT with multihead computing its attention and show "
+                                           "where each head looks. 'minilm' and BERT, GPT-2 or Llama folders run "
+                                           "on multihead's own modules (the readable reference implementations); "
+                                           "a folder of any other architecture that transformers knows runs in "
+                                           "transformers with attn_implementation='multihead' (an encoder-decoder: "
+                                           "its encoder). Nothing is downloaded.")
     visualize.add_argument("text", metavar="TEXT", help="the text to look at")
     visualize.add_argument("--model", default="minilm",
-                           help="'minilm' (packaged) or a local Hugging Face BERT, GPT-2 or Llama folder "
-                                "(default minilm)")
+                           help="'minilm' (packaged) or a local Hugging Face folder with config.json, weights and "
+                                "a tokenizer: bert, gpt2 and llama on multihead's own modules, any other "
+                                "model_type through transformers (default minilm)")
     visualize.add_argument("--layer", type=int, default=None,
                            help="the layer drawn on its own, counted from 0 (default: where heads disagree most)")
     visualize.add_argument("--token", default=None,

@@ -188,11 +188,7 @@ class TextModel:
     @torch.no_grad()
     def attention(self, text: str) -> TextAttention:
         """Every layer's per-head attention weights on one text, computed by multihead."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        if not text.strip():
-            raise ValueError("text is empty; give at least one word")
-        batch = self.tokenize([text])
+        batch = self.tokenize([check_text(text)])
         result = self.network(batch.input_ids, key_mask=batch.key_mask, need_weights=True)
         weights = torch.stack([w[0] for w in result.attentions]).float()  # L x (H, T, T) -> (L, H, T, T)
         return TextAttention(batch.tokens[0], batch.special[0], weights)
@@ -240,3 +236,12 @@ def read_sentence_transformers_settings(directory: Path) -> tuple[int | None, st
         modes = read_json_object(pooling_file)
         pooling = next((k[len("pooling_mode_"):] for k, on in modes.items() if k.startswith("pooling_mode_") and on), None)
     return max_seq_length, pooling
+
+
+def check_text(text) -> str:
+    """One non-empty text to look at, else TypeError/ValueError saying so."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("text is empty; give at least one word")
+    return text

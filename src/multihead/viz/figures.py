@@ -43,6 +43,7 @@ except ImportError as exc:  # matplotlib is an optional dependency (the viz grou
     ) from exc
 
 from .._checks import positive_int
+from .attentions import is_layer_sequence, stack_attentions
 from .stats import as_tokens
 
 __all__ = ["grid_figure", "layer_figure", "save_png"]
@@ -89,7 +90,12 @@ POOL_DPI = 72.0
 
 
 def _as_weights(weights) -> np.ndarray:
-    """(L, H, T, T) float array from numpy or torch, or a TypeError/ValueError naming `weights`."""
+    """(L, H, T, T) float array from numpy or torch, or a TypeError/ValueError naming `weights`.
+
+    A tuple or list of per-layer (1, H, T, T) tensors (transformers' `outputs.attentions`) is stacked first.
+    """
+    if is_layer_sequence(weights):
+        weights = stack_attentions(weights, name="weights")  # L x (1, H, T, T) -> (L, H, T, T)
     if isinstance(weights, torch.Tensor):
         if weights.is_complex():
             raise TypeError(f"weights must be real, got {weights.dtype}")

@@ -42,7 +42,7 @@ import numpy as np
 from .._checks import positive_int
 from .stats import checked_index, as_special, as_tokens, as_weights, guess_special, head_stats
 
-__all__ = ["head_view_html", "write_head_view"]
+__all__ = ["check_page_path", "head_view_html", "write_head_view", "write_page"]
 
 THUMB_MAX = 64  # thumbnail cells per side: 72 heads x 64 x 64 bytes is ~300 kB, and finer detail is invisible at ~50 px
 WEIGHT_SCALE = 1000  # link weights are stored as round(w * 1000) in uint16: 3 decimals, 2 bytes each
@@ -128,12 +128,24 @@ def _fill_template(data: dict, title: str, subtitle: str, note: str) -> str:
 
 def write_head_view(path: str | os.PathLike, tokens: Sequence[str], weights, **kwargs) -> pathlib.Path:
     """Write `head_view_html(tokens, weights, **kwargs)` to `path` (.html) as UTF-8; returns the path."""
+    check_page_path(path)
+    return write_page(path, head_view_html(tokens, weights, **kwargs))
+
+
+def check_page_path(path) -> pathlib.Path:
+    """`path` as a pathlib.Path ending in .html or .htm, or a TypeError/ValueError naming it."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     out = pathlib.Path(path)
     if out.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"path must end in .html, got {str(out)!r}")
-    out.write_text(head_view_html(tokens, weights, **kwargs), encoding="utf-8")
+    return out
+
+
+def write_page(path: str | os.PathLike, page: str) -> pathlib.Path:
+    """Write a page to `path` (.html) as UTF-8 bytes, newlines untranslated on every platform; returns the path."""
+    out = check_page_path(path)
+    out.write_bytes(page.encode("utf-8"))
     return out
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .attentions import is_layer_sequence, stack_attentions
+
 # Slack above 1 for rounding: a bfloat16 or float16 softmax can round a weight of
 # 1 - eps up past 1 by one ulp (2**-7 for bfloat16 near 1).
 WEIGHT_TOL = 1e-2
@@ -62,7 +64,11 @@ def as_weights(weights, name: str = "weights") -> np.ndarray:
     float16/bfloat16 come back as float32 (NumPy has no bfloat16, and float16
     sums of 512 terms lose digits); float32 and float64 keep their dtype so
     that a 12 x 12 x 512 x 512 input is not doubled in memory up front.
+    A tuple or list of per-layer (1, H, T, T) tensors (transformers'
+    `outputs.attentions` of one sequence) is stacked first (`stack_attentions`).
     """
+    if is_layer_sequence(weights):
+        weights = stack_attentions(weights, name=name)  # L x (1, H, T, T) -> (L, H, T, T)
     try:
         import torch
     except ImportError:  # torch is a runtime dependency, but the check must not need it
