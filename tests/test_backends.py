@@ -226,3 +226,23 @@ def test_nan_in_an_attended_key_propagates(backend, where):
 def test_half_precision(backend, dtype):
     q, k, v = make_qkv(1, 4, 2, 33, 65, 32, dtype=dtype, seed=6)
     assert_matches_reference(run_backend(backend), q, k, v, causal=True, backward=False)
+
+
+def test_sdpa_without_autograd_zeroes_rows_with_no_key_and_keeps_nan_where_attended():
+    """Without autograd the sdpa backend passes the mask as it is (no opened copy) and zeroes the rows
+    that see no key in place: they must still be exactly 0, the others equal to the reference, and a
+    NaN in an attended value must still reach the rows that attend it."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8) for _ in range(3))
+    lengths = torch.tensor([5, 2, 0])
+    mask = (torch.arange(5)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    with torch.no_grad():
+        out = mh.attention(q, k, v, attn_mask=mask, backend="sdpa")
+        expected = mh.attention(q.double(), k.double(), v.double(), attn_mask=mask, backend="reference")
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        assert (out.double() - expected).abs().max() < 1e-5
+        v_nan = v.clone()
+        v_nan[1, :, 0] = float("nan")  # key 0 of sequence 1: attended by all its rows
+        out_nan = mh.attention(q, k, v_nan, attn_mask=mask, backend="sdpa")
+    assert out_nan[1].isnan().all() and not out_nan[0].isnan().any()
+    assert torch.equal(out_nan[2], torch.zeros_like(out_nan[2]))

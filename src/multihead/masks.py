@@ -211,7 +211,7 @@ class FusedMask(NamedTuple):
 
 
 def for_fused_kernel(attn_mask: Tensor | None, causal: bool, T: int, S: int, scale: float,
-                     dtype: torch.dtype, device: torch.device) -> FusedMask:
+                     dtype: torch.dtype, device: torch.device, *, open_rows: bool = True) -> FusedMask:
     """The masks of a call for a fused kernel (SDPA, CPU flash): causal made explicit where needed, empty rows opened.
 
     Kernels align is_causal top-left; ours is bottom-right. The two agree on a
@@ -219,6 +219,11 @@ def for_fused_kernel(attn_mask: Tensor | None, causal: bool, T: int, S: int, sca
     other shapes pass the causal mask explicitly (combined with attn_mask in
     `dtype`). The kernels' own causal path gives NaN for a scale <= 0 (it
     scales its -inf), so such scales pass the mask explicitly too.
+
+    open_rows=False, where no gradient is recorded: the mask goes to the
+    kernel as it is (no copy) and only `has_key` is computed; whatever the
+    kernel writes in a row with no key (NaN) is then replaced by 0. Opening
+    the rows is only needed to keep NaN out of the backward.
     """
     if causal and attn_mask is None and T == S and scale > 0:
         return FusedMask(None, True, None)
@@ -228,14 +233,18 @@ def for_fused_kernel(attn_mask: Tensor | None, causal: bool, T: int, S: int, sca
         return FusedMask(None, False, None)
     if attn_mask.dim() == 2:
         attn_mask = attn_mask[None, None]  # (T, S) -> (1, 1, T, S)
+    if not open_rows:
+        return FusedMask(attn_mask, False, rows_with_key(attn_mask))
     opened, has_key = open_empty_rows(attn_mask)
     return FusedMask(opened, False, has_key)
 
 
-def zero_empty_rows(out: Tensor, has_key: Tensor | None) -> Tensor:
-    """out (B, H, T, ·) with the rows that see no key set to 0 (and so their gradient)."""
+def zero_empty_rows(out: Tensor, has_key: Tensor | None, *, in_place: bool = False) -> Tensor:
+    """out (B, H, T, ·) with the rows that see no key set to 0 (and so their gradient); in_place without autograd."""
     if has_key is None:
         return out
+    if in_place:
+        return out.masked_fill_(~has_key, 0.0)
     return torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 

@@ -50,8 +50,10 @@ class SdpaBackend:
         if attn_mask is None and not causal:  # nothing to align or open: the kernel as it is
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
             return AttentionOutput(out, None)  # (B, H, T, Dv)
-        fused = masks.for_fused_kernel(attn_mask, causal, q.shape[2], k.shape[2], scale, q.dtype, q.device)
+        grad = call.needs_grad()  # without autograd the rows with no key need no opening, only zeroing
+        fused = masks.for_fused_kernel(attn_mask, causal, q.shape[2], k.shape[2], scale, q.dtype, q.device,
+                                       open_rows=grad)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=fused.mask, dropout_p=dropout_p, is_causal=fused.is_causal, scale=scale, enable_gqa=gqa,
         )  # (B, H, T, Dv)
-        return AttentionOutput(masks.zero_empty_rows(out, fused.has_key), None)
+        return AttentionOutput(masks.zero_empty_rows(out, fused.has_key, in_place=not grad), None)
