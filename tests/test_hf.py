@@ -11,6 +11,8 @@ import subprocess
 import sys
 import types
 
+from typing import NamedTuple
+
 import pytest
 import torch
 import transformers
@@ -129,8 +131,13 @@ def test_explain_says_which_backend_runs_and_why():
 # ---- what transformers' arguments mean
 
 
-def _golden_rule(run, q, k, v, mask, **kwargs):
-    """run(...) against transformers' sdpa function: float64 as golden, float32 as yardstick, 2x rule."""
+class Against(NamedTuple):
+    err: float  # ours against float64
+    bound: float  # the 2x rule: 2 x the float32 sdpa function's error + slack
+
+
+def _against_sdpa(run, q, k, v, mask, **kwargs) -> Against:
+    """run(...) against transformers' sdpa function: float64 as golden, float32 as yardstick."""
     module = kwargs.pop("module")
     as64 = (lambda x: x if x is None or x.dtype == torch.bool else x.double())  # noqa: E731
     kwargs64 = {key: as64(value) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
@@ -138,16 +145,15 @@ def _golden_rule(run, q, k, v, mask, **kwargs):
     naive = sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0]
     got = run(module, q, k, v, mask, **kwargs)[0]
     assert got.shape == golden.shape
-    err, naive_err = max_err(got, golden), max_err(naive, golden)
-    assert err <= OUT_FACTOR * naive_err + ABS_SLACK, (err, naive_err)
-    return got
+    return Against(max_err(got, golden), OUT_FACTOR * max_err(naive, golden) + ABS_SLACK)
 
 
 @pytest.mark.parametrize("T, S", [(5, 5), (1, 9), (4, 9)])  # square, a decoding step, a prefill into a longer cache
 def test_no_mask_means_what_sdpa_means_in_transformers(T, S):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, n, 8, generator=gen) for n in (T, S, S))
-    _golden_rule(mhf.multihead_attention, q, k, v, None, module=_module(), scaling=0.35)
+    result = _against_sdpa(mhf.multihead_attention, q, k, v, None, module=_module(), scaling=0.35)
+    assert result.err <= result.bound, result
 
 
 def test_grouped_query_keys_are_not_repeated(monkeypatch):
@@ -157,7 +163,8 @@ def test_grouped_query_keys_are_not_repeated(monkeypatch):
     calls = []
     real = mh.make_call
     monkeypatch.setattr("multihead.functional.make_call", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
-    _golden_rule(mhf.multihead_attention, q, k, v, None, module=_module(groups=3))
+    result = _against_sdpa(mhf.multihead_attention, q, k, v, None, module=_module(groups=3))
+    assert result.err <= result.bound, result
     assert calls == [(1, 2, 5, 8)]  # k reaches multihead with its 2 heads
 
 
@@ -167,8 +174,10 @@ def test_position_bias_is_added_with_the_mask():
     bias = torch.randn(1, 4, 6, 6, generator=gen)
     mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
     mask[1, :, :, 4:] = False
-    _golden_rule(mhf.multihead_attention, q, k, v, mask, module=_module(is_causal=False), position_bias=bias)
-    _golden_rule(mhf.multihead_attention, q, k, v, None, module=_module(is_causal=True), position_bias=bias)
+    masked = _against_sdpa(mhf.multihead_attention, q, k, v, mask, module=_module(is_causal=False), position_bias=bias)
+    causal = _against_sdpa(mhf.multihead_attention, q, k, v, None, module=_module(is_causal=True), position_bias=bias)
+    assert masked.err <= masked.bound, masked
+    assert causal.err <= causal.bound, causal
 
 
 def test_a_window_with_no_mask_is_the_mask_transformers_would_build():

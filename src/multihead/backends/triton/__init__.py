@@ -84,7 +84,8 @@ def interpreter_on() -> bool:
 
 
 class Kernels(NamedTuple):
-    """The kernel modules of one mode (interpreted or compiled)."""
+    """The kernel modules of one mode (interpreted or compiled), loaded in this order: backward.py and
+    decode.py take forward.py's jit helpers (attend_tile, kv_bounds) from the copy of their mode."""
 
     forward: ModuleType  # forward.py: online softmax over key tiles
     backward: ModuleType  # backward.py: dq, dk, dv

@@ -24,12 +24,17 @@ row or key index times a stride are int64, as in the forward.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
 from . import configs
+
+# A sequence's key bounds are forward.py's `kv_bounds`, taken from the copy the loader made in this
+# module's mode (it loads forward.py first): a kernel calls jit functions of its own mode.
+kv_bounds = sys.modules[__name__.replace("._backward_", "._forward_")].kv_bounds
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -120,12 +125,7 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    if HAS_LENGTHS:  # clamped: a length outside [0, S] can never address outside k and v
-        kv_hi = tl.minimum(tl.maximum(tl.load(KeyHi + b), 0), S)
-        kv_lo = tl.minimum(tl.maximum(tl.load(KeyLo + b), 0), kv_hi)
-    else:
-        kv_hi = S
-        kv_lo = S
+    kv_lo, kv_hi = kv_bounds(KeyLo, KeyHi, b, S, HAS_LENGTHS)  # sequence b's keys [kv_lo, kv_hi)
     key_ok = cols < kv_hi  # keys from the key length on are never read
     if HAS_KEYMASK:
         key_ok = key_ok & (tl.load(KeyMask + b.to(tl.int64) * stride_mb + cols64, mask=key_ok, other=0) != 0)
@@ -252,12 +252,7 @@ def _bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
     mask_base = KeyMask + b.to(tl.int64) * stride_mb
 
-    if HAS_LENGTHS:  # clamped: a length outside [0, S] can never address outside k and v
-        kv_hi = tl.minimum(tl.maximum(tl.load(KeyHi + b), 0), S)
-        kv_lo = tl.minimum(tl.maximum(tl.load(KeyLo + b), 0), kv_hi)
-    else:
-        kv_hi = S
-        kv_lo = S
+    kv_lo, kv_hi = kv_bounds(KeyLo, KeyHi, b, S, HAS_LENGTHS)  # sequence b's keys [kv_lo, kv_hi)
     offset = S - T
     if CAUSAL:
         hi = tl.minimum(kv_hi, tl.minimum(m0 + BLOCK_M, T) + offset)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,13 @@ import triton
 import triton.language as tl
 
 from . import configs
+
+# The online-softmax step over one key tile (`attend_tile`) and a sequence's key bounds (`kv_bounds`)
+# are forward.py's, taken from the copy the loader made in this module's mode (it loads forward.py
+# first): a kernel calls jit functions of its own mode. Here attend_tile's query positions are t,
+# each row's query within its head (row r * T + t).
+_forward = sys.modules[__name__.replace("._decode_", "._forward_")]
+attend_tile, kv_bounds = _forward.attend_tile, _forward.kv_bounds
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -44,44 +52,6 @@ MIN_S = 64  # and at least this many keys (fewer: the forward kernel's one tile 
 MAX_SPLITS = 128  # slices of the key range per (sequence, kv head, row block)
 MIN_TILES_PER_SPLIT = 4  # a slice streams at least this many key tiles, or the merge costs more than it saves
 INTERPRETER_SMS = 4  # the "device" the interpreter splits for: several slices even at tiny sizes
-
-
-@triton.jit
-def _decode_tile(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, t,
-    offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
-):
-    cols = start_n + offs_n  # (BLOCK_N,) key positions of this tile
-    cols64 = cols.to(tl.int64)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    dv_ok = offs_dv[None, :] < HEAD_DIM_V
-    if MASKED:
-        key_ok = cols < kv_hi  # keys from the key length on are never read (an unwritten cache slot may be NaN)
-        if HAS_KEYMASK:
-            key_ok = key_ok & (tl.load(mask_base + cols64, mask=key_ok, other=0) != 0)
-        k_mask = key_ok[:, None] & d_ok
-        v_mask = key_ok[:, None] & dv_ok
-    else:
-        k_mask = d_ok
-        v_mask = dv_ok
-    k = tl.load(k_base + (cols64[:, None] * stride_ks + offs_d[None, :]), mask=k_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N), base-2 scores
-    if MASKED:
-        allowed = key_ok[None, :]
-        if CAUSAL:
-            allowed = allowed & (cols[None, :] <= t[:, None] + offset)  # query t of its head, bottom-right aligned
-        qk = tl.where(allowed, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf - 0) = 0, not NaN
-    p = tl.exp2(qk - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + (cols64[:, None] * stride_vs + offs_dv[None, :]), mask=v_mask,
-                other=0.0)  # (BLOCK_N, BLOCK_DV)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-    return acc, l_i, m_new
 
 
 @triton.jit
@@ -115,12 +85,7 @@ def _decode_split_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + g.to(tl.int64) * stride_vh
     mask_base = KeyMask + b.to(tl.int64) * stride_mb
 
-    if HAS_LENGTHS:  # clamped: a length outside [0, S] can never address outside k and v
-        kv_hi = tl.minimum(tl.maximum(tl.load(KeyHi + b), 0), S)
-        kv_lo = tl.minimum(tl.maximum(tl.load(KeyLo + b), 0), kv_hi)
-    else:
-        kv_hi = S
-        kv_lo = S
+    kv_lo, kv_hi = kv_bounds(KeyLo, KeyHi, b, S, HAS_LENGTHS)  # sequence b's keys [kv_lo, kv_hi)
     offset = S - T  # query t sees keys j <= t + offset
     if CAUSAL:
         hi = tl.minimum(kv_hi, T + offset)  # the last query (t = T - 1) sees up to key T - 1 + offset
@@ -137,11 +102,11 @@ def _decode_split_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     for start_n in range(start, full_end, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, t,
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, t,
                                      offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
                                      HEAD_DIM, HEAD_DIM_V, False, CAUSAL, HAS_KEYMASK, PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, t,
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, t,
                                      offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
                                      HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION)
 

@@ -51,12 +51,26 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e)
 
 
 @triton.jit
-def _fwd_tile(
+def kv_bounds(KeyLo, KeyHi, b, S, HAS_LENGTHS: tl.constexpr):
+    """Sequence b's key range (kv_lo, kv_hi) of S keys, clamped: a length outside [0, S] never addresses outside
+    k and v. Without lengths: (S, S), every key real (kv_lo is where a padding-prefix mask starts, keys.py)."""
+    if HAS_LENGTHS:
+        kv_hi = tl.minimum(tl.maximum(tl.load(KeyHi + b), 0), S)
+        kv_lo = tl.minimum(tl.maximum(tl.load(KeyLo + b), 0), kv_hi)
+    else:
+        kv_hi = S
+        kv_lo = S
+    return kv_lo, kv_hi
+
+
+@triton.jit
+def attend_tile(
     acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
-    offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
+    query_pos, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One key tile of the online softmax; query_pos (BLOCK_M,) is each row's query position (decode.py too)."""
     cols = start_n + offs_n  # (BLOCK_N,) key positions of this tile
     cols64 = cols.to(tl.int64)  # row index times a stride: int64, or a view past 2^31 elements wraps
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -75,7 +89,7 @@ def _fwd_tile(
     if MASKED:
         allowed = key_ok[None, :]
         if CAUSAL:
-            allowed = allowed & (cols[None, :] <= offs_m[:, None] + offset)  # bottom-right aligned
+            allowed = allowed & (cols[None, :] <= query_pos[:, None] + offset)  # bottom-right aligned
         qk = tl.where(allowed, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row that has seen no key yet keeps m = -inf; exp2(-inf - 0) = 0 instead of NaN.
@@ -121,12 +135,7 @@ def _fwd_kernel(
     q = tl.load(q_base + (rows64[:, None] * stride_qt + offs_d[None, :]),
                 mask=(offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_M, BLOCK_D)
 
-    if HAS_LENGTHS:  # clamped: a length outside [0, S] can never address outside k and v
-        kv_hi = tl.minimum(tl.maximum(tl.load(KeyHi + b), 0), S)
-        kv_lo = tl.minimum(tl.maximum(tl.load(KeyLo + b), 0), kv_hi)
-    else:
-        kv_hi = S
-        kv_lo = S
+    kv_lo, kv_hi = kv_bounds(KeyLo, KeyHi, b, S, HAS_LENGTHS)  # sequence b's keys [kv_lo, kv_hi)
     offset = S - T  # query i sees keys j <= i + offset
     if CAUSAL:
         # the block's last real row sees up to key (last + offset); its first row sees whole
@@ -143,11 +152,11 @@ def _fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
                                   offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset,
                                   qk_scale2, HEAD_DIM, HEAD_DIM_V, False, CAUSAL, HAS_KEYMASK, PRECISION)
     for start_n in range(full, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n,
                                   offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset,
                                   qk_scale2, HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION)
 
