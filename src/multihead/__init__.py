@@ -21,7 +21,7 @@ import importlib
 from . import backends, masks
 from .backends import Dispatch
 from .backends.reference import ReferenceOutput, attention_ref
-from .call import AttentionCall, AttentionOutput, make_call
+from .call import AttentionCall, AttentionOutput, Gradients, make_call
 from .functional import (
     AttentionWithWeights,
     attention,
@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 
 # Subpackages with optional extras or a cost to import, reachable as attributes on first use:
 # `multihead.compat`, `multihead.models` (safetensors, tokenizers), `multihead.viz` (matplotlib), ...
-_LAZY = ("compat", "explain", "generate", "hf", "models", "timing", "viz")
+_LAZY = ("compat", "distributed", "explain", "generate", "hf", "models", "timing", "viz")
 
 
 def __getattr__(name: str):
@@ -60,6 +60,7 @@ __all__ = [
     "AttentionWithWeights",
     "Dispatch",
     "DynamicCache",
+    "Gradients",
     "HeadProjections",
     "KVCache",
     "MultiHeadAttention",

@@ -3,6 +3,7 @@
     call = make_call(q, k, v, attn_mask=None, causal=False, scale=None, dropout_p=0.0)
     backend.supports(call, need_lse=False)   # None, or why it cannot run the call
     backend.forward(call, need_lse=False)    # AttentionOutput(out, lse or None)
+    backend.backward(call, grad_out, out, lse)   # Gradients(dq, dk, dv), where a backend has one
 
 Every entry point that needs attention (`multihead.attention`, the modules,
 the weights on demand) builds its call here, so every backend receives
@@ -34,6 +35,14 @@ class AttentionOutput(NamedTuple):
 
     out: Tensor  # (B, H, T, Dv), in q's dtype
     lse: Tensor | None  # (B, H, T) float32 (float64 for float64 inputs); -inf for a row with no key; None unless asked
+
+
+class Gradients(NamedTuple):
+    """What a backend's backward from a given logsumexp returns: the gradients of q, k and v."""
+
+    dq: Tensor  # (B, H, T, D), in q's dtype
+    dk: Tensor  # (B, G, S, D), in k's dtype
+    dv: Tensor  # (B, G, S, Dv), in v's dtype
 
 
 class AttentionCall(NamedTuple):
@@ -184,6 +193,32 @@ def check_mask(attn_mask, q: Tensor, S: int) -> Tensor | None:
     return attn_mask
 
 
+def check_backward(call: AttentionCall, grad_out, out, lse) -> None:
+    """The arguments of `backend.backward(call, grad_out, out, lse)`, checked against the call; else raise.
+
+    grad_out and out (B, H, T, Dv) floating, lse (B, H, T) float32 or float64, all on q's device. A call
+    with dropout is refused: the gradients from a given logsumexp cannot replay a dropout draw.
+    Shapes, dtypes and devices only: no tensor's value is read.
+    """
+    if call.dropout_p > 0.0:
+        raise ValueError(f"dropout_p={call.dropout_p}: a backward from a given logsumexp takes no dropout "
+                         f"(it cannot replay the forward's draw); use autograd through the forward")
+    B, H, T, Dv = call.batch, call.heads, call.q_len, call.v.shape[-1]
+    for name, x, dims, shape in (("grad_out", grad_out, "(B, H, T, Dv)", (B, H, T, Dv)),
+                                 ("out", out, "(B, H, T, Dv)", (B, H, T, Dv)),
+                                 ("lse", lse, "(B, H, T)", (B, H, T))):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating, got {x.dtype}")
+        if _shape(x) != shape:
+            raise ValueError(f"{name} must be {dims} = {shape} for this call, got {_shape(x)}")
+        if x.device != call.q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {call.q.device}; move them to one device")
+    if lse.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"lse must be float32 (float64 for float64 inputs), got {lse.dtype}")
+
+
 def make_call(
     q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, causal: bool = False,
     scale: float | None = None, dropout_p: float = 0.0,
@@ -204,4 +239,5 @@ def make_call(
     return AttentionCall(q, k, v, mask, causal, scale, dropout_p)
 
 
-__all__ = ["DTYPES", "AttentionCall", "AttentionOutput", "check_mask", "check_scale", "make_call", "records_grad"]
+__all__ = ["DTYPES", "AttentionCall", "AttentionOutput", "Gradients", "check_backward", "check_mask", "check_scale",
+           "make_call", "records_grad"]

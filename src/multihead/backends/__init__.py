@@ -15,6 +15,25 @@ did not.
 
     auto order:  sdpa (20)  triton (17, CUDA, gives the lse)  cpu_flash (15, CPU, gives the lse)
                  chunked (10)  reference (0, always)
+
+A backend may also have a third, optional method, the backward from a given
+logsumexp (what ring attention needs for each block of keys):
+
+    backward(call, grad_out, out, lse) -> Gradients(dq (B, H, T, D), dk (B, G, S, D), dv (B, G, S, Dv))
+
+grad_out and out (B, H, T, Dv), lse (B, H, T) float32 (float64 for float64
+inputs), -inf for a row with no key. `out` and `lse` may be those of a larger
+attention, whose keys this call holds only a block of: with
+P = exp(scale·q·kᵀ + mask - lse) (0 where masked or hidden by causal),
+dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ out)), dQ = scale·dS K,
+dK = scale·dSᵀ Q (summed over the query heads of a kv head), so the sum over
+the blocks is the full gradient. A row with lse = -inf contributes exactly 0,
+never NaN. Calls with dropout are not supported (the draw cannot be
+replayed). Given the call's own out and lse, it reproduces autograd's
+gradients. `dispatch(..., need_backward=True)` takes only a backend that has
+the method and supports the call with need_lse=True.
+
+    backward:    reference, chunked, cpu_flash, triton  (sdpa has none)
 """
 
 from __future__ import annotations
@@ -26,6 +45,14 @@ from ..call import AttentionCall, AttentionOutput
 
 
 class Backend(Protocol):
+    """What `register` takes: a name, a priority, a summary, `supports` and `forward`.
+
+    Optional, and so not declared here (a Protocol member would be required):
+    `backward(call, grad_out, out, lse) -> Gradients`, the gradients from a given
+    out and logsumexp (see the module's docstring). `dispatch(..., need_backward=True)`
+    refuses a backend without it.
+    """
+
     name: str  # what users pass as backend="..."
     priority: int  # auto tries higher first: the faster backend where both apply
     summary: str  # one line for listings
@@ -89,9 +116,11 @@ class Dispatch:
     requested: str  # what the caller asked for: "auto" or a name
     reasons: dict[str, str | None]  # name -> None if it supports the call, else why not
     need_lse: bool = False  # whether the call asked for the logsumexp too
+    need_backward: bool = False  # whether the call asked for the backward from a given logsumexp
 
     def __str__(self) -> str:
-        asked = " (with the logsumexp)" if self.need_lse else ""
+        asked = (" (backward from the logsumexp)" if self.need_backward
+                 else " (with the logsumexp)" if self.need_lse else "")
         lines = [f"backend={self.requested!r}{asked} -> {self.chosen}"]
         for name, reason in self.reasons.items():
             if name == self.chosen:
@@ -110,33 +139,59 @@ def _refused(requested: str, reason: str) -> ValueError:
     return ValueError(f"backend={requested!r} cannot run this call: {reason} (backend='auto' picks one that can)")
 
 
-def dispatch(call: AttentionCall, requested: str = "auto", *, need_lse: bool = False) -> Backend:
-    """The backend that runs a call: the requested one, or auto's first that supports it; else ValueError."""
+NO_BACKWARD = "has no backward from a given logsumexp"
+
+
+def backward_reason(backend: Backend, call: AttentionCall) -> str | None:
+    """Why a backend cannot give this call's gradients from a given logsumexp, or None."""
+    if call.dropout_p > 0.0:
+        return (f"dropout_p={call.dropout_p}: a backward from a given logsumexp takes no dropout "
+                f"(it cannot replay the draw)")
+    if call.attn_mask is not None and call.attn_mask.requires_grad:
+        return "a float mask that requires grad: Gradients has no mask gradient"
+    if not hasattr(backend, "backward"):
+        return NO_BACKWARD
+    return backend.supports(call, need_lse=True)  # it reads the lse the forward of this call would give
+
+
+def _answer(backend: Backend, call: AttentionCall, need_lse: bool, need_backward: bool) -> str | None:
+    """A backend's answer to a call: None, or why it cannot run it as asked."""
+    return backward_reason(backend, call) if need_backward else backend.supports(call, need_lse=need_lse)
+
+
+def dispatch(call: AttentionCall, requested: str = "auto", *, need_lse: bool = False,
+             need_backward: bool = False) -> Backend:
+    """The backend that runs a call: the requested one, or auto's first that supports it; else ValueError.
+
+    need_backward: the backend must also have `backward` (the gradients from a given logsumexp).
+    """
     if requested != "auto":
         backend = get(requested)
-        reason = backend.supports(call, need_lse=need_lse)
+        reason = _answer(backend, call, need_lse, need_backward)
         if reason is not None:
             raise _refused(requested, reason)
         return backend
     for backend in _ORDER:
-        if backend.supports(call, need_lse=need_lse) is None:
+        if _answer(backend, call, need_lse, need_backward) is None:
             return backend
-    return get(explain(call, "auto", need_lse=need_lse).chosen)  # none supports it: explain raises, listing why
+    # none supports it: explain raises, listing why
+    return get(explain(call, "auto", need_lse=need_lse, need_backward=need_backward).chosen)
 
 
-def explain(call: AttentionCall, requested: str = "auto", *, need_lse: bool = False) -> Dispatch:
+def explain(call: AttentionCall, requested: str = "auto", *, need_lse: bool = False,
+            need_backward: bool = False) -> Dispatch:
     """Every backend's answer to a call, and the one that runs (what `multihead.explain_dispatch` prints)."""
     check_name(requested)
-    reasons = {b.name: b.supports(call, need_lse=need_lse) for b in _ORDER}
+    reasons = {b.name: _answer(b, call, need_lse, need_backward) for b in _ORDER}
     if requested != "auto":
         if reasons[requested] is not None:
             raise _refused(requested, reasons[requested])
-        return Dispatch(requested, requested, reasons, need_lse)
+        return Dispatch(requested, requested, reasons, need_lse, need_backward)
     chosen = next((name for name, reason in reasons.items() if reason is None), None)
     if chosen is None:
         raise ValueError("no backend supports this call:\n" + "\n".join(
             f"  {name}: {reason}" for name, reason in reasons.items()))
-    return Dispatch(chosen, "auto", reasons, need_lse)
+    return Dispatch(chosen, "auto", reasons, need_lse, need_backward)
 
 
 def _register_builtin() -> None:

@@ -23,6 +23,11 @@ are never copied per head. Causal calls skip the tiles a query block cannot
 see, and within a tile the rows that see none of its keys. Dropout draws its
 keep mask block by block from a generator seeded once per call; the backward
 walks the blocks in the same order and so replays the same draws.
+
+The same backward, given an out and a logsumexp from outside (those of a
+larger attention whose keys this call holds a block of), is the backend's
+`backward`: the optional method of the backend contract that ring attention
+uses.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import Tensor
 
 from .. import masks
 from .._checks import positive_int
-from ..call import AttentionCall, AttentionOutput
+from ..call import AttentionCall, AttentionOutput, Gradients, check_backward
 
 # Queries per block and keys per tile. A block's scores, (B, H, block_q, block_k),
 # should stay in cache across the five passes over it; bigger blocks mean fewer
@@ -253,6 +258,20 @@ def dropout_keep_mask(
     return keep
 
 
+def chunked_backward(call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor, *,
+                     block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K) -> Gradients:
+    """dq, dk, dv of the attention that out and lse (B, H, T) describe, restricted to this call's keys."""
+    check_backward(call, grad_out, out, lse)
+    lse = lse.to(_compute_dtype(call.q.dtype))
+    # A row with no key anywhere (lse -inf) gets lse +inf: exp(score - lse) is then 0 for every score,
+    # whatever this block's mask says, where _backward's own rule (lse 0) relies on the row being masked here too.
+    lse = torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)  # (B, H, T)
+    with torch.no_grad():
+        dq, dk, dv = _backward(grad_out, call.q, call.k, call.v, out, lse, _mask_5d(call.attn_mask, call.kv_heads),
+                               call.causal, call.scale, 0.0, None, block_q, block_k)
+    return Gradients(dq, dk, dv)
+
+
 class ChunkedBackend:
     """The registry's chunked backend; ChunkedBackend(block_q=..., block_k=...) runs other tile sizes."""
 
@@ -272,3 +291,6 @@ class ChunkedBackend:
     def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
         result = chunked_forward(call, block_q=self.block_q, block_k=self.block_k)
         return result if need_lse else AttentionOutput(result.out, None)
+
+    def backward(self, call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor) -> Gradients:
+        return chunked_backward(call, grad_out, out, lse, block_q=self.block_q, block_k=self.block_k)

@@ -11,6 +11,17 @@ function and only calls that need the logsumexp come here.
 The op takes no dropout, needs D == Dv and masks in q's dtype, and reads its
 inputs with their last dim contiguous (a strided last dim gives wrong
 numbers, so such inputs are copied first).
+
+`backward`, the gradients from a given out and logsumexp (the optional method
+of the backend contract, for a ring's block of keys), calls the op's backward,
+`aten._scaled_dot_product_flash_attention_for_cpu_backward`, which recomputes
+P = exp(scale·q·kᵀ + mask - lse) from the lse it is given. Two things keep
+that exact with a foreign lse: the rows with no key in this block are NOT
+opened (the forward's trick would add this block's keys to a row whose lse
+counts other blocks'), so their masked scores give exp(-inf - lse) = 0; and a
+row with no key anywhere (lse -inf) gets lse +inf, so exp(score - lse) is 0
+there instead of exp(-inf + inf) = NaN. Bottom-right causal with T != S goes
+as an explicit mask, as in the forward.
 """
 
 from __future__ import annotations
@@ -19,11 +30,16 @@ import torch
 from torch import Tensor
 
 from .. import masks
-from ..call import AttentionCall, AttentionOutput
+from ..call import AttentionCall, AttentionOutput, Gradients, check_backward
 from .sdpa import float_mask_reason
 
 def _op():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _backward_op():
+    """The forward op's derivative: registered with it, so where `supports` found the forward it exists."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def _dense_last_dim(x: Tensor) -> Tensor:
@@ -61,3 +77,20 @@ class CpuFlashBackend:
             # the op's lse for a row with no key is that of the opened row; ours is -inf
             lse = lse.masked_fill(~fused.has_key[..., 0], float("-inf"))
         return AttentionOutput(masks.zero_empty_rows(out, fused.has_key), lse if need_lse else None)
+
+    def backward(self, call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor) -> Gradients:
+        """The op's backward from a given out and lse (B, H, T); see the module's docstring for the two fixes."""
+        check_backward(call, grad_out, out, lse)
+        q, k, v = (_dense_last_dim(x) for x in (call.q, call.k, call.v))
+        # open_rows=False: a row with no key in this block stays all -inf, so its P is exp(-inf - lse) = 0
+        fused = masks.for_fused_kernel(call.attn_mask, call.causal, call.q_len, call.kv_len, call.scale, q.dtype,
+                                       q.device, open_rows=False)
+        mask = None if fused.mask is None else masks.to_additive(fused.mask, q.dtype)  # the op takes float masks
+        lse = lse.to(torch.promote_types(q.dtype, torch.float32))  # the op reads it in its accumulation dtype
+        lse = torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse).contiguous()  # (B, H, T)
+        grad_out = _dense_last_dim(grad_out.to(q.dtype))  # (B, H, T, Dv)
+        out = _dense_last_dim(out.to(q.dtype))  # (B, H, T, Dv)
+        with torch.no_grad():
+            dq, dk, dv = _backward_op()(grad_out, q, k, v, out, lse, 0.0, fused.is_causal, attn_mask=mask,
+                                        scale=call.scale)
+        return Gradients(dq, dk, dv)

@@ -12,6 +12,10 @@ Grouped-query attention is a broadcast, not a copy: q is viewed as
 
 The same function, run in the inputs' own precision and in place, is the
 eager path that returns every head's weights (`multihead.attention_with_weights`).
+
+`reference_backward` is the backward from a given out and logsumexp (the
+optional method of the backend contract), written out as naively: the whole
+T x S matrix, kv heads repeated per query head and summed back.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import masks
-from ..call import AttentionCall, AttentionOutput
+from ..call import AttentionCall, AttentionOutput, Gradients, check_backward
 
 
 class ReferenceOutput(NamedTuple):
@@ -128,6 +132,49 @@ def reference_call(call: AttentionCall, *, need_lse: bool = False, dropout_mask:
                   dropout_mask, upcast=True, in_place=not call.needs_grad(), need_lse=need_lse)
 
 
+def _sum_groups(x: Tensor, groups: int) -> Tensor:
+    """(B, H, S, ·) -> (B, G, S, ·): the R query heads that read one kv head add up their gradients."""
+    B, H = x.shape[0], x.shape[1]
+    return x.reshape(B, groups, H // groups, *x.shape[2:]).sum(dim=2)  # (B, G, R, S, ·) -> (B, G, S, ·)
+
+
+def _probs_from_lse(call: AttentionCall, q: Tensor, k: Tensor, lse: Tensor) -> Tensor:
+    """P = exp(masked scores - lse): (B, H, T, S); 0 where masked, and in every row whose lse is -inf."""
+    T, S = call.q_len, call.kv_len
+    scores = (q * call.scale) @ k.transpose(-2, -1)  # (B, H, T, D) @ (B, H, D, S) -> (B, H, T, S)
+    scores = masks.apply(scores, call.attn_mask, in_place=True)
+    if call.causal:
+        scores = masks.apply(scores, masks.causal_mask(T, S, scores.device), in_place=True)
+    lse = lse.unsqueeze(-1)  # (B, H, T) -> (B, H, T, 1)
+    has_key = lse != float("-inf")  # a row with no key: exp(s - lse) would be exp(+inf) or NaN there
+    return torch.where(has_key, (scores - lse).exp(), torch.zeros((), dtype=scores.dtype, device=scores.device))
+
+
+def reference_backward(call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor) -> Gradients:
+    """dq, dk, dv of the attention that out and lse (B, H, T) describe, restricted to this call's keys.
+
+    The formula, one matrix at a time, in float32 at least (float64 stays float64):
+    P = exp(scale·q·kᵀ + mask - lse), dV = Pᵀ dO, dP = dO Vᵀ, delta = rowsum(dO ∘ out),
+    dS = P ∘ (dP - delta), dQ = scale·dS K, dK = scale·dSᵀ Q.
+    """
+    check_backward(call, grad_out, out, lse)
+    compute = torch.promote_types(call.q.dtype, torch.float32)
+    H, G = call.heads, call.kv_heads
+    with torch.no_grad():
+        q = call.q.to(compute)  # (B, H, T, D)
+        k = repeat_kv(call.k.to(compute), H)  # (B, G, S, D) -> (B, H, S, D)
+        v = repeat_kv(call.v.to(compute), H)  # (B, G, S, Dv) -> (B, H, S, Dv)
+        grad_out, out = grad_out.to(compute), out.to(compute)  # (B, H, T, Dv)
+        probs = _probs_from_lse(call, q, k, lse.to(compute))  # (B, H, T, S)
+        dv = probs.transpose(-2, -1) @ grad_out  # (B, H, S, T) @ (B, H, T, Dv) -> (B, H, S, Dv)
+        grad_probs = grad_out @ v.transpose(-2, -1)  # (B, H, T, Dv) @ (B, H, Dv, S) -> (B, H, T, S)
+        delta = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, H, T, Dv) -> (B, H, T, 1)
+        grad_scores = probs * (grad_probs - delta)  # (B, H, T, S)
+        dq = (grad_scores @ k) * call.scale  # (B, H, T, S) @ (B, H, S, D) -> (B, H, T, D)
+        dk = (grad_scores.transpose(-2, -1) @ q) * call.scale  # (B, H, S, T) @ (B, H, T, D) -> (B, H, S, D)
+        return Gradients(dq.to(call.q.dtype), _sum_groups(dk, G).to(call.k.dtype), _sum_groups(dv, G).to(call.v.dtype))
+
+
 class ReferenceBackend:
     """The registry's face of attention_ref: runs every call, slowest of all."""
 
@@ -142,3 +189,6 @@ class ReferenceBackend:
         result = reference_call(call, need_lse=need_lse)
         lse = None if result.lse is None else result.lse.to(torch.promote_types(call.q.dtype, torch.float32))
         return AttentionOutput(result.out, lse)
+
+    def backward(self, call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor) -> Gradients:
+        return reference_backward(call, grad_out, out, lse)

@@ -14,7 +14,8 @@ q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> out (B, H, T, Dv), lse (B, H,
 - keys.py: key lengths or a key-padding mask as (lo, hi, mask) on the device;
 - configs.py: the autotuners' tiles, checked for sm_90a;
 - here: one torch.autograd.Function joining them, the public
-  `triton_attention`, and the registry's `TritonBackend`.
+  `triton_attention`, and the registry's `TritonBackend`, whose `backward`
+  runs backward.py from a given out and logsumexp (a ring's block of keys).
 
 No host sync anywhere on this path: `supports` decides from dtypes, shapes
 and flags, and key lengths stay on the device, so a call never waits for the
@@ -56,6 +57,7 @@ import torch
 from torch import Tensor
 
 from ...call import AttentionCall, AttentionOutput, make_call
+from ...call import Gradients, check_backward  # for TritonBackend.backward
 from . import keys
 from .keys import KeyRange
 
@@ -333,14 +335,34 @@ class TritonBackend:
         return None
 
     def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
-        key_range = None
-        if call.attn_mask is not None:
-            reason = keys.refusal(call.attn_mask)
-            if reason is not None:
-                raise ValueError(f"backend 'triton' cannot run this call: {reason}")
-            key_range = keys.from_mask(call.attn_mask, call.batch)  # on the device
-        out, lse = _apply(call.q, call.k, call.v, key_range, call.causal, call.scale)
+        out, lse = _apply(call.q, call.k, call.v, _key_range(call), call.causal, call.scale)
         return AttentionOutput(out, lse if need_lse else None)
+
+    def backward(self, call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor) -> Gradients:
+        """backward.py's kernels from a given out and lse (B, H, T): the rows whose lse is -inf give 0."""
+        check_backward(call, grad_out, out, lse)
+        key_range = _key_range(call)
+        q, k, v = _contiguous_last(call.q), _contiguous_last(call.k), _contiguous_last(call.v)
+        if call.q_len == 0 or call.kv_len == 0 or call.batch * call.heads == 0:
+            return Gradients(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+        interpret = _interpreted(q)
+        grad_out = _contiguous_last(grad_out.to(q.dtype))  # (B, H, T, Dv)
+        out = _contiguous_last(out.to(q.dtype))  # (B, H, T, Dv)
+        lse = lse.to(torch.float32).contiguous()  # (B, H, T): the kernels read it as one float32 row per head
+        with torch.no_grad(), _on_device(q):
+            dq, dk, dv = _kernels(interpret).backward.attention_backward(
+                grad_out, q, k, v, out, lse, key_range, call.causal, call.scale, _precision(q.dtype, interpret))
+        return Gradients(dq, dk, dv)
+
+
+def _key_range(call: AttentionCall) -> KeyRange | None:
+    """The call's key-padding mask as the kernels take it (on the device), or None without a mask."""
+    if call.attn_mask is None:
+        return None
+    reason = keys.refusal(call.attn_mask)
+    if reason is not None:
+        raise ValueError(f"backend 'triton' cannot run this call: {reason}")
+    return keys.from_mask(call.attn_mask, call.batch)  # on the device
 
 
 __all__ = ["KeyRange", "Kernels", "Options", "TritonBackend", "TritonOutput", "kernel_modules", "keys",
