@@ -164,6 +164,7 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
         cache: LayerCache | None = None,
         positions: Tensor | None = None,
+        context_parallel=None,
     ) -> MultiHeadAttentionOutput:
         """query (B, T, C); key (B, S, kdim) and value (B, S, vdim), both default to query.
 
@@ -189,8 +190,16 @@ class MultiHeadAttention(nn.Module):
         positions: (B, T) or (T,) absolute positions >= 0 of the query tokens,
             for rope only; default: the cache's lengths[:, None] + arange(T), or
             arange(T) without a cache.
+        context_parallel: a `multihead.distributed.ContextParallel`: query is this
+            rank's part of the sequence (`shard_sequence(x, dim=1)`), key_mask its
+            part of the mask, and attention runs over the whole sequence across
+            the group (ring or all-to-all); RoPE rotates by global positions.
+            Self-attention only, without cache, attn_mask, weights or dropout.
         """
         query, key, value = self._check_inputs(query, key, value, cache, positions)
+        if context_parallel is not None:
+            return self._context_parallel(query, key, value, attn_mask, need_weights, cache, context_parallel,
+                                          key_mask=key_mask, positions=positions)
         flag("need_weights", need_weights)
         q, k, v = self.project(query, key, value)  # (B, H, T, D), (B, G, S, D), (B, G, S, Dv)
         if self.rope is not None:
@@ -226,6 +235,28 @@ class MultiHeadAttention(nn.Module):
         B, H, T, Dv = out.shape
         concatenated = out.transpose(1, 2).reshape(B, T, H * Dv)  # (B, H, T, Dv) -> (B, T, H·Dv)
         return call_linear(self.out_proj, concatenated)  # (B, T, H·Dv) -> (B, T, C)
+
+    def _context_parallel(self, query, key, value, attn_mask, need_weights, cache, cp, *, key_mask,
+                          positions) -> MultiHeadAttentionOutput:
+        """forward with the sequence split across cp's group: per-token stages on the part, attention across."""
+        from .distributed.context import ContextParallel  # torch.distributed only for those who use it
+
+        if not isinstance(cp, ContextParallel):
+            raise TypeError(f"context_parallel must be a multihead.distributed.ContextParallel or None, "
+                            f"got {type(cp).__name__}")
+        refused = {"key/value other than the query": key is not query or value is not query,
+                   "cache": cache is not None, "attn_mask (use key_mask)": attn_mask is not None,
+                   "need_weights": bool(need_weights), "dropout in training": self.training and self.config.dropout > 0}
+        named = [name for name, given in refused.items() if given]
+        if named:
+            raise ValueError(f"context_parallel runs self-attention over a split sequence; it takes no "
+                             f"{', '.join(named)}")
+        q, k, v = self.project(query, query, query)  # (B, H, part, D), (B, G, part, D), (B, G, part, Dv)
+        if self.rope is not None:
+            q, k = self.rotate(q, k, cp.positions(q.device) if positions is None else positions)
+        out = cp.attention(q, k, v, key_mask=key_mask, causal=self.config.causal, scale=self._scale,
+                           backend=self.config.backend)  # (B, H, part, Dv)
+        return MultiHeadAttentionOutput(self.merge(out), None)
 
     # -- checks and the cache ---------------------------------------------------------
 

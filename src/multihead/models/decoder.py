@@ -71,8 +71,10 @@ class PreNormBlock(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool, cache=None,
-                positions: Tensor | None = None) -> BlockOutput:
+                positions: Tensor | None = None, context_parallel=None) -> BlockOutput:
         rotary = {} if positions is None else {"positions": positions}  # only rotary attention takes positions
+        if context_parallel is not None:
+            rotary["context_parallel"] = context_parallel
         attended = self.attention(self.attention_norm(x), key_mask=key_mask, need_weights=need_weights,
                                   cache=cache, **rotary)
         x = x + attended.output
@@ -137,7 +139,7 @@ class Decoder(nn.Module):
 
     def forward(
         self, input_ids: Tensor, *, key_mask: Tensor | None = None, cache: KVCache | None = None,
-        need_weights: bool = False,
+        need_weights: bool = False, context_parallel=None,
     ) -> DecoderOutput:
         """input_ids (B, T) int64 token ids at positions 0..T-1 (or after the cache's tokens).
 
@@ -150,14 +152,20 @@ class Decoder(nn.Module):
             real ones, as key_mask says).
         need_weights: also return every layer's attention weights (B, H, T, S),
             S = T without a cache, the cache's key slots with one.
+        context_parallel: a `multihead.distributed.ContextParallel`: input_ids and
+            key_mask are this rank's part of the sequence (`shard_sequence(ids,
+            dim=1)`), the tokens take their global positions, attention runs
+            across the group, and the logits are this rank's part. No cache or
+            weights.
         Every argument is checked before the first layer runs: a refused call
         leaves the cache as it was.
         """
-        positions = self._check_call(input_ids, key_mask, cache, need_weights)
+        positions = self._check_call(input_ids, key_mask, cache, need_weights, context_parallel)
         x, rotary_positions = self.embed(input_ids, positions, key_mask)  # (B, T) -> (B, T, C)
         attentions = []
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, key_mask, need_weights, None if cache is None else cache[i], rotary_positions)
+            x, weights = block(x, key_mask, need_weights, None if cache is None else cache[i], rotary_positions,
+                               context_parallel)
             attentions.append(weights)
         logits = self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
         return DecoderOutput(logits, tuple(attentions) if need_weights else None)
@@ -183,8 +191,10 @@ class Decoder(nn.Module):
             x = block.decode(x, layer, layout, rotation)
         return self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
 
-    def _check_call(self, input_ids, key_mask, cache, need_weights) -> Tensor:
+    def _check_call(self, input_ids, key_mask, cache, need_weights, context_parallel=None) -> Tensor:
         """Every check of a forward call; the chunk's positions: (T,) without a cache, (B, T) with one."""
+        if context_parallel is not None:
+            return self._check_context_parallel(input_ids, key_mask, cache, need_weights, context_parallel)
         limit = self.position_limit
         if torch.compiler.is_compiling():  # check_token_ids reads the ids' values: a graph break per call
             B, T = input_ids.shape
@@ -203,6 +213,23 @@ class Decoder(nn.Module):
         if limit is not None:
             check_cached_positions(positions, key_mask, limit)
         return positions
+
+    def _check_context_parallel(self, input_ids, key_mask, cache, need_weights, cp) -> Tensor:
+        """The checks of a context-parallel forward; the part's global positions (part,)."""
+        from ..distributed import ContextParallel  # torch.distributed only for those who use it
+
+        if not isinstance(cp, ContextParallel):
+            raise TypeError(f"context_parallel must be a multihead.distributed.ContextParallel or None, "
+                            f"got {type(cp).__name__}")
+        if cache is not None or flag("need_weights", need_weights):
+            raise ValueError("context_parallel runs a whole sequence split across ranks: no cache, no need_weights")
+        limit = self.position_limit
+        if limit is not None and cp.length > limit:
+            raise ValueError(f"context_parallel length={cp.length} is beyond the model's {limit} positions")
+        check_token_ids(input_ids, self.config.vocab_size, sys.maxsize)
+        if key_mask is not None:
+            check_key_mask(key_mask, input_ids)  # a right-padded mask stays right-padded in every part
+        return cp.positions(input_ids.device)  # (part,)
 
     def make_cache(self, batch_size: int | None = None, max_length: int | None = None,
                    static: bool = False) -> KVCache:
