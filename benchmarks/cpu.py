@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -41,13 +40,10 @@ import torch
 import torch.nn.functional as F
 
 import multihead as mh
-from multihead.timing import device_name, timeit_side_by_side
+from multihead.timing import device_name, print_table, slug, timeit_side_by_side
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
 def timeit(fn, repeats: int) -> float:
@@ -219,14 +215,6 @@ def memory_table(T: int, H: int):
             rows.append(dict(T=T, H=H, D=64, backend=name, peak_extra_bytes=peak, seconds=seconds))
     return rows
 
-
-def print_table(title, header, rows):
-    print(f"\n{title}")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
 def main(argv=None) -> int:

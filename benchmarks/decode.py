@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -54,22 +53,11 @@ from multihead.cache import kv_bytes_per_token
 from multihead.generate import CompileConfig, generate, stream
 from multihead.models.gpt2 import GPT2, GPT2Config, load_gpt2
 from multihead.models.llama import Llama, LlamaConfig, load_llama
-from multihead.timing import device_name, timeit_side_by_side
+from multihead.timing import device_name, print_table, slug, timeit_side_by_side
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
 def models(quick: bool, max_context: int):
@@ -246,7 +234,7 @@ def print_context(nets, growth, new_tokens: int) -> None:
                     [[str(r["context"]), f"{r['prefill_s'] * 1e3:.1f}", f"{r['cached_s_per_token'] * 1e3:.2f}",
                       f"{1 / r['cached_s_per_token']:.0f}", f"{r['cached_vs_first_context']:.2f}",
                       f"{r['uncached_s_per_token'] * 1e3:.1f}", f"{1 / r['uncached_s_per_token']:.1f}",
-                      f"{r['speedup']:.1f}x"] for r in growth if r["model"] == name])
+                      f"{r['speedup']:.1f}x"] for r in growth if r["model"] == name], right=True)
     for name in nets:
         rows = [r for r in growth if r["model"] == name]
         print(f"{name}: with the cache, a token at context {rows[-1]['context']} takes "
@@ -266,7 +254,7 @@ def speed_table(args, backend: str) -> tuple[list[dict], dict]:
                 [[r["model"], f"{r['new_tokens'] / r['eager_s']:.0f}", f"{r['new_tokens'] / r['compiled_s']:.0f}",
                   f"{r['new_tokens'] / r['transformers_s']:.0f}", f"{r['eager_vs_transformers']:.2f}x",
                   f"{r['compiled_vs_transformers']:.2f}x", f"{r['compile_s']:.1f}", str(r["same_tokens"])]
-                 for r in speed])
+                 for r in speed], right=True)
     for r in speed:
         print(f"{r['model']}: the faster multihead path decodes at {r['best_vs_transformers']:.2f}x "
               f"transformers' tokens/s (target >= 1.5x)")
@@ -283,7 +271,7 @@ def print_cache_bytes(settings, memory) -> None:
                 ["attention", "elements per layer", "KiB per token", "vs MHA"],
                 [[r["attention"] + ("" if r["attention"] != "GQA" else f" ({r['kv_heads']} groups)"),
                   f"{r['elements_per_layer']:,}", f"{r['bytes_per_token'] / 1024:.1f}", f"{r['vs_mha']:.2%}"]
-                 for r in memory])
+                 for r in memory], right=True)
 
 
 def parse(argv):

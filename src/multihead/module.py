@@ -196,10 +196,10 @@ class MultiHeadAttention(nn.Module):
             the group (ring or all-to-all); RoPE rotates by global positions.
             Self-attention only, without cache, attn_mask, weights or dropout.
         """
-        query, key, value = self._check_inputs(query, key, value, cache, positions)
         if context_parallel is not None:
             return self._context_parallel(query, key, value, attn_mask, need_weights, cache, context_parallel,
                                           key_mask=key_mask, positions=positions)
+        query, key, value = self._check_inputs(query, key, value, cache, positions)
         flag("need_weights", need_weights)
         q, k, v = self.project(query, key, value)  # (B, H, T, D), (B, G, S, D), (B, G, S, Dv)
         if self.rope is not None:
@@ -238,25 +238,40 @@ class MultiHeadAttention(nn.Module):
 
     def _context_parallel(self, query, key, value, attn_mask, need_weights, cache, cp, *, key_mask,
                           positions) -> MultiHeadAttentionOutput:
-        """forward with the sequence split across cp's group: per-token stages on the part, attention across."""
+        """forward with the sequence split across cp's group: per-token stages on the part, attention across.
+
+        A check that fails on one rank is told to every rank (each raises, naming it) before it raises here.
+        """
         from .distributed.context import ContextParallel  # torch.distributed only for those who use it
 
         if not isinstance(cp, ContextParallel):
             raise TypeError(f"context_parallel must be a multihead.distributed.ContextParallel or None, "
                             f"got {type(cp).__name__}")
-        refused = {"key/value other than the query": key is not query or value is not query,
-                   "cache": cache is not None, "attn_mask (use key_mask)": attn_mask is not None,
-                   "need_weights": bool(need_weights), "dropout in training": self.training and self.config.dropout > 0}
-        named = [name for name, given in refused.items() if given]
-        if named:
-            raise ValueError(f"context_parallel runs self-attention over a split sequence; it takes no "
-                             f"{', '.join(named)}")
+        with cp.refusals_heard("MultiHeadAttention"):
+            self._check_context_parallel(query, key, value, attn_mask, need_weights, cache, cp, positions)
         q, k, v = self.project(query, query, query)  # (B, H, part, D), (B, G, part, D), (B, G, part, Dv)
         if self.rope is not None:
             q, k = self.rotate(q, k, cp.positions(q.device) if positions is None else positions)
         out = cp.attention(q, k, v, key_mask=key_mask, causal=self.config.causal, scale=self._scale,
                            backend=self.config.backend)  # (B, H, part, Dv)
         return MultiHeadAttentionOutput(self.merge(out), None)
+
+    def _check_context_parallel(self, query, key, value, attn_mask, need_weights, cache, cp, positions) -> None:
+        refused = {"key/value other than the query": key is not None and key is not query
+                   or value is not None and value is not query,
+                   "cache": cache is not None, "attn_mask (use key_mask)": attn_mask is not None,
+                   "need_weights": flag("need_weights", need_weights),
+                   "dropout in training": self.training and self.config.dropout > 0}
+        named = [name for name, given in refused.items() if given]
+        if named:
+            raise ValueError(f"context_parallel runs self-attention over a split sequence; it takes no "
+                             f"{', '.join(named)}")
+        self._check_inputs(query, None, None, None, positions)
+        part = cp.part()
+        if query.shape[1] != part:
+            raise ValueError(f"query has {query.shape[1]} tokens; under context_parallel it must be this rank's "
+                             f"part, {part} tokens of length={cp.length} (cut it with "
+                             f"shard_sequence(x, dim=1, layout={cp.layout!r}))")
 
     # -- checks and the cache ---------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,22 @@ def device_name() -> str:
     except OSError:
         pass
     return f"{model} x{os.cpu_count()}"
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200': how benchmark scripts name their result files."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]], *, right: bool = False) -> None:
+    """A plain-text table: the title, the header, a rule, then the rows; columns padded to fit."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    pad = str.rjust if right else str.ljust
+    print(f"\n{title}")
+    print("  ".join(pad(h, w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(pad(c, w) for c, w in zip(row, widths)))
 
 
 def timeit_side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -20,12 +20,8 @@ from torch import Tensor
 from .. import backends, masks
 from .._checks import flag, key_mask as check_key_mask
 from ..call import AttentionCall, make_call, records_grad
-from .group import Group, agree, check_group, signature_of
+from .group import Group, agree, check_group
 from .layout import Sharding, make_sharding
-
-_FIELDS = ("B", "H", "G", "part", "D", "Dv", "dtype", "causal", "scale", "layout", "length", "key_mask",
-           "backend", "grad")
-
 
 class ShardedCall(NamedTuple):
     """What every rank runs: its local call and the sharding that places it in the global sequence."""
@@ -35,6 +31,7 @@ class ShardedCall(NamedTuple):
     sharding: Sharding  # the layout, the global length, the world size
     group: Group  # the process group and this rank
     backend: str  # the local step's backend: "auto" or a registered name
+    each_grad: bool = False  # the ranks agree on which of q, k, v need gradients, not only on whether any does
 
 
 def _check(what, q, k, v, key_mask, causal, scale, layout, length, backend, group: Group,
@@ -42,12 +39,13 @@ def _check(what, q, k, v, key_mask, causal, scale, layout, length, backend, grou
     flag("causal", causal)
     backends.check_name(backend)
     call = make_call(q, k, v, causal=causal, scale=scale)
+    given = "" if length is not None else " (length not given: taken as part · N)"
     if length is None:
         length = call.q_len * group.world
     sharding = make_sharding(layout, length, group.world)
     if call.q_len != sharding.part or call.kv_len != sharding.part:
-        raise ValueError(f"q and k must hold this rank's part of the sequence: a {layout} part of length={length} "
-                         f"over {group.world} ranks has {sharding.part} tokens, got q {call.q_len} and "
+        raise ValueError(f"q and k must hold this rank's part of the sequence: a {layout} part of length={length}"
+                         f"{given} over {group.world} ranks has {sharding.part} tokens, got q {call.q_len} and "
                          f"k {call.kv_len} (cut them with multihead.distributed.shard_sequence)")
     if key_mask is not None:
         key_mask = check_key_mask(key_mask, call.batch, sharding.part, q.device, what="part")
@@ -59,20 +57,29 @@ def _check(what, q, k, v, key_mask, causal, scale, layout, length, backend, grou
     return ShardedCall(call, key_mask, sharding, group, backend)
 
 
+def _fields(what: str, sharded: ShardedCall) -> dict:
+    """What every rank must give alike for this call, readable (the agreement compares them)."""
+    c, sharding = sharded.call, sharded.sharding
+    return {"call": what, "B": c.batch, "H": c.heads, "G": c.kv_heads, "part": c.q_len, "D": c.q.shape[-1],
+            "Dv": c.v.shape[-1], "dtype": str(c.q.dtype), "causal": c.causal, "scale": c.scale,
+            "layout": sharding.layout, "length": sharding.length, "key_mask": sharded.key_mask is not None,
+            "backend": sharded.backend, "grad": records_grad(c.q, c.k, c.v),
+            "grad of q, k, v": tuple(records_grad(x) for x in (c.q, c.k, c.v)) if sharded.each_grad else None}
+
+
 def make_sharded_call(what: str, q, k, v, *, key_mask, causal, scale, layout, length, backend, group,
-                      need_lse: bool) -> ShardedCall:
-    """Check every argument on this rank, then agree with every other rank (each raises if any refused)."""
+                      need_lse: bool, each_grad: bool = False) -> ShardedCall:
+    """Check every argument on this rank, then agree with every other rank (each raises if any refused).
+
+    The agreement covers whether a backward will run (its collectives pair up only if every rank runs
+    them) and, with each_grad, which of q, k, v need gradients (ulysses exchanges each one's apart).
+    """
     g = check_group(group)
     error, sharded = None, None
     try:
         sharded = _check(what, q, k, v, key_mask, causal, scale, layout, length, backend, g, need_lse)
+        sharded = sharded._replace(each_grad=each_grad)
     except (TypeError, ValueError) as exc:
         error = exc
-    signature = None
-    if sharded is not None:
-        c = sharded.call
-        signature = signature_of(c.batch, c.heads, c.kv_heads, c.q_len, c.q.shape[-1], c.v.shape[-1], c.q.dtype,
-                                 c.causal, c.scale, sharded.sharding.layout, sharded.sharding.length,
-                                 key_mask is not None, backend, records_grad(q, k, v))
-    agree(what, _FIELDS, signature, error, g)
+    agree(what, None if sharded is None else _fields(what, sharded), error, g)
     return sharded

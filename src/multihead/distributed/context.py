@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .group import check_group
-from .layout import LAYOUTS, make_sharding
+from .group import check_group, refusal_heard
+from .layout import make_sharding
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 
@@ -48,6 +48,11 @@ class ContextParallel:
         g = check_group(self.group)
         sharding = make_sharding(self.layout, self.length, g.world)
         return sharding.positions(g.rank, device).clamp(max=self.length - 1)  # (part,)
+
+    def refusals_heard(self, what: str):
+        """A context manager for a module's own checks: a TypeError/ValueError raised inside is told to every
+        rank of the group first (they are waiting in the attention's agreement), so every rank raises."""
+        return refusal_heard(what, check_group(self.group))
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, causal: bool = False,
                   scale: float | None = None, backend: str = "auto") -> Tensor:

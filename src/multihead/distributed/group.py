@@ -14,7 +14,7 @@ costs one all_gather of a few integers per call (on a GPU, one host read).
 
 from __future__ import annotations
 
-import struct
+import hashlib
 from typing import NamedTuple
 
 import torch
@@ -47,13 +47,13 @@ def check_group(group) -> Group:
     if not dist.is_initialized():
         raise RuntimeError("multihead.distributed needs a process group: call "
                            "torch.distributed.init_process_group(...) first, or start the script with torchrun")
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:  # new_group's answer to outsiders
+        raise ValueError("this process is not a member of group (new_group(ranks) left its rank out); "
+                         "only the group's members call it")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or None (the default group), "
                         f"got {type(group).__name__}")
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of group")
-    return Group(group, rank, dist.get_world_size(group))
+    return Group(group, dist.get_rank(group), dist.get_world_size(group))
 
 
 class Pending(NamedTuple):
@@ -69,7 +69,12 @@ class Pending(NamedTuple):
 
 
 def pass_on(tensors: list[Tensor], group: Group) -> Pending:
-    """Send each tensor to the next rank and receive the same shapes from the previous one (asynchronous)."""
+    """Send each tensor to the next rank and receive the same shapes from the previous one (asynchronous).
+
+    In a group of one the next and the previous rank are this one: the tensors stay, nothing is sent.
+    """
+    if group.world == 1:
+        return Pending([], list(tensors))
     after = group.global_rank((group.rank + 1) % group.world)
     before = group.global_rank((group.rank - 1) % group.world)
     tensors = [t.contiguous() for t in tensors]  # sent and received as dense buffers
@@ -81,51 +86,74 @@ def pass_on(tensors: list[Tensor], group: Group) -> Pending:
     return Pending(dist.batch_isend_irecv(ops), arrived)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WIDTH = 24  # ints in every rank's row: the refusal flag, then the call's fields (each call fits)
 
 
-def signature_of(*fields: int | float | bool | str | torch.dtype | None) -> tuple[int, ...]:
-    """Arguments that every rank must give alike, as integers (floats by their bits, dtypes by index)."""
-    row = []
-    for field in fields:
-        if isinstance(field, torch.dtype):
-            row.append(_DTYPES.index(field) if field in _DTYPES else -1)
-        elif isinstance(field, float):
-            row.append(struct.unpack("<q", struct.pack("<d", field))[0])
-        elif isinstance(field, str):
-            row.append(sum(ord(ch) << (7 * (i % 8)) for i, ch in enumerate(field)) % (1 << 62))
-        else:
-            row.append(-1 if field is None else int(field))
-    return tuple(row)
+def _code(value) -> int:
+    """A field's value as one int64, the same in every process (hash() is salted per process)."""
+    digest = hashlib.blake2b(repr((type(value).__name__, value)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
-def agree(what: str, names: tuple[str, ...], signature: tuple[int, ...] | None, error: Exception | None,
-          group: Group) -> None:
-    """All ranks learn whether every rank accepted the call, with the same `names` fields, before any block moves.
+def _refused(what: str, error: Exception | None, table: list[list[int]], group: Group) -> None:
+    """Every rank learns each refusing rank's message; each raises (its own error where it has one)."""
+    messages: list = [None] * group.world
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
+                           group=group.handle)
+    if error is not None:
+        raise error
+    first = next(rank for rank, row in enumerate(table) if row[0])
+    raise RuntimeError(f"{what}: rank {first} of the group refused the call, so every rank stops: {messages[first]}")
 
-    signature: this rank's values of the fields named in `names` (`signature_of`), or None with an error.
-    Raises this rank's own error, or a RuntimeError naming the rank that refused and quoting it, or a
-    ValueError naming the fields the ranks disagree on. Every rank raises, so none waits for a block.
+
+def _disagreed(what: str, fields: dict, group: Group) -> None:
+    """The fields in which the ranks' calls differ, with every rank's value (the slow path: only on failure)."""
+    every: list = [None] * group.world
+    dist.all_gather_object(every, fields, group=group.handle)
+    names = list(dict.fromkeys(name for f in every for name in f))
+    differ = [name for name in names if len({repr(f.get(name)) for f in every}) > 1]
+    listed = "; ".join(f"{name}: " + ", ".join(f"rank {rank} {f.get(name)!r}" for rank, f in enumerate(every))
+                       for name in differ)
+    raise ValueError(f"{what}: every rank of the group must make the same call with the same arguments, "
+                     f"but they differ ({listed})")
+
+
+def agree(what: str, fields: dict | None, error: Exception | None, group: Group) -> None:
+    """All ranks learn whether every rank accepted its call, with the same fields, before any block moves.
+
+    fields: name -> value of what every rank must give alike (the call's name first, then its shapes,
+    dtypes and flags), or None with an error. Raises this rank's own error, or a RuntimeError naming the
+    rank that refused and quoting it, or a ValueError naming the fields the ranks differ in with every
+    rank's value. Every rank raises, so none waits for a block that never comes. A rank whose checks
+    failed elsewhere (a module's) calls agree(what, None, error, group) to be heard.
     """
-    width = len(names)
-    row = torch.tensor([0 if error is None else 1, *(signature or (0,) * width)], dtype=torch.int64,
+    codes = [_code(v) for v in (fields or {}).values()]
+    if len(codes) >= WIDTH:
+        raise AssertionError(f"{what} agrees on {len(codes)} fields, more than the row's {WIDTH - 1}")
+    row = torch.tensor([0 if error is None else 1, *codes, *[0] * (WIDTH - 1 - len(codes))], dtype=torch.int64,
                        device=group.collective_device())
     rows = [torch.empty_like(row) for _ in range(group.world)]
     dist.all_gather(rows, row, group=group.handle)
-    table = torch.stack(rows).tolist()  # (N, 1 + fields): the one host read
-    refused = [rank for rank, answer in enumerate(table) if answer[0]]
-    if refused:
-        messages: list = [None] * group.world
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
-                               group=group.handle)
-        if error is not None:
-            raise error
-        first = refused[0]
-        raise RuntimeError(f"{what}: rank {first} of the group refused the call, so every rank stops: "
-                           f"{messages[first]}")
-    differ = [i for i in range(width) if len({answer[1 + i] for answer in table}) > 1]
-    if differ:
-        listed = "; ".join(f"{names[i]}: " + ", ".join(f"rank {rank} {answer[1 + i]}" for rank, answer
-                                                        in enumerate(table)) for i in differ)
-        raise ValueError(f"{what}: every rank must call with the same arguments, but they differ ({listed}; "
-                         f"dtypes, floats and names compared by code)")
+    table = torch.stack(rows).tolist()  # (N, WIDTH): the one host read
+    if any(r[0] for r in table):
+        _refused(what, error, table, group)
+    if any(r[1:] != table[0][1:] for r in table):
+        _disagreed(what, fields, group)
+
+
+def refusal_heard(what: str, group: Group):
+    """A context manager: a TypeError/ValueError raised inside is first told to every rank (see agree)."""
+    return _RefusalHeard(what, group)
+
+
+class _RefusalHeard:
+    def __init__(self, what: str, group: Group) -> None:
+        self.what, self.group = what, group
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if error is not None and isinstance(error, (TypeError, ValueError)):
+            agree(self.what, None, error, self.group)  # raises error on this rank, after the others heard it
+        return False

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .group import Group, check_group
+from .group import Group, agree, check_group
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -137,6 +137,8 @@ def _all_parts(part: Tensor, group: Group) -> list[Tensor]:
 
 
 class _Shard(torch.autograd.Function):
+    """full -> this rank's part; its backward is `_Gather` (so gradients of gradients flow too)."""
+
     @staticmethod
     def forward(ctx, full, dim, sharding, group):
         ctx.dim, ctx.sharding, ctx.group = dim, sharding, group
@@ -144,10 +146,12 @@ class _Shard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_part):
-        return assemble(_all_parts(grad_part, ctx.group), ctx.dim, ctx.sharding), None, None, None
+        return _Gather.apply(grad_part, ctx.dim, ctx.sharding, ctx.group), None, None, None
 
 
 class _Gather(torch.autograd.Function):
+    """Every rank's part -> the full tensor on every rank; its backward is `_Shard`."""
+
     @staticmethod
     def forward(ctx, part, dim, sharding, group):
         ctx.dim, ctx.sharding, ctx.group = dim, sharding, group
@@ -155,8 +159,12 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_full):
-        grad_part = part_of(pad(grad_full, ctx.dim, ctx.sharding), ctx.dim, ctx.sharding, ctx.group.rank)
-        return grad_part, None, None, None
+        return _Shard.apply(grad_full, ctx.dim, ctx.sharding, ctx.group), None, None, None
+
+
+def gather_parts(part: Tensor, dim: int, sharding: Sharding, group: Group) -> Tensor:
+    """gather_sequence without the checks and the agreement: for calls whose ranks have agreed already."""
+    return _Gather.apply(part, dim, sharding, group)
 
 
 def _check_tensor(name: str, x, dim) -> int:
@@ -186,17 +194,32 @@ def gather_sequence(part: Tensor, dim: int = 2, layout: str = "zigzag", length: 
                     group=None) -> Tensor:
     """Every rank's part put back in order, padding dropped: (..., part, ...) -> (..., length, ...).
 
-    Collective: every rank of the group calls it and receives the full tensor.
+    Collective: every rank of the group calls it, alike (the ranks agree first, as
+    ring_attention's do), and receives the full tensor.
     length: the global sequence length (default: the parts' total, when there
     was no padding). Differentiable: the gradient of the full tensor (the same
     on every rank) gives each rank its part's.
     """
-    dim = _check_tensor("part", part, dim)
     g = check_group(group)
-    if length is None:
-        length = part.shape[dim] * g.world
-    sharding = make_sharding(layout, length, g.world)
-    if part.shape[dim] != sharding.part:
-        raise ValueError(f"part has {part.shape[dim]} tokens along dim {dim}; a {layout} part of length={length} "
-                         f"over {g.world} ranks has {sharding.part}")
+    error, sharding = None, None
+    try:
+        dim, sharding = _check_part(part, dim, layout, length, g)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    fields = None if sharding is None else {"call": "gather_sequence", "dim": dim, "layout": layout,
+                                            "length": sharding.length, "shape": tuple(part.shape),
+                                            "dtype": str(part.dtype)}
+    agree("gather_sequence", fields, error, g)
     return _Gather.apply(part, dim, sharding, g)
+
+
+def _check_part(part, dim, layout, length, group: Group) -> tuple[int, Sharding]:
+    dim = _check_tensor("part", part, dim)
+    given = "" if length is not None else " (length not given: taken as part · N)"
+    if length is None:
+        length = part.shape[dim] * group.world
+    sharding = make_sharding(layout, length, group.world)
+    if part.shape[dim] != sharding.part:
+        raise ValueError(f"part has {part.shape[dim]} tokens along dim {dim}; a {layout} part of length={length}"
+                         f"{given} over {group.world} ranks has {sharding.part}")
+    return dim, sharding

@@ -158,29 +158,38 @@ def ring_forward(sharded: ShardedCall) -> tuple[Tensor, Tensor]:
 
 
 def ring_backward(sharded: ShardedCall, grad_out: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of this rank's part: the ring again, each block's dk and dv travelling home with it."""
+    """dq, dk, dv of this rank's part: the ring again, each block's dk and dv sums travelling home with it.
+
+    At step s this rank adds its share to the sums of the block it holds, which arrive from the
+    previous rank while it computes that share; the sums it sends on travel during the next step.
+    """
     c, group = sharded.call, sharded.group
     acc = lse.dtype
     dq = torch.zeros(c.q.shape, dtype=acc, device=c.q.device)  # (B, H, part, D)
-    dk = torch.zeros(c.k.shape, dtype=acc, device=c.k.device)  # (B, G, part, D): the held block's, so far
-    dv = torch.zeros(c.v.shape, dtype=acc, device=c.v.device)  # (B, G, part, Dv)
     blocks = _travelling(c.k, c.v, sharded.key_mask)
+    sums = None  # the held block's dk, dv sums so far, in flight from the previous rank
     for step in range(group.world):
         source = (group.rank - step) % group.world
         pending = pass_on(blocks, group) if step < group.world - 1 else None
         block = block_for(sharded.sharding, group.rank, source, c.causal)
+        grads = None
         if block is not None:
             call = _block_call(sharded, block, source, *_unpack(blocks))
-            rows = block.rows
             backend = backends.dispatch(call, sharded.backend, need_lse=True, need_backward=True)
-            grads = backend.backward(call, grad_out[:, :, rows], out[:, :, rows], lse[:, :, rows])
-            dq[:, :, rows] += grads.dq
+            grads = backend.backward(call, grad_out[:, :, block.rows], out[:, :, block.rows], lse[:, :, block.rows])
+            dq[:, :, block.rows] += grads.dq
+        if sums is None:  # step 0: this rank's own block, nobody has added to it yet
+            dk = torch.zeros(c.k.shape, dtype=acc, device=c.k.device)  # (B, G, part, D)
+            dv = torch.zeros(c.v.shape, dtype=acc, device=c.v.device)  # (B, G, part, Dv)
+        else:
+            dk, dv = sums.wait()
+        if grads is not None:
             dk[:, :, block.cols] += grads.dk
             dv[:, :, block.cols] += grads.dv
         sums = pass_on([dk, dv], group)  # after N hops a block's sums are home
         if pending is not None:
             blocks = pending.wait()
-        dk, dv = sums.wait()
+    dk, dv = sums.wait()
     return dq.to(c.q.dtype), dk.to(c.k.dtype), dv.to(c.v.dtype)
 
 
@@ -198,6 +207,9 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is asked for
+            raise RuntimeError("ring_attention has no second derivative (its backward is the ring again, not "
+                               "differentiable); use ulysses_attention with a backend that has one")
         q, k, v, out, lse = ctx.saved_tensors
         if ctx.real is not None:  # padding queries take no part in the loss
             grad_out = torch.where(ctx.real, grad_out, torch.zeros_like(grad_out))

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..functional import attention
 from .call import make_sharded_call
 from .group import Group
-from .layout import gather_sequence, pad
+from .layout import Sharding, gather_parts, pad
 
 
 def _all_to_all(x: Tensor, group: Group) -> Tensor:
@@ -67,8 +67,22 @@ class _Exchange(torch.autograd.Function):
         return _to_heads(x, group) if to_heads else _to_sequence(x, group)
 
     @staticmethod
-    def backward(ctx, grad):
-        return (_to_sequence(grad, ctx.group) if ctx.to_heads else _to_heads(grad, ctx.group)), None, None
+    def backward(ctx, grad):  # through apply, so that gradients of gradients flow too
+        return _Exchange.apply(grad, not ctx.to_heads, ctx.group), None, None
+
+
+def _global_order(sharding: Sharding, device) -> Tensor | None:
+    """(N·part,) the global position of each row of the parts in rank order; None when that is the identity."""
+    if sharding.layout == "contiguous":
+        return None
+    return torch.tensor(sharding.order(), device=device)
+
+
+def _in_global_order(x: Tensor, order: Tensor | None, length: int) -> Tensor:
+    """(B, ·, N·part, ·) in rank order -> (B, ·, length, ·) in global order, the padding dropped."""
+    if order is None:
+        return x.narrow(2, 0, length)
+    return x.index_select(2, torch.argsort(order)[:length])  # the row holding each real position
 
 
 def _check_divisible(H: int, G: int, N: int) -> None:
@@ -99,17 +113,19 @@ def ulysses_attention(
     backward gives the gradients. Collective: every rank calls it alike.
     """
     sharded = make_sharded_call("ulysses_attention", q, k, v, key_mask=key_mask, causal=causal, scale=scale,
-                                layout=layout, length=length, backend=backend, group=group, need_lse=False)
+                                layout=layout, length=length, backend=backend, group=group, need_lse=False,
+                                each_grad=True)
     c, sharding, g = sharded.call, sharded.sharding, sharded.group
     _check_divisible(c.heads, c.kv_heads, g.world)  # from shapes every rank has agreed on: all raise alike
-    order = torch.tensor(sharding.order(), device=c.q.device)  # (N·part,) global position of each row
-    rows = torch.argsort(order)[:sharding.length]  # (length,) the row holding each real position
-    q_all, k_all, v_all = (_Exchange.apply(x, True, g).index_select(2, rows) for x in (c.q, c.k, c.v))  # (B, ·, length, ·)
+    order = _global_order(sharding, c.q.device)
+    q_all, k_all, v_all = (_in_global_order(_Exchange.apply(x, True, g), order, sharding.length)
+                           for x in (c.q, c.k, c.v))  # (B, ·, N·part, ·) -> (B, ·, length, ·)
     mask = None
     if sharded.key_mask is not None:
-        real = gather_sequence(sharded.key_mask, dim=1, layout=sharding.layout, length=sharding.length,
-                               group=g.handle)  # (B, part) -> (B, length)
+        real = gather_parts(sharded.key_mask, 1, sharding, g)  # (B, part) -> (B, length)
         mask = real[:, None, None, :]  # (B, length) -> (B, 1, 1, length)
     out = attention(q_all, k_all, v_all, attn_mask=mask, causal=c.causal, scale=c.scale, backend=backend)
-    out = pad(out, 2, sharding).index_select(2, order)  # (B, H/N, length, Dv) -> (B, H/N, N·part, Dv), rank order
+    out = pad(out, 2, sharding)  # (B, H/N, length, Dv) -> (B, H/N, N·part, Dv), global order
+    if order is not None:
+        out = out.index_select(2, order)  # back to rank order
     return _Exchange.apply(out, False, g)  # (B, H/N, N·part, Dv) -> (B, H, part, Dv)

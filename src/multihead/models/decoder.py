@@ -221,14 +221,20 @@ class Decoder(nn.Module):
         if not isinstance(cp, ContextParallel):
             raise TypeError(f"context_parallel must be a multihead.distributed.ContextParallel or None, "
                             f"got {type(cp).__name__}")
-        if cache is not None or flag("need_weights", need_weights):
-            raise ValueError("context_parallel runs a whole sequence split across ranks: no cache, no need_weights")
-        limit = self.position_limit
-        if limit is not None and cp.length > limit:
-            raise ValueError(f"context_parallel length={cp.length} is beyond the model's {limit} positions")
-        check_token_ids(input_ids, self.config.vocab_size, sys.maxsize)
-        if key_mask is not None:
-            check_key_mask(key_mask, input_ids)  # a right-padded mask stays right-padded in every part
+        with cp.refusals_heard(type(self).__name__):  # a refusal here is heard by the ranks already attending
+            if cache is not None or flag("need_weights", need_weights):
+                raise ValueError("context_parallel runs a whole sequence split across ranks: no cache, "
+                                 "no need_weights")
+            limit = self.position_limit
+            if limit is not None and cp.length > limit:
+                raise ValueError(f"context_parallel length={cp.length} is beyond the model's {limit} positions")
+            _, T = check_token_ids(input_ids, self.config.vocab_size, sys.maxsize)
+            if T != cp.part():
+                raise ValueError(f"input_ids has {T} tokens; under context_parallel it must be this rank's part, "
+                                 f"{cp.part()} tokens of length={cp.length} (cut it with "
+                                 f"shard_sequence(ids, dim=1, layout={cp.layout!r}))")
+            if key_mask is not None:
+                check_key_mask(key_mask, input_ids)  # a right-padded mask stays right-padded in every part
         return cp.positions(input_ids.device)  # (part,)
 
     def make_cache(self, batch_size: int | None = None, max_length: int | None = None,
