@@ -1,6 +1,6 @@
 """Context-parallel benchmark: ring and Ulysses attention on N processes against one, bytes counted, a model.
 
-    python benchmarks/distributed.py              # the full tables (several minutes on 2 cores)
+    python benchmarks/distributed.py              # the full tables (about two minutes on 2 cores)
     python benchmarks/distributed.py --quick      # tiny sizes, to check the script itself
 
 Three tables, each printed and written to benchmarks/results/distributed-<device>.json
@@ -9,15 +9,17 @@ with the device, the versions and the raw numbers:
 1. Time per call, forward and forward+backward, of `ring_attention` (zigzag
    and contiguous layouts) and `ulysses_attention` on 2 and 4 gloo processes
    of this machine (`multihead.distributed.local.run_local`), against
-   `multihead.attention` in one process on the same total sequence (world 1).
+   `multihead.attention` on the same total sequence in one process ("single":
+   rank 0 alone while the others wait, timed in turns with the job's calls).
    fp32, causal, B=1, H=8, D=64, a row with G=8 (MHA) and one with G=2
    (GQA; Ulysses then runs only where N divides G), T in {1024, 4096}.
    Every process, the single one included, runs with 1 thread, so the ratio
    single / parallel is the parallel speed-up on this CPU: with 2 cores,
    world 2 is at best ~2x faster, and world 4 is oversubscribed (4 processes
    on 2 cores). Each repeat starts with a barrier; the time of a repeat is
-   the slowest rank's, and the median of the repeats counts. The methods of
-   one world take turns (A B C A B C ...), as in benchmarks/cpu.py.
+   the slowest rank's, and the median of the repeats counts. The single
+   process and the methods of one job take turns (A B C A B C ...), as in
+   benchmarks/cpu.py, so each ratio comes from one stretch of time.
 2. Bytes each rank sends per call, counted at the torch.distributed layer
    (the isend ops handed to `batch_isend_irecv`, and what `all_to_all_single`
    sends to the other ranks, i.e. its input less this rank's own slice) beside
@@ -313,11 +315,14 @@ def measure_parallel(shapes: list[Shape], methods: list[str], world: int, repeat
                                      ("p2p_calls", "all_to_all_calls", "agreement_calls", "agreement_bytes")})
             counts.append(row)
         for mode in MODES:
-            steps = {m: parallel_step(m, shape, full, mode != "forward", group) for m in able}
+            # "single": multihead.attention on the whole sequence on rank 0 alone (the others wait in the next
+            # barrier), timed in turns with the parallel calls, so the ratios come from one stretch of time
+            alone = single_step(shape, full, mode != "forward") if dist.get_rank(group) == 0 else (lambda: None)
+            steps = {"single": alone, **{m: parallel_step(m, shape, full, mode != "forward", group) for m in able}}
             mine = timed_in_turns(steps, repeats, clock, group)
             everyone = gathered(mine, group)  # [rank][method] -> per-repeat seconds
-            for method in methods:
-                if method not in able:
+            for method in ["single", *methods]:
+                if method != "single" and method not in able:
                     timings.append(dict(shape=asdict(shape), world=world, method=method, mode=mode,
                                         skipped=skip_reason(method, shape, world)))
                     continue
@@ -331,19 +336,6 @@ def measure_parallel(shapes: list[Shape], methods: list[str], world: int, repeat
                 backends={s.name + f"-T{s.T}": local_backends(s, world, dtype, device) for s in shapes})
 
 
-def measure_single(shapes: list[Shape], repeats: int, dtype, device, clock) -> list[dict]:
-    """`multihead.attention` on the whole sequence in one process (no group): the world-1 rows."""
-    rows = []
-    for shape in shapes:
-        full = full_inputs(shape, dtype, device)
-        for mode in MODES:
-            times = timed_in_turns({"single": single_step(shape, full, mode != "forward")}, repeats, clock,
-                                   barrier=False)["single"]
-            rows.append(dict(shape=asdict(shape), world=1, method="single", mode=mode, skipped=None,
-                             seconds=statistics.median(times), per_repeat_max_s=times, per_rank_s=[times]))
-    return rows
-
-
 def cpu_rank_main(shapes: list[Shape], methods: list[str], repeats: int) -> dict:
     """What each gloo process runs (top level, so that spawned processes can import it): 1 thread, fp32."""
     torch.set_num_threads(1)  # OMP_NUM_THREADS=1, set by run_local in the child, comes too late for torch
@@ -353,14 +345,15 @@ def cpu_rank_main(shapes: list[Shape], methods: list[str], repeats: int) -> dict
 # ------------------------------------------------------------------------------------------------ rows, printed
 
 
-def with_speedups(timings: list[dict], single: list[dict]) -> list[dict]:
-    """Each timing row with the single-process time of its shape and mode, and single / this."""
-    base = {(r["shape"]["name"], r["shape"]["T"], r["mode"]): r["seconds"] for r in single}
+def with_speedups(timings: list[dict]) -> list[dict]:
+    """Each timing row with the single-process time of its shape, mode and job, and single / this."""
+    key = lambda r: (r["shape"]["name"], r["shape"]["T"], r["mode"], r["world"])  # noqa: E731
+    base = {key(r): r["seconds"] for r in timings if r["method"] == "single"}
     rows = []
-    for r in single + timings:
+    for r in timings:
         r = dict(r)
         if not r.get("skipped"):
-            r["single_s"] = base[(r["shape"]["name"], r["shape"]["T"], r["mode"])]
+            r["single_s"] = base[key(r)]
             r["speedup"] = r["single_s"] / r["seconds"]
         rows.append(r)
     return rows
@@ -377,7 +370,7 @@ def timing_table(rows: list[dict], title: str, cores: int | None = None, unit: f
     printed = []
     for r in rows:
         note = ""
-        if cores is not None and r["world"] > cores:
+        if cores is not None and r["world"] > cores and r["method"] != "single":
             note = f"oversubscribed: {r['world']} processes on {cores} cores"
         if r.get("skipped"):
             printed.append([shape_label(r["shape"]), str(r["shape"]["T"]), r["mode"], str(r["world"]), r["method"],
@@ -578,7 +571,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the script, not the speed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON")
     parser.add_argument("--worlds", default="2,4", help="process counts besides the single process (default 2,4)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; 2 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 9; 2 with --quick)")
     model_args(parser)
     args = parser.parse_args(argv)
 
@@ -586,18 +579,12 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     shapes = cpu_shapes(args.quick)
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 9)
     worlds = [int(w) for w in args.worlds.split(",")]
     cores = os.cpu_count() or 1
     device = device_name()
     print(f"device: {device}; torch {torch.__version__}; every process 1 thread, fp32, gloo")
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the comparison: one process, one thread
-    try:
-        single = measure_single(shapes, repeats, torch.float32, "cpu", WallClock())
-    finally:
-        torch.set_num_threads(before)
     timings, counts, threads, chosen = [], [], {}, {}
     for world in worlds:
         timeout = 300.0 if args.quick else 3600.0
@@ -606,10 +593,11 @@ def main(argv=None) -> int:
         counts += results[0]["bytes"]
         threads[world] = [r["threads"] for r in results]
         chosen[world] = results[0]["backends"]
-    rows = with_speedups(timings, single)
+    rows = with_speedups(timings)
 
-    timing_table(rows, f"Time per call, fp32, causal, B=1, D={shapes[0].D}; single = multihead.attention in one "
-                       f"process with 1 thread; speed-up = single / this (every process 1 thread, "
+    timing_table(rows, f"Time per call, fp32, causal, B=1, D={shapes[0].D}; single = multihead.attention on the "
+                       f"whole sequence in one process with 1 thread, timed in turns with the job's parallel "
+                       f"calls; speed-up = single / this (every process 1 thread, "
                        f"{cores} cores: world 2 at best ~{min(2, cores)}x)", cores=cores)
     bytes_table(counts, "Bytes sent per rank per call: counted at torch.distributed vs the model "
                         "(ring fwd (N-1)(k+v), bwd (N-1)(k+v) + N(dk+dv fp32); ulysses (N-1)/N(q+k+v+out) each)")
@@ -623,7 +611,7 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(dict(
         device=device, cores=cores, threads_per_process=1, threads_seen=threads, backend="gloo", dtype="float32",
         torch=torch.__version__, python=platform.python_version(), multihead=mh.__version__,
-        date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, worlds=[1, *worlds],
+        date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, worlds=worlds,
         local_backends=chosen, timings=rows, bytes=counts, model=model, seconds=elapsed,
     ), indent=2) + "\n")
     print(f"wrote {path}")

@@ -115,12 +115,6 @@ def run(args, bench, device, dtype, clock, device_label: str, versions: dict):
     methods = list(bench.METHODS)
     started = time.perf_counter()
 
-    single = []
-    if rank == 0:  # the comparison: one GPU, the whole sequence, the other ranks waiting
-        single = bench.measure_single(shapes, repeats, dtype, device, clock)
-    if on_cuda:
-        torch.cuda.empty_cache()
-    dist.barrier()
     timings, counts, chosen = [], [], {}
     for w in worlds:
         group = dist.new_group(list(range(w)))  # every rank calls new_group, members or not
@@ -138,9 +132,10 @@ def run(args, bench, device, dtype, clock, device_label: str, versions: dict):
 
     backend, dtype_name = dist.get_backend(), str(dtype).removeprefix("torch.")
     name = f"{device_label} x{world}"
-    rows = bench.with_speedups(timings, single)
+    rows = bench.with_speedups(timings)
     bench.timing_table(rows, f"Time per call on {name}, {backend}, {dtype_name}, causal, B=1, H=32, D=128, T={T}; "
-                             f"single = multihead.attention on one device; speed-up = single / this (at best N)")
+                             f"single = multihead.attention on one device, timed in turns with each job's calls; "
+                             f"speed-up = single / this (at best N)")
     bench.bytes_table(counts, "Bytes sent per rank per call: counted at torch.distributed vs the model")
     bench.check_bytes(counts)
     model = bench.model_section(args)
@@ -151,7 +146,7 @@ def run(args, bench, device, dtype, clock, device_label: str, versions: dict):
     path.write_text(json.dumps(dict(
         device=name, backend=backend, dtype=dtype_name, torch=torch.__version__, **versions,
         python=platform.python_version(), multihead=mh.__version__, date=time.strftime("%Y-%m-%d"),
-        quick=args.quick, T=T, repeats=repeats, worlds=[1, *worlds], local_backends=chosen, timings=rows,
+        quick=args.quick, T=T, repeats=repeats, worlds=worlds, local_backends=chosen, timings=rows,
         bytes=counts, model=model, seconds=elapsed,
     ), indent=2) + "\n")
     print(f"wrote {path}")
