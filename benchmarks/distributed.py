@@ -7,7 +7,7 @@ Three tables, each printed and written to benchmarks/results/distributed-<device
 with the device, the versions and the raw numbers:
 
 1. Time per call, forward and forward+backward, of `ring_attention` (zigzag
-   and contiguous layouts) and `ulysses_attention` on 2 and 4 gloo processes
+   and contiguous layouts) and `ulysses_attention` on 1, 2 and 4 gloo processes
    of this machine (`multihead.distributed.local.run_local`), against
    `multihead.attention` on the same total sequence in one process ("single":
    rank 0 alone while the others wait, timed in turns with the job's calls).
@@ -239,7 +239,8 @@ def modelled_bytes(method: str, shape: Shape, world: int, elem: int, acc: int) -
     N, P = world, make_sharding(METHODS[method][1], shape.T, world).part
     kv = shape.B * shape.G * P * 2 * shape.D  # elements of this rank's k and v parts
     if METHODS[method][0] == "ring":
-        return {"forward": (N - 1) * kv * elem, "backward": (N - 1) * kv * elem + N * kv * acc}
+        hops = N if N > 1 else 0  # the sums go N hops, home; a group of one sends nothing
+        return {"forward": (N - 1) * kv * elem, "backward": (N - 1) * kv * elem + hops * kv * acc}
     q = o = shape.B * shape.H * P * shape.D
     moved = (q + kv + o) * elem * (N - 1) // N
     return {"forward": moved, "backward": moved}
@@ -570,7 +571,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the script, not the speed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON")
-    parser.add_argument("--worlds", default="2,4", help="process counts besides the single process (default 2,4)")
+    parser.add_argument("--worlds", default="1,2,4",
+                        help="process counts (default 1,2,4; 1: the methods' own cost with nothing to send)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 9; 2 with --quick)")
     model_args(parser)
     args = parser.parse_args(argv)
