@@ -48,6 +48,18 @@ GRAD_FACTOR = 3.0
 ABS_SLACK = 1e-5
 
 
+def load_script(path, name: str):
+    """A script under benchmarks/ imported as module `name` (and registered in sys.modules, so that
+    what it defines pickles by name), for tests that call its functions."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_qkv(B, H, G, T, S, D, Dv=None, dtype=torch.float32, seed=0, requires_grad=False):
     gen = torch.Generator().manual_seed(seed)
     Dv = D if Dv is None else Dv

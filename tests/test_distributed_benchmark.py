@@ -8,7 +8,6 @@ processes of this CPU in place of NCCL ranks.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import load_script
 from multihead.distributed.local import run_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,18 +111,10 @@ def test_torchrun_script_help_and_its_refusal_without_cuda_or_torchrun():
         assert "needs CUDA GPUs" in lines[0] and "benchmarks/distributed.py" in lines[0]
 
 
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _torchrun_run_on_gloo(out: str):
     """What each rank runs: the torchrun script's `run` on the CPU, gloo and fp32 standing in for NCCL and bf16."""
     torch.set_num_threads(1)
-    script = _load(TORCHRUN_SCRIPT, "distributed_torchrun_under_test")
+    script = load_script(TORCHRUN_SCRIPT, "distributed_torchrun_under_test")
     bench = script.load_cpu_benchmark()
     args = script.parse(bench, ["--seq", "64", "--repeats", "1", "--worlds", "2", "--out", out])
     path = script.run(args, bench, "cpu", torch.float32, bench.WallClock(), "cpu stand-in", {})

@@ -23,19 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 H200 = ROOT / "benchmarks" / "results" / "gpu-check-nvidia-h200.json"  # a recorded run
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = _load_script()
+gc = load_script(SCRIPT, "gpu_check")
 
 no_cuda_here = pytest.mark.skipif(torch.cuda.is_available() or shutil.which("nvidia-smi") is not None,
                                   reason="checks the machine without a GPU")

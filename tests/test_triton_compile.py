@@ -8,7 +8,6 @@ offsets in int64 (read off its TTIR). Skips where this triton cannot compile for
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,18 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "triton_ptxas.py"
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("triton_ptxas", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tp = _load_script()
+tp = load_script(SCRIPT, "triton_ptxas")
 cannot = tp.can_compile()
 
 

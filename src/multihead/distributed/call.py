@@ -35,7 +35,7 @@ class ShardedCall(NamedTuple):
 
 
 def _check(what, q, k, v, key_mask, causal, scale, layout, length, backend, group: Group,
-           need_lse: bool) -> ShardedCall:
+           need_lse: bool, each_grad: bool) -> ShardedCall:
     flag("causal", causal)
     backends.check_name(backend)
     call = make_call(q, k, v, causal=causal, scale=scale)
@@ -54,7 +54,7 @@ def _check(what, q, k, v, key_mask, causal, scale, layout, length, backend, grou
     backends.dispatch(sample, backend, need_lse=need_lse)
     if call.needs_grad() and need_lse:
         backends.dispatch(sample, backend, need_lse=True, need_backward=True)
-    return ShardedCall(call, key_mask, sharding, group, backend)
+    return ShardedCall(call, key_mask, sharding, group, backend, each_grad)
 
 
 def _fields(what: str, sharded: ShardedCall) -> dict:
@@ -77,8 +77,7 @@ def make_sharded_call(what: str, q, k, v, *, key_mask, causal, scale, layout, le
     g = check_group(group)
     error, sharded = None, None
     try:
-        sharded = _check(what, q, k, v, key_mask, causal, scale, layout, length, backend, g, need_lse)
-        sharded = sharded._replace(each_grad=each_grad)
+        sharded = _check(what, q, k, v, key_mask, causal, scale, layout, length, backend, g, need_lse, each_grad)
     except (TypeError, ValueError) as exc:
         error = exc
     agree(what, None if sharded is None else _fields(what, sharded), error, g)
