@@ -171,7 +171,7 @@ def backend_table(lengths, repeats):
             q, k, v = (torch.randn(1, 8, T, 64) for _ in range(3))
             fns = {"torch_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
             # only the backends that can run here (triton needs a GPU or its interpreter)
-            able = [name for name, reason in mh.explain_dispatch(q, k, v, causal=causal).reasons.items()
+            able = [name for name, reason in mh.which_backend(q, k, v, causal=causal).reasons.items()
                     if reason is None]
             for name in able:
                 fns[name] = lambda name=name: mh.attention(q, k, v, causal=causal, backend=name)

@@ -31,7 +31,7 @@ with the device, the versions and the raw times:
    on-disk cache shortens it in later processes.
 3. What one token costs in the cache at one model size (Llama-2-7B's attention:
    32 layers, 32 heads of 128, fp16) for MHA, GQA (8 groups), MQA, and MLA with
-   DeepSeek-V2's d_c = 512, d_rope = 64 (`multihead.latent.cache_elements_per_token`).
+   DeepSeek-V2's d_c = 512, d_rope = 64 (`multihead.nn.latent.cache_elements_per_token`).
 
 On a shared CPU only ratios measured in the same run mean anything.
 """
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 import multihead as mh
-from multihead.cache import kv_bytes_per_token
+from multihead.nn.cache import kv_bytes_per_token
 from multihead.generate import CompileConfig, generate, stream
 from multihead.models.gpt2 import GPT2, GPT2Config, load_gpt2
 from multihead.models.llama import Llama, LlamaConfig, load_llama
@@ -202,7 +202,7 @@ def profile_eager_step(model, prompt_len: int, steps: int) -> str:
 
 def cache_bytes_table():
     """Per-token cache cost at Llama-2-7B's attention size, fp16; MLA at DeepSeek-V2's latent size."""
-    from multihead.latent import cache_elements_per_token
+    from multihead.nn.latent import cache_elements_per_token
 
     layers, heads, head_dim, groups, d_c, d_rope, dtype = 32, 32, 128, 8, 512, 64, torch.float16
     rows = []

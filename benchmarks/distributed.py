@@ -28,7 +28,8 @@ with the device, the versions and the raw numbers:
        ulysses  forward  (N-1)/N·(q+k+v+out)  backward  (N-1)/N·(dout+dq+dk+dv)
    k, v, q, out: this rank's part in the input dtype; dk, dv in float32
    (float64 for float64 inputs): the ring's accumulators. The ranks' agreement
-   check (one all_gather of ~15 int64 per call) is counted apart.
+   check (one all_gather of ~15 int64 on a signature's first call, as the
+   counted forward is; none on a repeated call) is counted apart.
 3. A model of both methods on N GPUs (default 8x H100 SXM, bf16, Llama-like
    shapes H=32, G=8 and H=G=32, D=128): from which per-rank length P = T/N
    the ring's transfers hide behind its compute, on NVLink and on 400 Gb/s
@@ -58,7 +59,7 @@ import torch.distributed as dist
 
 import multihead as mh
 from multihead import backends
-from multihead.call import make_call
+from multihead.core.call import make_call
 from multihead.distributed import ring_attention, shard_sequence, ulysses_attention
 from multihead.distributed.layout import make_sharding
 from multihead.timing import device_name, print_table, slug
@@ -186,7 +187,7 @@ class Counter:
 
     p2p: the tensors of the isend ops given to batch_isend_irecv (the ring);
     all_to_all: all_to_all_single's input less the slice that stays on this rank (Ulysses);
-    agreement: all_gather inputs times the other ranks (the ranks' agreement check).
+    agreement: all_gather inputs times the other ranks (the ranks' agreement, on a new signature only).
     Patched on the torch.distributed module in this process only, and restored after.
     """
 

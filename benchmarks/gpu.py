@@ -21,9 +21,9 @@ give another). Peak memory is torch.cuda.max_memory_allocated during the call,
 beyond what was allocated before it.
 
 A second table prices weights on demand: the weights of one head for all
-queries (`multihead.weights.attention_weights` from the kernel's logsumexp)
-against the forward alone, and against the eager path that materializes every
-head's weights (`multihead.attention_with_weights`).
+queries (`multihead.attention_weights(..., heads=[0])`) against the forward
+alone, and against the eager path that materializes every head's weights
+(`multihead.backends.reference.attention_ref` in place, in bf16).
 
 Everything is printed and written to benchmarks/results/gpu-<device>.json with
 the device name, the versions and the raw numbers.
@@ -185,25 +185,24 @@ def attention_table(points, names, repeats, peak):
 
 
 def weights_table(points, repeats):
-    """One head's weights for every query, from the lse, against the forward and the eager path."""
+    """One head's weights for every query, against the forward and the eager path."""
     import multihead as mh
+    from multihead.backends.reference import attention_ref
     from multihead.backends.triton import triton_attention
-    from multihead.weights import attention_weights
 
     rows = []
     for B, H, T, D, causal in points:
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         with torch.no_grad():
-            lse = triton_attention(q, k, v, causal=causal).lse
             forward = measure(lambda: triton_attention(q, k, v, causal=causal), repeats)
-            one_head = measure(lambda: attention_weights(q, k, lse, heads=[0], causal=causal), repeats)
-            eager = measure(lambda: mh.attention_with_weights(q, k, v, causal=causal), repeats)
+            one_head = measure(lambda: mh.attention_weights(q, k, v, heads=[0], causal=causal), repeats)
+            eager = measure(lambda: attention_ref(q, k, v, causal=causal, upcast=False, in_place=True), repeats)
         row = dict(B=B, H=H, T=T, D=D, causal=causal, forward=forward, weights_one_head=one_head, eager_all_heads=eager)
         if "seconds" in forward and "seconds" in one_head:
             row["weights_vs_forward"] = one_head["seconds"] / forward["seconds"]
         rows.append(row)
-        q = k = v = lse = None  # free this point's tensors before the next one is allocated
+        q = k = v = None  # free this point's tensors before the next one is allocated
     return rows
 
 

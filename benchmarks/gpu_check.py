@@ -18,7 +18,7 @@ and printed to stderr as progress:
    call (triton, sdpa, chunked; reference as a yardstick) against the float64 reference on the GPU,
    under the project's rule (error at most 2x the naive same-dtype reference's error + 1e-5,
    gradients 3x), forward and backward, bf16 with an fp16 and an fp32 case, the decode kernel at
-   T in {1, 3, 16}; the logsumexp against float64 and weights read off it; NaN propagation through
+   T in {1, 3, 16}; the logsumexp against float64 and the weights; NaN propagation through
    the compiled kernels; bitwise determinism; the int32 probe (a strided q of T = 262,208 rows,
    H·D = 8192: the last rows sit past 2^31 elements); every kept tile at D = 128, causal, T = S = 1040;
 3. speed: forward and forward+backward, bf16, B·T = 16k tokens, H·D = 2048,
@@ -249,14 +249,14 @@ def _errors(run, q, k, v, call):
     """(out error, naive out error, max grad error / naive) against float64, as the project's rule reads them."""
     import torch
 
-    import multihead as mh
+    from multihead.backends.reference import attention_ref
 
     xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     gold_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     naive_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     out = run(*xs)
-    gold = mh.attention_ref(*gold_in, **call).out
-    naive = mh.attention_ref(*naive_in, upcast=False, **call).out
+    gold = attention_ref(*gold_in, **call).out
+    naive = attention_ref(*naive_in, upcast=False, **call).out
     err = (out.double() - gold).abs().max().item()
     naive_err = (naive.double() - gold).abs().max().item()
     grad = torch.randn_like(gold)
@@ -332,7 +332,7 @@ def _correctness_case(rec: Recorder, case, setup: Setup) -> None:
     B, H, G, T, S, D, causal, kind, dtype = case
     q, k, v = _inputs(B, H, G, T, S, D, setup.dtype(dtype), seed=T + S + D, device=setup.device)
     call = dict(causal=causal, attn_mask=_mask(kind, B, H, T, S, setup.device))
-    report = mh.explain_dispatch(q, k, v, **call)
+    report = mh.which_backend(q, k, v, **call)
     for name, reason in report.reasons.items():
         if reason is not None or name == "reference":
             continue
@@ -350,19 +350,20 @@ def _lse_and_weights(rec: Recorder, setup: Setup) -> None:
     import torch
 
     import multihead as mh
+    from multihead.backends.reference import attention_ref
 
     B, H, G, T, S, D = (2, 4, 2, 30, 70, 16) if setup.tiny else (2, 8, 2, 300, 700, 64)
     q, k, v = _inputs(B, H, G, T, S, D, setup.dtype(), seed=3, device=setup.device)
     mask = _mask("padding", B, H, T, S, setup.device)
-    gold = mh.attention_with_lse(q.double(), k.double(), v.double(), attn_mask=mask, causal=True,
-                                 backend="reference").lse
-    probs = mh.attention_ref(q.double(), k.double(), v.double(), attn_mask=mask, causal=True).probs
+    gold = mh.attention(q.double(), k.double(), v.double(), attn_mask=mask, causal=True, backend="reference",
+                        return_lse=True).lse
+    probs = attention_ref(q.double(), k.double(), v.double(), attn_mask=mask, causal=True).probs
+    w = mh.attention_weights(q, k, v, attn_mask=mask, causal=True)  # its own pass, the same for every backend
     for name in ("triton", "chunked"):
         try:
-            out, lse = mh.attention_with_lse(q, k, v, attn_mask=mask, causal=True, backend=name)
+            out, lse = mh.attention(q, k, v, attn_mask=mask, causal=True, backend=name, return_lse=True)
             finite = torch.isfinite(gold)
             same_empty = bool(torch.equal(torch.isfinite(lse), finite))
-            w = mh.attention_weights(q, k, lse, attn_mask=mask, causal=True)
             rec.add("lse", {"backend": name, "lse_err": (lse[finite].double() - gold[finite]).abs().max().item(),
                             "empty_rows_agree": same_empty, "weights_err": (w.double() - probs).abs().max().item()})
         except Exception as exc:
@@ -421,7 +422,7 @@ def _int32_probe(rec: Recorder, setup: Setup) -> None:
     rows' output and dq against float64 (non-causal: each row depends on its own q row alone)."""
     import torch
 
-    import multihead as mh
+    from multihead.backends.reference import attention_ref
     from multihead.backends.triton import triton_attention
 
     B, H, T, D, S = TINY["probe"] if setup.tiny else PROBE
@@ -436,10 +437,10 @@ def _int32_probe(rec: Recorder, setup: Setup) -> None:
         (dq,) = torch.autograd.grad(out, (q,), grad)
         g_tail = grad[:, :, -last:]
         gold_q = q[:, :, -last:].detach().double().requires_grad_()
-        gold = mh.attention_ref(gold_q, k.double(), v.double()).out
+        gold = attention_ref(gold_q, k.double(), v.double()).out
         (gold_dq,) = torch.autograd.grad(gold, (gold_q,), g_tail.double())
         naive_q = q[:, :, -last:].detach().clone().requires_grad_()
-        naive = mh.attention_ref(naive_q, k, v, upcast=False).out
+        naive = attention_ref(naive_q, k, v, upcast=False).out
         (naive_dq,) = torch.autograd.grad(naive, (naive_q,), g_tail)
         err = (out[:, :, -last:].double() - gold).abs().max().item()
         naive_err = (naive.double() - gold).abs().max().item()
@@ -458,8 +459,8 @@ def _only_tiles(tiles: dict, width: int):
     from multihead.backends.triton import configs, kernel_modules
 
     saved = {kernel: list(configs.TILES[kernel][width]) for kernel in tiles}
-    compiled = kernel_modules(False)
-    tuners = (compiled.forward._fwd_launch, compiled.backward._dkdv_launch, compiled.backward._dq_launch)
+    kernels = kernel_modules()
+    tuners = (kernels.forward._fwd_launch, kernels.backward._dkdv_launch, kernels.backward._dq_launch)
     try:
         for kernel, tile in tiles.items():
             configs.TILES[kernel][width] = [tile]
@@ -518,7 +519,7 @@ def _best_tile() -> str | None:
     """The tile triton's forward autotuner picked last (None in the interpreter)."""
     from multihead.backends.triton import kernel_modules
 
-    best = getattr(kernel_modules(False).forward._fwd_launch, "best_config", None)
+    best = getattr(kernel_modules().forward._fwd_launch, "best_config", None)
     return None if best is None else f"{best.kwargs.get('BLOCK_M')}x{best.kwargs.get('BLOCK_N')} " \
                                      f"{best.num_warps}w {best.num_stages}s"
 
@@ -691,7 +692,7 @@ TITLES = {
     "ceilings": "Ceilings: copy bandwidth and a bf16 matmul, as measured here",
     "smoke": "Smoke: one small triton call per path, forward and backward",
     "correctness": "Correctness against float64 (ok: err <= 2 x naive + 1e-5 and grad/naive <= 3)",
-    "lse": "Logsumexp against float64, and weights read off it",
+    "lse": "Logsumexp against float64, and the weights (multihead.attention_weights)",
     "nan": "NaN in one value or key through the triton kernels (earlier rows may see a value as 0 · NaN)",
     "determinism": "Bitwise determinism over three runs",
     "probe": "The int32 probe: a strided q whose last rows sit past 2^31 elements (last rows vs float64)",

@@ -17,7 +17,7 @@ the device, the versions and the raw numbers:
    heads of 64, MLP 8192; 2 layers so that T=2048 fits): "sdpa" without
    weights; "eager" with every weight; "multihead" with every weight, from
    its one pass (the default, `weights_from="auto"`) and read off the
-   kernel's logsumexp (`weights_from="lse"`); and "multihead" with the
+   kernel's logsumexp (`weights_from="kernel"`); and "multihead" with the
    weights of one head of the last layer for the last query only
    (`multihead.hf.options(layers=[L-1], heads=[0], rows=-1)`). Time and the
    forward's peak extra memory (the CPU allocator's peak during the call
@@ -129,7 +129,7 @@ def _cost_candidates(model, batch) -> dict:
     return {"sdpa (no weights)": _run(_with(model, "sdpa"), batch, False),
             "eager, every weight": _run(_with(model, "eager"), batch, True),
             "multihead, every weight (one pass)": _run(_with(model, "multihead"), batch, True),
-            "multihead, every weight (logsumexp)": _run(_with(model, "multihead"), batch, True, weights_from="lse"),
+            "multihead, every weight (kernel)": _run(_with(model, "multihead"), batch, True, weights_from="kernel"),
             "multihead, 1 head of the last layer, last query": _run(
                 _with(model, "multihead"), batch, True, layers=[last], heads=[0], rows=-1)}
 

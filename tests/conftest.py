@@ -37,7 +37,9 @@ _import_triton_language_for_the_interpreter()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from multihead import attention_ref
+from multihead.backends.chunked import ChunkedBackend
+from multihead.backends.reference import attention_ref
+from multihead.core.call import AttentionOutput, make_call
 
 # docs/design.md (Testing), from flash-attention's tests: a backend's max-abs error
 # against the float64 reference is at most OUT_FACTOR (output) or GRAD_FACTOR
@@ -144,3 +146,45 @@ def write_random_gpt2(directory, texts, *, n_positions: int, **config):
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(gpt2_config).save_pretrained(directory)
     return tokenizer
+
+
+def chunked(q, k, v, *, block_q: int = 64, block_k: int = 128, **call) -> AttentionOutput:
+    """The chunked backend with chosen tile sizes: AttentionOutput(out, lse), through its own checked call."""
+    return ChunkedBackend(block_q=block_q, block_k=block_k).forward(make_call(q, k, v, **call), need_lse=True)
+
+
+def count_checks(monkeypatch) -> dict[str, int]:
+    """Counters on the argument checks and the cache's entries; returns the live counts.
+
+    inputs: the module's input check (`MultiHeadAttention._check_inputs`); latent: MLA's (`_check_call`);
+    make_call, check_mask: every binding of multihead.core.call's in a loaded multihead module (a module
+    that imported the name is counted too); plan: `LayerCache.plan` (the chunk checked against the
+    cache); update: its one write; decode: the module's unchecked step. Under torch.compile the counts
+    are side effects that dynamo replays on every run of a compiled graph: a traced check counts.
+    """
+    import sys
+
+    from multihead.core import call as call_module
+    from multihead.nn.cache import LayerCache
+    from multihead.nn.latent import MultiHeadLatentAttention
+    from multihead.nn.mha import MultiHeadAttention
+
+    counts = dict.fromkeys(("inputs", "latent", "make_call", "check_mask", "plan", "update", "decode"), 0)
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    for owner, attribute, name in ((MultiHeadAttention, "_check_inputs", "inputs"),
+                                   (MultiHeadLatentAttention, "_check_call", "latent"),
+                                   (LayerCache, "plan", "plan"), (LayerCache, "update", "update"),
+                                   (MultiHeadAttention, "decode", "decode")):
+        monkeypatch.setattr(owner, attribute, counted(name, getattr(owner, attribute)))
+    for name in ("make_call", "check_mask"):
+        real = getattr(call_module, name)
+        for module in list(sys.modules.values()):
+            if getattr(module, "__name__", "").startswith("multihead") and vars(module).get(name) is real:
+                monkeypatch.setattr(module, name, counted(name, real))
+    return counts

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import multihead as mh
-from multihead import attention_ref
+from multihead.backends.reference import attention_ref
 from multihead.distributed import ContextParallel, gather_sequence, ring_attention, shard_sequence, ulysses_attention
 
 METHODS = {"ring": ring_attention, "ulysses": ulysses_attention}
@@ -78,7 +78,8 @@ def _argument_errors() -> dict:
         "layout": dict(layout="zig"), "length": dict(length=8.0), "length ": dict(length=0),
         "length  ": dict(length=True), "group": dict(group="default"), "backend": dict(backend="nope"),
         "backend ": dict(backend=None), "scale": dict(scale=float("nan")), "scale ": dict(scale=float("inf")),
-        "causal": dict(causal=1), "key_mask": dict(key_mask=torch.ones(2, 4, dtype=torch.int64)),
+        "causal": dict(causal=1), "check": dict(check=1),
+        "key_mask": dict(key_mask=torch.ones(2, 4, dtype=torch.int64)),
         "key_mask ": dict(key_mask=torch.ones(2, 5, dtype=torch.bool)),
     }
     found = {}
@@ -302,9 +303,26 @@ def _models() -> dict:
     return found
 
 
+def one_rank_changes_its_call():
+    """The ranks agree on a call; then rank 1 flips causal while rank 0 repeats it: with check=True, and without.
+
+    On a group of its own, with a short timeout: the unchecked call is found only when that group times out."""
+    from datetime import timedelta
+
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=3))  # how long the unchecked call waits
+    q = shard_sequence(torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0)), dim=2)
+    agreed = attempt(lambda: ring_attention(q, q, q, causal=True, length=8, group=group).shape)
+    changed = dist.get_rank() == 0
+    checked = attempt(lambda: ring_attention(q, q, q, causal=changed, length=8, group=group, check=True).shape)
+    unchecked = attempt(lambda: ring_attention(q, q, q, causal=changed, length=8, group=group).shape)
+    return agreed, checked, unchecked
+
+
 def world_two() -> dict:
-    return {"arguments": _argument_errors(), "disagree": _disagreements(), "exact": _exactness(),
-            "gradients": _gradients(), "layouts": _layouts_and_gather(), "modules": _modules(), "models": _models()}
+    found = {"arguments": _argument_errors(), "disagree": _disagreements(), "exact": _exactness(),
+             "gradients": _gradients(), "layouts": _layouts_and_gather(), "modules": _modules(), "models": _models()}
+    found["changes its call"] = one_rank_changes_its_call()  # last: it breaks its own group (not the default one)
+    return found
 
 
 # -- world 3 and world 1 -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ the rule's yardstick. Each rank returns the measured errors; the tests assert.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from typing import NamedTuple
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import multihead
-from multihead import attention_ref
+from multihead.backends.reference import attention_ref
 from multihead.distributed import ContextParallel, gather_sequence, ring_attention, shard_sequence, ulysses_attention
 
 
@@ -160,6 +161,59 @@ def model_case(name: str, T: int) -> dict:
     logits = gather_sequence(part, dim=1, length=T)
     real = key_mask.unsqueeze(-1)
     return {"logits": _err(torch.where(real, logits, 0), torch.where(real, expected, 0))}
+
+
+# -- the agreement's toll: what each call sends -------------------------------------------------------
+
+
+COUNTED = ("all_gather", "all_gather_object", "batch_isend_irecv", "all_to_all_single")  # torch.distributed's
+HOST_READS = ("tolist", "item")  # Tensor methods that copy to the host (on a GPU: a sync)
+
+
+@contextlib.contextmanager
+def counting(counts: dict):
+    """Count, inside, each call of the collectives above and of the host reads (this process only)."""
+    patched = [(dist, name) for name in COUNTED] + [(torch.Tensor, name) for name in HOST_READS]
+    originals = [getattr(owner, name) for owner, name in patched]
+
+    def counted(name, f):
+        def wrapper(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return f(*args, **kwargs)
+        return wrapper
+
+    for (owner, name), f in zip(patched, originals):
+        setattr(owner, name, counted(name, f))
+    try:
+        yield counts
+    finally:
+        for (owner, name), f in zip(patched, originals):
+            setattr(owner, name, f)
+
+
+def collectives_counted() -> dict:
+    """The collectives and host reads of a sequence of calls, one count dict per call (every rank the same)."""
+    q, k, v = (shard_sequence(torch.randn(1, h, 11, 8, generator=torch.Generator().manual_seed(7)), dim=2)
+               for h in (4, 2, 2))  # (1, ·, 11, 8) -> (1, ·, 6, 8): this rank's part, one padding token
+    calls = {
+        "ring, first": lambda: ring_attention(q, k, v, causal=True, length=11),
+        "ring, again": lambda: ring_attention(q, k, v, causal=True, length=11),
+        "ring, check=True": lambda: ring_attention(q, k, v, causal=True, length=11, check=True),
+        "ring, causal flipped": lambda: ring_attention(q, k, v, causal=False, length=11),
+        "ring, flipped again": lambda: ring_attention(q, k, v, causal=False, length=11),
+        "ulysses, first": lambda: ulysses_attention(q, k, v, causal=True, length=11),
+        "ulysses, again": lambda: ulysses_attention(q, k, v, causal=True, length=11),
+        "ring, first again": lambda: ring_attention(q, k, v, causal=True, length=11),
+    }
+    found, outs = {}, {}
+    with torch.no_grad():  # forward only: the counts are the forward's
+        for name, call in calls.items():
+            with counting({}) as counts:
+                outs[name] = call()
+            found[name] = {key: n for key, n in counts.items() if n}
+    found["same output"] = all(torch.equal(outs["ring, first"], outs[name]) for name in
+                               ("ring, again", "ring, check=True", "ring, first again"))
+    return found
 
 
 # -- failures ------------------------------------------------------------------------------------

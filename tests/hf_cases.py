@@ -197,7 +197,7 @@ def compare_forward(case: Case) -> dict:
 
     Three runs of multihead: without weights (the plain kernel: the outputs), with every weight as the
     default gives them (multihead's one pass: "... with weights") and with the weights read off the kernel's
-    logsumexp (`options(weights_from="lse")`: "... from the logsumexp").
+    logsumexp (`options(weights_from="kernel")`: "... beside the kernel").
     """
     eager, ours = model_pair(case)
     golden_model = copy.deepcopy(eager).double()
@@ -206,8 +206,8 @@ def compare_forward(case: Case) -> dict:
         golden = _forward(case, golden_model, batch)
     naive = _forward(case, eager, batch)
     runs = {"": _forward(case, ours, batch, weights=False), " with weights": _forward(case, ours, batch)}
-    with multihead.hf.options(weights_from="lse"):
-        runs[" from the logsumexp"] = _forward(case, ours, batch)
+    with multihead.hf.options(weights_from="kernel"):
+        runs[" beside the kernel"] = _forward(case, ours, batch)
     found = {}
     for suffix, got in runs.items():
         for name in got:

@@ -16,8 +16,10 @@ import torch
 import multihead as mh
 from multihead import backends, masks
 from multihead.backends import triton as tb
-from multihead.call import make_call
+from multihead.core.call import make_call
 from conftest import ABS_SLACK, GRAD_FACTOR, OUT_FACTOR, make_qkv, max_err
+from multihead.backends.reference import attention_ref
+from multihead.core.call import Gradients
 
 WITH_BACKWARD = [name for name in backends.names() if hasattr(backends.get(name), "backward")]
 
@@ -46,7 +48,7 @@ def runnable(backend, call):
 def autograd_grads(q, k, v, grad_out, *, upcast, **call):
     """dq, dk, dv of attention_ref by autograd, computed in the inputs' dtype (or up-cast)."""
     inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out = mh.attention_ref(*inputs, upcast=upcast, **call).out
+    out = attention_ref(*inputs, upcast=upcast, **call).out
     return torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
 
 
@@ -198,15 +200,15 @@ def test_ring_blocks_add_up_to_the_full_gradient(backend, case):
              for s0, s1 in blocks]
     with torch.no_grad():
         out, lse = merge([backend.forward(call, need_lse=True) for call in calls])
-    golden_out = mh.attention_ref(q.double(), k.double(), v.double(), attn_mask=attn_mask, causal=causal).out
-    naive_out = mh.attention_ref(q, k, v, attn_mask=attn_mask, causal=causal, upcast=False).out
+    golden_out = attention_ref(q.double(), k.double(), v.double(), attn_mask=attn_mask, causal=causal).out
+    naive_out = attention_ref(q, k, v, attn_mask=attn_mask, causal=causal, upcast=False).out
     assert max_err(out, golden_out) <= OUT_FACTOR * max_err(naive_out, golden_out) + ABS_SLACK  # the merge is right
 
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
     parts = [backend.backward(call, grad_out, out, lse) for call in calls]
     for part, call in zip(parts, calls):
         assert_unseen_are_zero(part, call)  # rows with keys only in other blocks get exactly 0 here
-    got = mh.Gradients(sum(part.dq for part in parts),
+    got = Gradients(sum(part.dq for part in parts),
                        torch.cat([part.dk for part in parts], dim=2),  # (B, G, S, D)
                        torch.cat([part.dv for part in parts], dim=2))  # (B, G, S, Dv)
     assert_gradients_match(got, q, k, v, grad_out, attn_mask=attn_mask, causal=causal)
@@ -279,14 +281,14 @@ def test_sdpa_is_refused_by_name_and_explained():
     with pytest.raises(ValueError, match="backend='sdpa' cannot run this call: has no backward from a given logsumexp"):
         backends.dispatch(call, "sdpa", need_backward=True)
     with pytest.raises(ValueError, match="has no backward from a given logsumexp"):
-        backends.explain(call, "sdpa", need_backward=True)
-    report = backends.explain(call, need_backward=True)
+        backends.survey(call, "sdpa", need_backward=True)
+    report = backends.survey(call, need_backward=True)
     assert report.need_backward and report.chosen == "cpu_flash"
     assert report.reasons["sdpa"] == "has no backward from a given logsumexp"
     text = str(report)
     assert text.splitlines()[0] == "backend='auto' (backward from the logsumexp) -> cpu_flash"
     assert "sdpa       cannot: has no backward from a given logsumexp" in text
-    assert "(backward from the logsumexp)" not in str(backends.explain(call, need_lse=True))
+    assert "(backward from the logsumexp)" not in str(backends.survey(call, need_lse=True))
 
 
 def test_dropout_is_refused_by_every_backend():
@@ -330,7 +332,7 @@ def test_need_backward_asks_supports_for_the_lse():
     try:
         assert backends.dispatch(call).name == "no_lse"
         assert backends.dispatch(call, need_backward=True).name == "cpu_flash"
-        assert backends.explain(call, need_backward=True).reasons["no_lse"] == "gives no logsumexp"
+        assert backends.survey(call, need_backward=True).reasons["no_lse"] == "gives no logsumexp"
     finally:
         backends.unregister("no_lse")
 

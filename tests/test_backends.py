@@ -7,8 +7,9 @@ import torch
 
 import multihead as mh
 from multihead.backends.chunked import chunked_forward, dropout_keep_mask
-from multihead.call import make_call
-from conftest import assert_matches_reference, make_qkv, max_err
+from multihead.core.call import make_call
+from conftest import assert_matches_reference, chunked, make_qkv, max_err
+from multihead.backends.reference import attention_ref
 
 BACKENDS = ["reference", "sdpa", "chunked"]
 LENGTH_PAIRS = [(1, 17), (17, 1), (17, 113), (113, 17), (113, 1025), (1025, 113), (1, 1025), (113, 113)]
@@ -72,7 +73,7 @@ def test_chunked_block_sizes(block_q, block_k, T, S):
     mask = torch.rand(2, 1, T, S, generator=torch.Generator().manual_seed(block_k)) > 0.3
 
     def run(q, k, v, **call):
-        return mh.chunked_attention(q, k, v, block_q=block_q, block_k=block_k, **call).out
+        return chunked(q, k, v, block_q=block_q, block_k=block_k, **call).out
 
     assert_matches_reference(run, q, k, v, causal=True, attn_mask=mask)
 
@@ -81,7 +82,7 @@ def test_chunked_logsumexp_is_the_softmax_normaliser():
     q, k, v = make_qkv(2, 4, 2, 33, 47, 16, dtype=torch.float64, seed=5)
     mask = torch.rand(2, 4, 33, 47, generator=torch.Generator().manual_seed(0)) > 0.4
     mask[0, 1, 2] = False
-    out, lse = mh.chunked_attention(q, k, v, attn_mask=mask, causal=True, block_q=8, block_k=8)
+    out, lse = chunked(q, k, v, attn_mask=mask, causal=True, block_q=8, block_k=8)
     scores = (q @ mh.backends.reference.repeat_kv(k, 4).transpose(-2, -1)) / 4.0
     scores = scores.masked_fill(~(mask & mh.masks.causal_mask(33, 47)), float("-inf"))
     expected = torch.logsumexp(scores, dim=-1)
@@ -90,7 +91,7 @@ def test_chunked_logsumexp_is_the_softmax_normaliser():
     finite = torch.isfinite(expected)
     assert max_err(lse[finite], expected[finite]) < 1e-12
     # the weights from the lse are the reference's probabilities
-    probs = mh.attention_ref(q, k, v, attn_mask=mask, causal=True).probs
+    probs = attention_ref(q, k, v, attn_mask=mask, causal=True).probs
     assert max_err(torch.exp(scores - lse[..., None]).nan_to_num(0.0), probs) < 1e-12
 
 
@@ -104,7 +105,7 @@ def test_chunked_dropout_replays_the_reference(causal):
     keep = dropout_keep_mask(B, H, T, S, causal=causal, dropout_p=p, seed=seed, **blocks)
     drawn = mh.masks.causal_mask(T, S) if causal else torch.ones(T, S, dtype=torch.bool)
     assert 0.55 < keep[:, :, drawn].float().mean().item() < 0.85
-    ref = mh.attention_ref(q, k, v, causal=causal, scale=0.25, dropout_p=p, dropout_mask=keep).out
+    ref = attention_ref(q, k, v, causal=causal, scale=0.25, dropout_p=p, dropout_mask=keep).out
     assert max_err(out, ref) < 1e-12
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -149,8 +150,8 @@ def test_gradcheck_float64(backend):
 
     def f(q, k, v):
         if backend == "chunked":
-            return mh.chunked_attention(q, k, v, attn_mask=mask, causal=True, block_q=4, block_k=4).out
-        return mh.attention_ref(q, k, v, attn_mask=mask, causal=True).out
+            return chunked(q, k, v, attn_mask=mask, causal=True, block_q=4, block_k=4).out
+        return attention_ref(q, k, v, attn_mask=mask, causal=True).out
 
     assert torch.autograd.gradcheck(f, (q, k, v))
 

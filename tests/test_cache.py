@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from multihead import MultiHeadAttention
-from multihead.cache import CachedKV, DynamicCache, StaticCache, kv_bytes_per_token
+from multihead.nn.cache import CachedKV, DynamicCache, StaticCache, kv_bytes_per_token
 from conftest import max_err
 
 C, H, D = 24, 4, 6  # model width, query heads, head dim (C / H)

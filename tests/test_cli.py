@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multihead.cli import SENTENCE, main
+from multihead.tools.cli import SENTENCE, main
 
 DIFF = re.compile(r"loop vs batched module: max \|difference\| = ([0-9.]+e[+-]?\d+) \(tolerance 1e-12\): (\w+)")
 TOKENS = SENTENCE.split()
@@ -166,7 +166,7 @@ def console_script() -> str | None:
     return str(local) if local.exists() else shutil.which("multihead")
 
 
-@pytest.mark.parametrize("how", ["console-script", "python -m multihead.cli", "python -m multihead"])
+@pytest.mark.parametrize("how", ["console-script", "python -m multihead.tools.cli", "python -m multihead"])
 def test_the_command_runs_in_a_real_process(how):
     if how == "console-script":
         script = console_script()

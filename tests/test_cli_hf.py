@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from conftest import write_random_gpt2
-from multihead.cli import main
+from multihead.tools.cli import main
 
 transformers = pytest.importorskip("transformers", reason="the folders are built and checked with transformers")
 pytest.importorskip("matplotlib", reason="visualize draws PNGs too")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import write_random_gpt2
-from multihead.cli import main
+from multihead.tools.cli import main
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the random GPT-2 checkpoint")
 matplotlib_image = pytest.importorskip("matplotlib.image", reason="the pictures need matplotlib")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import multihead
-from multihead.cli import main
+from multihead.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "Hannibel saw the cat, and the cat saw Hannibel"  # MiniLM: [CLS] han ##ni ##bel saw the cat , and ...

@@ -418,24 +418,35 @@ def test_returns_torchs_pair():
 
 
 def test_attention_runs_on_multihead_not_on_torchs_mha(monkeypatch):
+    """One compat call: its arguments checked once at its edge, one typed call dispatched to a backend."""
+    import multihead.backends as backends
+    import multihead.core.call as call_module
+
     def refuse(*args, **kwargs):
         raise AssertionError("compat must not call torch's multi_head_attention_forward")
 
     monkeypatch.setattr(torch.nn.functional, "multi_head_attention_forward", refuse)
-    seen = []
-    import multihead.attend as attend_module
+    dispatched, rechecked = [], []
+    real_dispatch, real_check = backends.dispatch, call_module._check_tensors
 
-    real = attend_module.attend_call
+    def dispatch(call, *args, **kwargs):
+        dispatched.append(call)
+        return real_dispatch(call, *args, **kwargs)
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return real(*args, **kwargs)
+    def check_tensors(*args):  # make_call's first step: compat builds its call without make_call
+        rechecked.append(args)
+        return real_check(*args)
 
-    monkeypatch.setattr(attend_module, "attend_call", spy)
+    monkeypatch.setattr(backends, "dispatch", dispatch)
+    monkeypatch.setattr(call_module, "_check_tensors", check_tensors)
     m = MultiheadAttention(8, 2, batch_first=True)
     x = torch.randn(2, 5, 8)
-    m(x, x, x, need_weights=False)
-    assert len(seen) == 1
+    out, _ = m(x, x, x, need_weights=False, attn_mask=torch.zeros(5, 5, dtype=torch.bool))
+    assert len(dispatched) == 1 and rechecked == []
+    call = dispatched[0]
+    assert call.attn_mask.shape == (1, 1, 5, 5) and bool(call.attn_mask.all())  # torch's False = may attend
+    assert call.scale == 1 / 2.0 and type(call.scale) is float and call.dropout_p == 0.0  # 1/sqrt(D), D = 4
+    torch.testing.assert_close(out, m(x, x, x, need_weights=False)[0])
     with pytest.raises(AssertionError, match="must not call"):
         nn.MultiheadAttention(8, 2, batch_first=True)(x, x, x)  # the patch is live
 

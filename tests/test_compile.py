@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from multihead import MultiHeadAttention, compat
-from multihead.latent import MultiHeadLatentAttention, make_static_cache
-from multihead.rope import RotaryEmbedding
+from multihead.nn.latent import MultiHeadLatentAttention, make_static_cache
+from multihead.nn.rope import RotaryEmbedding
 from conftest import ABS_SLACK, GRAD_FACTOR, OUT_FACTOR, max_err
 
 COMPILE_BUDGET_S = 60.0  # on a 2-core CPU an inductor compile takes tens of seconds; beyond this, skip

@@ -15,8 +15,9 @@ import torch
 
 import multihead as mh
 from multihead import backends
-from multihead.call import AttentionCall, make_call
+from multihead.core.call import AttentionCall, make_call
 from conftest import ABS_SLACK, OUT_FACTOR, make_qkv, max_err
+from multihead.backends.reference import attention_ref
 
 SRC = Path(mh.__file__).parent
 LSE_BACKENDS = ["reference", "chunked", "cpu_flash"]
@@ -58,7 +59,7 @@ def test_attention_with_lse_on_every_backend(backend, case):
         call["attn_mask"] = mh.masks.key_mask_to_attn_mask(mh.masks.lengths_to_key_mask(torch.tensor([S, 0]), S))
     if case == "float_mask":
         call["attn_mask"] = torch.randn(1, H, T, S, generator=torch.Generator().manual_seed(1))
-    result = mh.attention_with_lse(q, k, v, backend=backend, **call)
+    result = mh.attention(q, k, v, backend=backend, **call, return_lse=True)
     assert isinstance(result, mh.AttentionOutput) and result.lse.shape == (B, H, T)
     assert result.lse.dtype == torch.float32
     golden_lse = _golden_lse(q, k, v, **call)
@@ -66,21 +67,21 @@ def test_attention_with_lse_on_every_backend(backend, case):
     assert torch.equal(torch.isfinite(result.lse), finite)
     assert (result.lse[~finite] == float("-inf")).all()
     assert max_err(result.lse[finite], golden_lse[finite]) < 1e-5
-    golden = mh.attention_ref(q.double(), k.double(), v.double(), **call).out
-    naive = mh.attention_ref(q, k, v, upcast=False, **call).out
+    golden = attention_ref(q.double(), k.double(), v.double(), **call).out
+    naive = attention_ref(q, k, v, upcast=False, **call).out
     _assert_rule(result.out, golden, naive, f"{backend} out")
 
 
 def test_sdpa_says_it_gives_no_lse_and_auto_moves_on():
     q, k, v = make_qkv(1, 2, 2, 5, 7, 8)
-    report = mh.explain_dispatch(q, k, v, need_lse=True)
+    report = mh.which_backend(q, k, v, return_lse=True)
     assert report.reasons["sdpa"] == "scaled_dot_product_attention returns no logsumexp"
     assert report.chosen == "cpu_flash" and "(with the logsumexp)" in str(report)
     with pytest.raises(ValueError, match="backend='sdpa' cannot run this call: scaled_dot_product_attention "
                                          "returns no logsumexp"):
-        mh.attention_with_lse(q, k, v, backend="sdpa")
+        mh.attention(q, k, v, backend="sdpa", return_lse=True)
     # without the lse, sdpa is the first choice
-    assert mh.explain_dispatch(q, k, v).chosen == "sdpa"
+    assert mh.which_backend(q, k, v).chosen == "sdpa"
 
 
 class _Counting:
@@ -106,7 +107,7 @@ def test_dispatch_stops_at_the_first_backend_that_supports_the_call():
         q, k, v = make_qkv(1, 2, 2, 5, 7, 8)
         mh.attention(q, k, v)
         assert (first.asked, second.asked) == (1, 0)  # the second is never asked
-        report = mh.explain_dispatch(q, k, v)  # explain asks every backend
+        report = mh.which_backend(q, k, v)  # explain asks every backend
         assert report.chosen == "first" and (first.asked, second.asked) == (2, 1)
         assert list(report.reasons)[:2] == ["first", "second"]
     finally:
@@ -123,7 +124,7 @@ def test_register_refuses_what_is_not_a_backend():
 # ---- the module honours backend= with need_weights
 
 
-@pytest.mark.parametrize("backend", ["chunked", "cpu_flash"])
+@pytest.mark.parametrize("backend", ["sdpa", "chunked", "cpu_flash"])
 def test_need_weights_output_comes_from_the_named_backend(backend, monkeypatch):
     torch.manual_seed(0)
     mha = mh.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, backend=backend).eval()
@@ -136,7 +137,7 @@ def test_need_weights_output_comes_from_the_named_backend(backend, monkeypatch):
                         real(self, call, need_lse=need_lse))
     with torch.no_grad():
         got = mha(x, need_weights=True)
-    assert ran == [(backend, True)]
+    assert ran == [(backend, False)]  # the weights need no logsumexp: any backend keeps its kernel
     eager = mh.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True).eval()
     eager.load_state_dict(mha.state_dict())
     want = eager(x.requires_grad_(), need_weights=True)  # the eager path, weights with a gradient
@@ -146,23 +147,16 @@ def test_need_weights_output_comes_from_the_named_backend(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_need_weights_with_auto_takes_the_eager_pass(backend, monkeypatch):
-    import multihead.attend as attend_module
+    import multihead.ops.run as run_module
 
     mha = mh.MultiHeadAttention(32, 4, causal=True, backend=backend).eval()
     calls = []
-    real = attend_module.attention_with_weights
-    monkeypatch.setattr(attend_module, "attention_with_weights", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(attend_module, "attention_and_weights", lambda *a, **kw: pytest.fail("not the eager pass"))
+    real = run_module.reference_call
+    monkeypatch.setattr(run_module, "reference_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(run_module, "weights_of", lambda *a, **kw: pytest.fail("not the eager pass"))
     with torch.no_grad():
         out = mha(torch.randn(2, 5, 32), need_weights=True)
     assert calls == [1] and torch.allclose(out.weights.sum(-1), torch.ones(2, 4, 5))
-
-
-def test_need_weights_with_a_backend_that_has_no_lse_says_so():
-    mha = mh.MultiHeadAttention(16, 2, backend="sdpa").eval()
-    with torch.no_grad(), pytest.raises(ValueError, match="backend='sdpa' cannot run this call: "
-                                                          "scaled_dot_product_attention returns no logsumexp"):
-        mha(torch.randn(1, 3, 16), need_weights=True)
 
 
 def test_latent_attention_goes_through_the_registry(monkeypatch):
@@ -176,7 +170,7 @@ def test_latent_attention_goes_through_the_registry(monkeypatch):
     with torch.no_grad():
         plain = mla(x)
         weighted = mla(x, need_weights=True)
-    assert ran == [False, True]
+    assert ran == [False, False]
     assert max_err(plain.output, weighted.output) < 1e-6
     assert torch.allclose(weighted.weights.sum(-1), torch.ones(2, 4, 6))
 
@@ -224,22 +218,46 @@ def test_no_module_imports_a_private_name_of_another():
     assert offences == []
 
 
-def test_backends_import_nothing_from_the_layers_above():
-    allowed = ("multihead.backends", "multihead.call", "multihead.masks", "multihead._checks")
-    offences = []
-    for path in (SRC / "backends").rglob("*.py"):
+# The layers, bottom up: a module may import from its own layer and the ones below (docs/design.md).
+LAYERS = ("core", "backends", "ops", "nn", "integrations", "models", "tools")
+
+
+def _layer(module: str) -> int | None:
+    """The layer of a dotted module name under multihead (None for the package root)."""
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_import_points_down_the_layers():
+    offences, seen = [], 0
+    for path in SRC.rglob("*.py"):
+        own = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
+        if _layer(own) is None:
+            continue  # the package root (__init__, __main__) re-exports
         for module, names in _imports(path):
-            if module.startswith("multihead") and not module.startswith(allowed):
-                offences.append(f"{path.relative_to(SRC)} imports {names} from {module}")
-    assert offences == []
+            if not module.startswith("multihead"):
+                continue
+            seen += 1
+            if module == "multihead" and names == ["__version__"]:
+                continue  # the package's version, for the CLI's --version
+            if _layer(module) is None or _layer(module) > _layer(own):
+                offences.append(f"{path.relative_to(SRC)} imports {names or module} from {module}")
+    assert seen > 100 and offences == []
+
+
+def test_the_root_holds_only_the_package_and_the_layer_folders():
+    files = sorted(p.name for p in SRC.glob("*.py"))
+    folders = sorted(p.name for p in SRC.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert files == ["__init__.py", "__main__.py"] and folders == sorted(LAYERS)
 
 
 def test_the_import_walk_reads_real_imports():
-    """The walk above must find a private import where one exists (so it cannot pass by reading nothing)."""
+    """The walks above must find the imports that exist (so they cannot pass by reading nothing)."""
     found = list(_imports(SRC / "backends" / "triton" / "__init__.py"))
-    assert ("multihead.call", ["AttentionCall", "AttentionOutput", "make_call"]) in found
-    assert ("multihead.backends", []) in list(_imports(SRC / "functional.py"))
-    assert ("multihead.masks", []) in list(_imports(SRC / "backends" / "reference.py"))
+    assert any(module == "multihead.core.call" and "AttentionCall" in names for module, names in found)
+    assert ("multihead.backends", []) in list(_imports(SRC / "ops" / "functional.py"))
+    assert ("multihead.core.masks", []) in list(_imports(SRC / "backends" / "reference.py"))
+    assert _layer("multihead.tools.viz.html") == 6 and _layer("multihead.core.call") == 0
 
 
 # ---- the typed call
@@ -254,19 +272,48 @@ def test_make_call_builds_one_typed_call():
         call.causal = False  # frozen
 
 
-def test_lazy_subpackages_are_attributes():
+def test_short_names_are_the_layer_modules_themselves():
+    """`import multihead.hf`, `from multihead.generate import generate`, `multihead.viz`: one module, two names,
+    imported on first use; the optional extras stay unloaded until then."""
     import importlib
     import subprocess
     import sys
 
     code = ("import sys, multihead; assert 'multihead.viz' not in sys.modules; "
+            "assert 'multihead.tools.viz' not in sys.modules; "
             "multihead.viz; multihead.models; multihead.compat; multihead.explain; multihead.generate; "
-            "assert 'multihead.viz' in sys.modules; print('ok')")
+            "import multihead.hf.options as o; from multihead.generate import generate; "
+            "from multihead.distributed.local import run_local; "
+            "assert o is sys.modules['multihead.integrations.hf.options'] and o.__spec__.name == o.__name__; "
+            "assert multihead.viz is sys.modules['multihead.tools.viz']; "
+            "assert generate.__module__ == 'multihead.models.generate'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
-    assert mh.compat is importlib.import_module("multihead.compat")
+    assert mh.compat is importlib.import_module("multihead.compat") is importlib.import_module("multihead.nn.compat")
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         mh.nothing
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("multihead.nothing")
+
+
+def test_the_public_api_is_small_and_each_name_is_there():
+    assert len(mh.__all__) <= 16 and len(set(mh.__all__)) == len(mh.__all__)
+    for name in mh.__all__:
+        assert getattr(mh, name) is not None
+    for gone in ("attention_with_lse", "attention_with_weights", "attention_and_weights", "chunked_attention",
+                 "attention_ref", "explain_dispatch", "make_call"):
+        assert not hasattr(mh, gone), gone
+
+
+def test_return_lse_gives_a_typed_pair_and_checks_its_flag():
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 8)
+    plain = mh.attention(q, k, v, causal=True)
+    both = mh.attention(q, k, v, causal=True, return_lse=True)
+    assert isinstance(plain, torch.Tensor) and isinstance(both, mh.AttentionOutput)
+    assert torch.equal(both.out, mh.attention(q, k, v, causal=True, backend=mh.which_backend(
+        q, k, v, causal=True, return_lse=True).chosen))
+    with pytest.raises(TypeError, match="return_lse must be a bool, got str 'yes'"):
+        mh.attention(q, k, v, return_lse="yes")
 
 
 def test_no_function_is_longer_than_sixty_lines():

@@ -14,8 +14,9 @@ import torch
 
 import multihead as mh
 from multihead import MultiHeadAttention, MultiHeadLatentAttention
-from multihead.cache import DynamicCache, StaticCache
+from multihead.nn.cache import DynamicCache, StaticCache
 from conftest import make_qkv, max_err
+from multihead.backends.reference import attention_ref
 
 BACKENDS = ["reference", "chunked", "sdpa"]
 
@@ -101,7 +102,7 @@ def test_a_refused_latent_call_leaves_its_cache_as_it_was():
 def test_zero_and_negative_scales_are_computed_on_every_backend(backend, scale):
     q, k, v = make_qkv(2, 4, 2, 9, 9, 8, seed=1)
     out = mh.attention(q, k, v, causal=True, scale=scale, backend=backend)
-    golden = mh.attention_ref(q.double(), k.double(), v.double(), causal=True, scale=scale).out
+    golden = attention_ref(q.double(), k.double(), v.double(), causal=True, scale=scale).out
     assert torch.isfinite(out).all() and max_err(out, golden) < 1e-5
 
 
@@ -116,32 +117,28 @@ def test_a_scale_that_overflows_is_refused(backend):
 
 
 def test_weights_on_demand_with_a_strided_last_dim():
-    from multihead.weights import attention_and_weights
-
     q = torch.randn(1, 2, 5, 16)[..., ::2]  # (1, 2, 5, 8) with stride 2 in the last dim
     k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
-    got = attention_and_weights(q, k, v)
-    want = mh.attention_ref(q.double(), k.double(), v.double())
-    assert max_err(got.out, want.out) < 1e-5 and max_err(got.weights, want.probs) < 1e-5
-    assert torch.allclose(got.weights.sum(-1), torch.ones(1, 2, 5))
+    out, weights = mh.attention(q, k, v, backend="cpu_flash"), mh.attention_weights(q, k, v)
+    want = attention_ref(q.double(), k.double(), v.double())
+    assert max_err(out, want.out) < 1e-5 and max_err(weights, want.probs) < 1e-5
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 5))
 
 
 # ---- huge finite biases
 
 
-def test_weights_off_the_lse_with_a_huge_finite_bias_on_every_key_equal_the_softmax():
+def test_weights_with_a_huge_finite_bias_on_every_key_equal_the_softmax():
     """Hugging Face masks with finfo.min: a row whose every key carries it must still sum to 1."""
-    from multihead.weights import attention_and_weights, attention_stats
-
     q, k, v = make_qkv(1, 2, 2, 4, 5, 8, seed=2)
     mask = torch.zeros(1, 1, 4, 5)
     mask[..., 0, :] = torch.finfo(torch.float32).min  # row 0: every key carries the bias
     mask[..., 1, 2:] = torch.finfo(torch.float32).min  # row 1: some keys do
-    got = attention_and_weights(q, k, v, attn_mask=mask)
+    weights = mh.attention_weights(q, k, v, attn_mask=mask)
     eager = torch.softmax((q @ k.transpose(-2, -1)) / 8 ** 0.5 + mask, dim=-1)  # as transformers computes them
-    assert torch.allclose(got.weights.sum(-1), torch.ones(1, 2, 4))
-    assert max_err(got.weights, eager) < 1e-5
-    stats = attention_stats(q, k, got.lse, attn_mask=mask, top_k=5)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 4))
+    assert max_err(weights, eager) < 1e-5
+    stats = mh.attention_stats(q, k, v, attn_mask=mask, top_k=5)
     entropy = -(eager * eager.clamp_min(1e-30).log()).sum(-1)
     assert max_err(stats.entropy, entropy) < 1e-5
     assert max_err(stats.column_sums, eager.sum(2)) < 1e-5
@@ -164,9 +161,9 @@ def test_a_finite_bias_stays_finite_in_half_precision(backend):
 
 def test_sdpa_refuses_a_float_mask_of_another_dtype_and_says_why():
     q, k, v = make_qkv(1, 2, 2, 3, 4, 8, dtype=torch.float16)
-    report = mh.explain_dispatch(q, k, v, attn_mask=torch.zeros(3, 4))
+    report = mh.which_backend(q, k, v, attn_mask=torch.zeros(3, 4))
     assert "cast the mask to q's dtype" in report.reasons["sdpa"] and report.chosen == "chunked"
-    assert mh.explain_dispatch(q, k, v, attn_mask=torch.zeros(3, 4, dtype=torch.float16)).chosen == "sdpa"
+    assert mh.which_backend(q, k, v, attn_mask=torch.zeros(3, 4, dtype=torch.float16)).chosen == "sdpa"
 
 
 # ---- TorchScript and nested tensors
@@ -262,15 +259,16 @@ def test_chunk_lengths_of_the_wrong_kind_say_so():
 
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_a_call_the_backend_refuses_after_the_write_leaves_the_cache_as_it_was(kind):
-    """sdpa gives no logsumexp: need_weights under no_grad is refused only once the chunk is in the cache."""
+    """cpu_flash takes no dropout: a training call is refused, and the cache it would have written is untouched."""
     torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 4, causal=True, backend="sdpa").eval()
+    mha = MultiHeadAttention(16, 4, causal=True, dropout=0.5, backend="cpu_flash").eval()
     cache = DynamicCache(1) if kind == "dynamic" else StaticCache(1, 1, 8, 4, 4)
     with torch.no_grad():
         mha(torch.randn(1, 2, 16), cache=cache[0])
         before = _snapshot(cache[0])
-        with pytest.raises(ValueError, match="backend='sdpa' cannot run this call"):
-            mha(torch.full((1, 1, 16), float("nan")), cache=cache[0], need_weights=True)
+        mha.train()
+        with pytest.raises(ValueError, match="backend='cpu_flash' cannot run this call"):
+            mha(torch.full((1, 1, 16), float("nan")), cache=cache[0])
     assert _same(_snapshot(cache[0]), before)  # lengths and every slot, the overwritten ones included
 
 
@@ -299,16 +297,6 @@ def test_module_inputs_of_another_dtype_or_batch_say_so():
     assert cache[0].lengths.tolist() == [3, 3]
 
 
-def test_dropout_mask_must_be_a_bool_keep_mask_that_fits():
-    q, k, v = make_qkv(1, 2, 2, 3, 5, 4)
-    with pytest.raises(ValueError, match="dropout_mask was given with dropout_p=0.0"):
-        mh.attention_with_weights(q, k, v, dropout_mask=torch.zeros(3, 5, dtype=torch.bool))
-    with pytest.raises(TypeError, match="dropout_mask must be a bool tensor"):
-        mh.attention_with_weights(q, k, v, dropout_p=0.5, dropout_mask=torch.full((3, 5), 0.3))
-    with pytest.raises(ValueError, match=r"dropout_mask of shape \(4, 5\) does not broadcast"):
-        mh.attention_with_weights(q, k, v, dropout_p=0.5, dropout_mask=torch.ones(4, 5, dtype=torch.bool))
-
-
 def test_rotate_checks_its_positions_against_x():
     rope = mh.RotaryEmbedding(4)
     x = torch.randn(1, 2, 5, 4)
@@ -322,10 +310,10 @@ def test_rotate_checks_its_positions_against_x():
 
 def test_small_argument_holes():
     q, k, v = make_qkv(1, 2, 2, 3, 5, 4)
-    with pytest.raises(TypeError, match="need_lse must be a bool"):
-        mh.explain_dispatch(q, k, v, need_lse="no")
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        mh.which_backend(q, k, v, return_lse="no")
     q0, k0, v0 = torch.zeros(1, 1, 2, 0), torch.zeros(1, 1, 3, 0), torch.randn(1, 1, 3, 2)  # D = 0: every score 0
-    assert torch.allclose(mh.attention_ref(q0, k0, v0).out, v0.mean(dim=2, keepdim=True).expand(1, 1, 2, 2))
+    assert torch.allclose(attention_ref(q0, k0, v0).out, v0.mean(dim=2, keepdim=True).expand(1, 1, 2, 2))
     with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"):
         mh.attention(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn))
 

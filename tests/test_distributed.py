@@ -49,7 +49,8 @@ def everything(N: int) -> dict:
     """What one rank of a world-size-N job runs (top level, so spawned processes can import it)."""
     import torch.distributed as dist
 
-    results = {"attention": cases.attention_cases(_cases(N))}
+    results = {"toll": cases.collectives_counted() if N == 2 else None}  # first: before any other agreement
+    results["attention"] = cases.attention_cases(_cases(N))
     results["module"] = {f"{m}-{layout}": cases.module_case(m, layout, 4 * N + 3) for m, layout in MODULE_CASES[N]}
     if N == 2:
         results["model"] = {name: cases.model_case(name, 13) for name in ("gpt2", "llama")}
@@ -116,6 +117,20 @@ def test_a_rank_that_refuses_makes_every_rank_raise_naming_it(method):
 def test_ranks_that_disagree_all_raise_naming_the_argument():
     for r in job(3):
         assert "causal: rank 0 True, rank 1 False, rank 2 False" in r["disagree"], r["disagree"]
+
+
+AGREE = {"all_gather": 1, "tolist": 1}  # the agreement: one all_gather of a small row, one host read
+RING, ULYSSES = {"batch_isend_irecv": 1}, {"all_to_all_single": 4}  # N = 2: one hop; q, k, v and out
+
+
+def test_ranks_agree_once_per_signature_and_then_send_only_their_blocks():
+    expected = {"ring, first": AGREE | RING, "ring, again": RING, "ring, check=True": AGREE | RING,
+                "ring, causal flipped": AGREE | RING, "ring, flipped again": RING,
+                "ulysses, first": AGREE | ULYSSES, "ulysses, again": ULYSSES,
+                "ring, first again": AGREE | RING}  # the group remembers only the signature it agreed on last
+    for r in job(2):
+        assert {name: r["toll"][name] for name in expected} == expected, r["toll"]
+        assert r["toll"]["same output"] is True
 
 
 def test_a_rank_that_raises_fails_the_job_within_bounded_time():

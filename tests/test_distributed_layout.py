@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import ABS_SLACK, OUT_FACTOR, make_qkv, max_err
-from multihead import attention_ref, attention_with_lse
+from multihead import attention
+from multihead.backends.reference import attention_ref
 from multihead.distributed import ContextParallel
 from multihead.distributed.layout import assemble, make_sharding, pad, part_of
 from multihead.distributed.ring import block_for, merge
@@ -89,7 +90,7 @@ def test_merge_of_key_blocks_is_attention_over_all_keys(dtype):
     out = torch.zeros(2, 4, 9, 6, dtype=acc)
     lse = torch.full((2, 4, 9), float("-inf"), dtype=acc)
     for s0, s1 in ((0, 7), (7, 15), (15, 21)):
-        part = attention_with_lse(q, k[:, :, s0:s1], v[:, :, s0:s1], attn_mask=mask[..., s0:s1])
+        part = attention(q, k[:, :, s0:s1], v[:, :, s0:s1], attn_mask=mask[..., s0:s1], return_lse=True)
         out, lse = merge(out, lse, part.out, part.lse)
     golden = attention_ref(q.double(), k.double(), v.double(), attn_mask=mask).out
     naive = attention_ref(q, k, v, attn_mask=mask, upcast=False).out
@@ -107,3 +108,5 @@ def test_context_parallel_checks_its_fields():
         ContextParallel(length=8.0)
     with pytest.raises(ValueError, match="length must be >= 1"):
         ContextParallel(length=0)
+    with pytest.raises(TypeError, match="check must be a bool"):
+        ContextParallel(length=8, check="yes")

@@ -17,7 +17,7 @@ from multihead.explain import (
     projections_from_arrays,
     projections_from_module,
 )
-from multihead.rope import RotaryEmbedding, apply_rotary
+from multihead.nn.rope import RotaryEmbedding, apply_rotary
 
 TOL = 1e-12
 

@@ -7,7 +7,11 @@ import torch
 
 import multihead as mh
 from multihead import backends
-from conftest import make_qkv, max_err
+from multihead.backends.chunked import ChunkedBackend
+from conftest import chunked, make_qkv, max_err
+from multihead.backends.reference import attention_ref
+from multihead.core.call import make_call
+from multihead.ops.run import run
 
 
 def qkv(**kw):
@@ -105,12 +109,11 @@ def test_named_backend_that_cannot_run_the_call_says_why():
     assert learnable_bias.grad is not None and learnable_bias.grad.abs().sum() > 0
 
 
-def test_chunked_attention_checks_its_block_sizes():
-    q, k, v = qkv()
+def test_the_chunked_backend_checks_its_block_sizes():
     with pytest.raises(ValueError, match="block_k must be positive, got 0"):
-        mh.chunked_attention(q, k, v, block_k=0)
+        ChunkedBackend(block_k=0)
     with pytest.raises(TypeError, match="block_q must be an int, got float 2.0"):
-        mh.chunked_attention(q, k, v, block_q=2.0)
+        ChunkedBackend(block_q=2.0)
 
 
 # ---- dispatch
@@ -118,14 +121,14 @@ def test_chunked_attention_checks_its_block_sizes():
 
 def test_auto_picks_the_fastest_supporting_backend_and_explains_the_rest():
     q, k, v = qkv()
-    report = mh.explain_dispatch(q, k, v, causal=True)
+    report = mh.which_backend(q, k, v, causal=True)
     assert report.chosen == "sdpa" and report.requested == "auto"
     assert list(report.reasons) == ["sdpa", "triton", "cpu_flash", "chunked", "reference"]
     assert report.reasons["triton"] is not None  # a CPU tensor: triton runs here only in its interpreter
     text = str(report)
     assert "sdpa       runs" in text and "chunked    supports the call, but sdpa comes first" in text
 
-    report = mh.explain_dispatch(q, k, v, backend="chunked")
+    report = mh.which_backend(q, k, v, backend="chunked")
     assert report.chosen == "chunked" and "was not requested" in str(report)
 
 
@@ -147,8 +150,8 @@ def test_auto_skips_a_backend_that_refuses_and_says_why():
     backends.register(_Picky())
     try:
         q, k, v = qkv()
-        assert mh.explain_dispatch(q, k, v).chosen == "picky"
-        report = mh.explain_dispatch(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool))
+        assert mh.which_backend(q, k, v).chosen == "picky"
+        report = mh.which_backend(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool))
         assert report.chosen == "sdpa"
         assert report.reasons["picky"] == "masks are not implemented"
         assert "picky      cannot: masks are not implemented" in str(report)
@@ -159,7 +162,7 @@ def test_auto_skips_a_backend_that_refuses_and_says_why():
 
 def test_zero_length_goes_to_a_backend_that_handles_it():
     q, k, v = make_qkv(1, 2, 2, 3, 0, 4)
-    report = mh.explain_dispatch(q, k, v)
+    report = mh.which_backend(q, k, v)
     assert report.chosen == "chunked"
     assert "zero-length" in report.reasons["sdpa"]
 
@@ -167,7 +170,7 @@ def test_zero_length_goes_to_a_backend_that_handles_it():
 def test_backends_agree_on_a_typical_call():
     q, k, v = qkv()
     mask = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.3
-    able = [name for name, reason in mh.explain_dispatch(q, k, v, attn_mask=mask, causal=True).reasons.items()
+    able = [name for name, reason in mh.which_backend(q, k, v, attn_mask=mask, causal=True).reasons.items()
             if reason is None]
     assert {"sdpa", "chunked", "reference"} <= set(able)
     outs = [mh.attention(q, k, v, attn_mask=mask, causal=True, backend=b) for b in able]
@@ -181,7 +184,7 @@ def test_backends_agree_on_a_typical_call():
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
-def test_attention_with_weights_equals_the_reference(grad, dtype, masked):
+def test_the_eager_pass_with_weights_equals_the_reference(grad, dtype, masked):
     q, k, v = make_qkv(2, 6, 2, 11, 13, 8, dtype=dtype, seed=4, requires_grad=grad)
     mask = None
     if masked:  # a float mask with -inf entries and one fully blocked row: weights 0, output 0
@@ -189,8 +192,8 @@ def test_attention_with_weights_equals_the_reference(grad, dtype, masked):
         keep[1, 0, 3] = False
         mask = torch.zeros(2, 1, 11, 13).masked_fill(~keep, float("-inf"))
     with torch.set_grad_enabled(grad):
-        out, weights = mh.attention_with_weights(q, k, v, attn_mask=mask, causal=True)
-    ref_out, ref_probs = mh.attention_ref(q.double(), k.double(), v.double(), attn_mask=mask, causal=True)
+        out, _, weights = run(make_call(q, k, v, attn_mask=mask, causal=True), need_weights=True)
+    ref_out, ref_probs = attention_ref(q.double(), k.double(), v.double(), attn_mask=mask, causal=True)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert weights.dtype == dtype and weights.shape == (2, 6, 11, 13)
     assert max_err(weights, ref_probs) < tol and max_err(out, ref_out) < tol
@@ -199,6 +202,6 @@ def test_attention_with_weights_equals_the_reference(grad, dtype, masked):
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
         ref_grads = torch.autograd.grad(
-            mh.attention_ref(*ref_in, attn_mask=mask, causal=True).out.sum(), ref_in)
+            attention_ref(*ref_in, attn_mask=mask, causal=True).out.sum(), ref_in)
         for g, r in zip(grads, ref_grads):
             assert torch.isfinite(g).all() and max_err(g, r) < 10 * tol

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import max_err, write_random_gpt2
-from multihead.cli import main
+from multihead.tools.cli import main
 from multihead.generate import GenerateOutput, NewTokens, generate, stream
 from multihead.models.gpt2 import load_gpt2
 from multihead.models.llama import load_llama

@@ -2,7 +2,8 @@
 
 - One decode step with a StaticCache (the prompt's chunk and single tokens)
   traces with 0 graph breaks (`torch._dynamo.explain`), through the checked
-  `forward` and the lean `decode_step`.
+  `forward` (each layer's call checked once) and the lean `decode_step`
+  (no argument check at all, counted inside the compiled graph).
 - Compiled (fullgraph=True, dynamic=False) it gives the eager outputs and,
   after the expected compiles, is replayed without recompiling as the cache
   fills (`error_on_recompile`).
@@ -85,8 +86,11 @@ def lean_step(model, chunk, cache):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("step", [checked_step, lean_step], ids=["forward", "decode_step"])
-def test_prefill_and_single_token_steps_trace_without_graph_breaks(kind, step):
+def test_prefill_and_single_token_steps_trace_without_graph_breaks(kind, step, monkeypatch):
+    from conftest import count_checks
+
     model = make_model(kind)
+    L = model.config.num_layers
     cache = model.make_cache(batch_size=2, max_length=16, static=True)
     with torch.no_grad():
         if step is lean_step:  # decode_step continues a cache that the checked forward started
@@ -94,10 +98,17 @@ def test_prefill_and_single_token_steps_trace_without_graph_breaks(kind, step):
             chunks = [ids(2, 3, seed=1), ids(2, 1, seed=2)]
         else:
             chunks = [ids(2, 5), ids(2, 1, seed=2)]
+        counts = count_checks(monkeypatch)
         for chunk in chunks:  # a prompt-sized chunk, then one token
+            counts.update(dict.fromkeys(counts, 0))
             report = torch._dynamo.explain(step)(model, chunk, cache)
             assert report.graph_break_count == 0, [b.reason for b in report.break_reasons]
             assert report.graph_count == 1
+            # dynamo replays the counters' side effects on each run of the graph: the traced checked forward
+            # checks each layer's call once; the compiled decode step runs no check, only each module's step
+            checked = 0 if step is lean_step else L
+            assert counts == dict(inputs=checked, latent=0, make_call=0, check_mask=checked, plan=checked,
+                                  update=L, decode=L - checked), counts
     assert cache.lengths.tolist() == ([9, 9] if step is lean_step else [6, 6])
 
 

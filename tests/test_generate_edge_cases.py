@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multihead.cli import main
+from multihead.tools.cli import main
 from multihead.generate import _choose, _check_settings, generate, stream
 from multihead.models.gpt2 import GPT2, GPT2Config
 from multihead.models.llama import Llama, LlamaConfig

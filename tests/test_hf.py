@@ -23,6 +23,7 @@ import multihead as mh
 import multihead.hf as mhf
 import hf_cases as H
 from conftest import ABS_SLACK, GRAD_FACTOR, OUT_FACTOR, max_err
+from multihead.core.call import make_call
 
 
 def _module(model_type="llama", layer_idx=0, is_causal=True, groups=1):
@@ -110,7 +111,7 @@ def test_every_attention_call_goes_through_the_registry(monkeypatch):
     ran.clear()
     with torch.no_grad(), mhf.options(heads=[1]):
         out = ours(**batch, output_attentions=True)
-    assert ran == [("cpu_flash", True)] * 2  # weights of one head: read off the kernel's logsumexp
+    assert ran == [("sdpa", False)] * 2  # weights of one head: the kernel keeps the output, the head apart
     assert [a.shape for a in out.attentions] == [(H.B, 1, H.T, H.T)] * 2
     ran.clear()
     with torch.no_grad(), mhf.options(backend="chunked"):
@@ -118,14 +119,13 @@ def test_every_attention_call_goes_through_the_registry(monkeypatch):
     assert ran == [("chunked", False)] * 2
 
 
-def test_explain_says_which_backend_runs_and_why():
+def test_which_backend_says_which_backend_runs_and_why():
     module = _module()
     q, k, v = (torch.randn(1, 4, 6, 8) for _ in range(3))
-    report = mhf.explain(module, q, k, v, None, scaling=0.3)
+    report = mhf.which_backend(module, q, k, v, None, scaling=0.3)
     assert report.chosen == "sdpa" and "sdpa       runs" in str(report)
-    assert mhf.explain(module, q, k, v, None, need_lse=True).chosen == "cpu_flash"
     with mhf.options(backend="reference"):
-        assert mhf.explain(module, q, k, v, None).chosen == "reference"
+        assert mhf.which_backend(module, q, k, v, None).chosen == "reference"
 
 
 # ---- what transformers' arguments mean
@@ -161,8 +161,8 @@ def test_grouped_query_keys_are_not_repeated(monkeypatch):
     q = torch.randn(1, 6, 5, 8, generator=gen)  # 6 query heads
     k, v = (torch.randn(1, 2, 5, 8, generator=gen) for _ in range(2))  # 2 key/value heads
     calls = []
-    real = mh.make_call
-    monkeypatch.setattr("multihead.functional.make_call", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    real = make_call
+    monkeypatch.setattr("multihead.hf.attention.make_call", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
     result = _against_sdpa(mhf.multihead_attention, q, k, v, None, module=_module(groups=3))
     assert result.err <= result.bound, result
     assert calls == [(1, 2, 5, 8)]  # k reaches multihead with its 2 heads
@@ -186,7 +186,7 @@ def test_a_window_with_no_mask_is_the_mask_transformers_would_build():
     call = mhf.translate(module, q, k, v, None, sliding_window=3)
     want = sdpa_mask(batch_size=1, q_length=7, kv_length=7, mask_function=sliding_window_causal_mask_function(3),
                      allow_is_causal_skip=False)
-    assert call.causal is False and torch.equal(call.attn_mask, want[0, 0])
+    assert call.causal is False and torch.equal(call.attn_mask[0, 0], want[0, 0])  # (1, 1, T, S) once checked
     assert mhf.translate(module, q, k, v, None, sliding_window=7).attn_mask is None  # the window does not bite
     with pytest.raises(ValueError, match="bidirectional sliding window"):
         mhf.translate(_module(is_causal=False), q, k, v, None, sliding_window=3)
@@ -279,7 +279,7 @@ def _assert_weights_rule(got, want64, want32):
     assert err <= OUT_FACTOR * naive + ABS_SLACK, (err, naive)
 
 
-@pytest.mark.parametrize("weights_from", ["lse", "one_pass", "auto"])
+@pytest.mark.parametrize("weights_from", ["kernel", "one_pass", "auto"])
 def test_chosen_layers_heads_and_rows_equal_eagers(weights_from, monkeypatch):
     eager, ours, batch = _llama()
     want64, want32 = _golden_attentions(eager, batch)
@@ -289,13 +289,13 @@ def test_chosen_layers_heads_and_rows_equal_eagers(weights_from, monkeypatch):
     assert [a.shape for a in got] == [(H.B, 0, 2, H.T), (H.B, 2, 2, H.T)]  # layer 0: empty, index kept
     pick = lambda w: w[:, [0, 3]][:, :, [-1, 4]]  # noqa: E731
     _assert_weights_rule(got[1], pick(want64[1]), pick(want32[1]))
-    # layer 0 needs no weights: the plain kernel; layer 1 reads them off the kernel's logsumexp, or takes the
-    # one pass (multihead's eager formula, which runs no registered backend)
-    assert ran == {"lse": [("sdpa", False), ("cpu_flash", True)], "auto": [("sdpa", False), ("cpu_flash", True)],
+    # layer 0 needs no weights: the plain kernel; layer 1 keeps the kernel for its output and computes the
+    # chosen rows' weights apart, or takes the one pass (multihead's eager formula, which runs no backend)
+    assert ran == {"kernel": [("sdpa", False)] * 2, "auto": [("sdpa", False)] * 2,
                    "one_pass": [("sdpa", False)]}[weights_from]
 
 
-@pytest.mark.parametrize("weights_from", ["lse", "one_pass"])
+@pytest.mark.parametrize("weights_from", ["kernel", "one_pass"])
 def test_every_weight_from_either_source_equals_eagers(weights_from):
     eager, ours, batch = _llama()
     want64, want32 = _golden_attentions(eager, batch)
@@ -380,9 +380,9 @@ def test_dropout_reaches_multihead_in_training_only(monkeypatch):
         block.attn.attn_dropout.p = 0.25
     model.set_attn_implementation("multihead")
     seen = []
-    real = mh.functional.attention
-    monkeypatch.setattr("multihead.hf.attention.attention", lambda *a, **kw: seen.append(kw["dropout_p"]) or
-                        real(*a, **kw))
+    real = mh.ops.run.run
+    monkeypatch.setattr("multihead.hf.attention.run", lambda call, *a, **kw: seen.append(call.dropout_p) or
+                        real(call, *a, **kw))
     ids = torch.randint(1, H.VOCAB, (1, 6))
     model.train()
     model(ids)

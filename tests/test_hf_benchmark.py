@@ -52,7 +52,7 @@ def test_architecture_table_is_written_from_the_comparisons(tmp_path, monkeypatc
     page = tmp_path / "table.md"
     assert hf_architectures.main(["--out", str(page)]) == 0
     text = page.read_text()
-    assert "| model | what is special | outputs | attentions, one pass | attentions, from the logsumexp |" in text
+    assert "| model | what is special | outputs | attentions, one pass | attentions, beside the kernel |" in text
     (line,) = [row for row in text.splitlines() if row.startswith("| GPT-2 |")]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2].startswith("logits: ") and cells[6:] == ["yes", "yes", "yes"]

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multihead import MultiHeadAttentionOutput, attention_ref
-from multihead.cache import DynamicCache, DynamicLayerCache, StaticCache, kv_bytes_per_token
-from multihead.latent import (
+from multihead import MultiHeadAttentionOutput
+from multihead.backends.reference import attention_ref
+from multihead.nn.cache import DynamicCache, DynamicLayerCache, StaticCache, kv_bytes_per_token
+from multihead.nn.latent import (
     MultiHeadLatentAttention,
     cache_comparison,
     cache_comparison_table,
@@ -152,11 +153,11 @@ def test_absorbed_gradients_equal_plain():
 def test_absorbed_path_attends_the_latent_as_one_shared_head(monkeypatch):
     # What reaches the attention call: absorbed = one key/value "head" (G = 1) over [c_KV; k^R] and
     # c_KV; plain = H heads of width D + d_rope and Dv. The module's `absorb` picks when forward's is None.
-    import multihead.attend as attend_module
+    import multihead.nn.latent as latent_module
     seen = []
-    real = attend_module.attend_call
-    monkeypatch.setattr(attend_module, "attend_call", lambda call, **kw: seen.append(
-        (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.scale)) or real(call, **kw))
+    real = latent_module.run
+    monkeypatch.setattr(latent_module, "run", lambda call, *a, **kw: seen.append(
+        (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.scale)) or real(call, *a, **kw))
     x = randn(2, 5, C)
     m = make_mla(absorb=True)
     m(x)
@@ -212,9 +213,9 @@ class RecordingCache(DynamicLayerCache):
         super().__init__()
         self.seen = []
 
-    def append(self, plan):
-        self.seen.append((plan.k.clone(), plan.v.clone()))
-        return super().append(plan)
+    def update(self, k, v, chunk_lengths=None, *, layout=None):  # the one write
+        self.seen.append((k.clone(), v.clone()))
+        return super().update(k, v, chunk_lengths, layout=layout)
 
 
 def test_cache_holds_only_the_latent_and_the_rotary_key():
@@ -407,3 +408,23 @@ def test_bad_config_raises():
     assert cfg.v_head_dim == D and cfg.q_latent_dim is None and cfg.latent_norm and not cfg.bias
     with pytest.raises(Exception):  # frozen
         cfg.num_heads = 2
+
+
+@pytest.mark.parametrize("absorb", [False, True], ids=["plain", "absorbed"])
+@pytest.mark.parametrize("cached", [False, True], ids=["no cache", "cache"])
+def test_a_latent_call_checks_its_arguments_once(absorb, cached, monkeypatch):
+    # MLA builds its call from its own tensors of a checked input: one check of the arguments, no make_call
+    import multihead.nn.latent as latent_module
+    from conftest import count_checks
+
+    assert "make_call" not in vars(latent_module)
+    m = make_mla(absorb=absorb)
+    x = randn(2, 5, C)
+    key_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    cache = DynamicCache(1) if cached else None
+    counts = count_checks(monkeypatch)
+    with torch.no_grad():
+        out = m(x, key_mask=key_mask, cache=None if cache is None else cache[0], need_weights=True)
+    assert counts == dict(inputs=0, latent=1, make_call=0, check_mask=0, plan=int(cached), update=int(cached),
+                          decode=0), counts
+    assert torch.isfinite(out.output).all() and out.weights.shape == (2, H, 5, 5)

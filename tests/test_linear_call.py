@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multihead import MultiHeadAttention
-from multihead.linear_call import call_linear
+from multihead.nn.linear_call import call_linear
 
 
 def test_a_plain_layer_gives_exactly_its_own_call():

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from multihead.cli import main
+from multihead.tools.cli import main
 from multihead.models import CheckpointError, load
 from multihead.models.checkpoint_map import read_checkpoint, read_config
 from multihead.models.gpt2 import load_gpt2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multihead.cache import DynamicCache, StaticCache
+from multihead.nn.cache import DynamicCache, StaticCache
 from multihead.models.decoder import Decoder, DecoderOutput
 from multihead.models.gpt2 import GPT2, GPT2Config
 from multihead.models.llama import Llama, LlamaConfig
@@ -156,3 +156,28 @@ def test_greedy_refuses_a_string_count(gpt2):
 
     with pytest.raises(TypeError, match="max_new_tokens must be an int, got str"):
         greedy(gpt2, ids(1, 3), "2")
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_a_decode_step_checks_each_layer_at_most_once(which, static, gpt2, llama, monkeypatch):
+    """The checked forward checks each layer's call once (the module's input check and the cache's plan, no
+    make_call); decode_step checks nothing per layer: each block enters its module's own unchecked step."""
+    from conftest import count_checks
+
+    model = {"gpt2": gpt2, "llama": llama}[which]
+    L = model.config.num_layers
+    cache = model.make_cache(batch_size=2, max_length=10, static=True) if static else model.make_cache(batch_size=2)
+    twin = model.make_cache(batch_size=2, max_length=10, static=True) if static else model.make_cache(batch_size=2)
+    counts = count_checks(monkeypatch)
+    with torch.no_grad():
+        model(ids(2, 5), key_mask=torch.tensor([[True] * 5, [True] * 3 + [False] * 2]), cache=cache)
+        assert counts == dict(inputs=L, latent=0, make_call=0, check_mask=L, plan=L, update=L, decode=0), counts
+        model(ids(2, 5), key_mask=torch.tensor([[True] * 5, [True] * 3 + [False] * 2]), cache=twin)
+        counts.update(dict.fromkeys(counts, 0))
+        feed = torch.tensor([[True], [False]])  # row 1 pauses: padding, neither cached nor seen
+        lean = model.decode_step(ids(2, 1, seed=1), cache, key_mask=feed)
+        assert counts == dict(inputs=0, latent=0, make_call=0, check_mask=0, plan=0, update=L, decode=L), counts
+        checked = model(ids(2, 1, seed=1), key_mask=feed, cache=twin).logits
+    assert torch.allclose(lean[0], checked[0], atol=1e-6)
+    assert cache.lengths.tolist() == twin.lengths.tolist() == [6, 3]

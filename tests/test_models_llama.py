@@ -14,7 +14,7 @@ import torch
 
 from conftest import max_err
 from multihead import MultiHeadAttention
-from multihead.cache import DynamicCache, StaticCache
+from multihead.nn.cache import DynamicCache, StaticCache
 from multihead.generate import generate
 from multihead.models import load
 from multihead.models.checkpoint_map import CheckpointError
@@ -259,7 +259,7 @@ def test_bad_inputs(hf):
         (TypeError, "key_mask must be a bool", lambda: ours(x, key_mask=torch.ones(2, 5))),
         (ValueError, "pad on the right",
          lambda: ours(x, key_mask=torch.tensor([[True] * 5, [False, True, True, True, True]]))),
-        (TypeError, "cache must be a multihead.cache.KVCache", lambda: ours(x, cache=ours.make_cache()[0])),
+        (TypeError, "cache must be a multihead.nn.cache.KVCache", lambda: ours(x, cache=ours.make_cache()[0])),
         (ValueError, "cache has 2 layers, the model has num_layers=3", lambda: ours(x, cache=DynamicCache(2))),
         (ValueError, "StaticCache overflow", lambda: ours(x, cache=ours.make_cache(2, max_length=4, static=True))),
         (ValueError, "static cache needs batch_size", lambda: ours.make_cache(static=True)),

@@ -9,7 +9,7 @@ import torch
 
 import multihead as mh
 from multihead import MultiHeadAttention
-from conftest import max_err
+from conftest import count_checks, max_err
 
 
 def per_head_by_hand(mha: MultiHeadAttention, x, y, causal=False, allowed=None):
@@ -180,3 +180,44 @@ def test_zero_length_sequences():
     out = mha(torch.randn(2, 3, 8), torch.randn(2, 0, 8)).output
     assert out.shape == (2, 3, 8)
     assert max_err(out, mha.out_proj.bias.expand(2, 3, 8)) == 0.0  # attention gives 0, then W^O's bias
+
+
+# ---- one door, one path: a call's arguments are checked once
+
+
+PADDED = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])  # (B, T) key_mask, right-padded
+CALLS = {  # (module keyword arguments, forward keyword arguments)
+    "self": (dict(), dict()),
+    "masks and weights": (dict(), dict(attn_mask=torch.rand(5, 5) > 0.3, key_mask=PADDED, need_weights=True)),
+    "cross": (dict(kdim=6, vdim=6), dict(key=torch.randn(2, 7, 6), value=torch.randn(2, 7, 6))),
+    "dynamic cache": (dict(causal=True), dict(cache="dynamic", key_mask=PADDED)),
+    "static cache, mask, weights": (dict(causal=True), dict(cache="static", need_weights=True,
+                                                            attn_mask=torch.ones(5, 8, dtype=torch.bool))),
+    "rope, named backend": (dict(causal=True, rope=mh.RotaryEmbedding(4), backend="chunked"),
+                            dict(cache="dynamic", positions=torch.arange(5))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CALLS))
+def test_a_module_call_checks_its_arguments_once(case, monkeypatch):
+    from multihead.nn.cache import DynamicCache, StaticCache
+    import multihead.nn.mha as mha_module
+
+    assert "make_call" not in vars(mha_module), "the module builds its own call from checked parts"
+    module_kwargs, kwargs = CALLS[case]
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2, **module_kwargs).eval()
+    kwargs = dict(kwargs)
+    if "cache" in kwargs:
+        kwargs["cache"] = (DynamicCache(1) if kwargs["cache"] == "dynamic" else StaticCache(1, 2, 8, 2, 4))[0]
+    counts = count_checks(monkeypatch)
+    with torch.no_grad():
+        out = mha(torch.randn(2, 5, 8), **kwargs)
+    cached = "cache" in kwargs
+    assert counts == dict(inputs=1, latent=0, make_call=0, check_mask=1, plan=int(cached), update=int(cached),
+                          decode=0), counts
+    assert torch.isfinite(out.output).all()
+    # the counters see a check wherever one runs: the public door checks its call once, with make_call
+    q = torch.randn(1, 2, 3, 4)
+    mh.attention(q, q, q, attn_mask=torch.ones(3, 3, dtype=torch.bool))
+    assert counts["make_call"] == 1 and counts["check_mask"] == 2

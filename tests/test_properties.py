@@ -44,7 +44,7 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 def test_weights_are_a_distribution_over_attended_keys(c, causal):
     q, k, v = _inputs(c)
     mask = _random_mask(c)
-    _, weights = mh.attention_with_weights(q, k, v, attn_mask=mask, causal=causal)
+    weights = mh.attention_weights(q, k, v, attn_mask=mask, causal=causal)
     allowed = mask & mh.masks.causal_mask(c["T"], c["S"]) if causal else mask
     allowed = allowed.expand_as(weights)
     assert (weights >= 0).all()

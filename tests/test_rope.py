@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multihead import MultiHeadAttention, attention_ref
-from multihead.cache import DynamicCache, StaticCache
-from multihead.rope import Rotary, RotaryEmbedding, apply_rotary, rotate_half
+from multihead import MultiHeadAttention
+from multihead.backends.reference import attention_ref
+from multihead.nn.cache import DynamicCache, StaticCache
+from multihead.nn.rope import Rotary, RotaryEmbedding, apply_rotary, rotate_half
 from conftest import max_err
 
 C, H, D = 32, 4, 8  # model width, query heads, head dim
@@ -112,7 +113,7 @@ def test_bad_arguments():
         rope.rotate(torch.randn(1, 1, 2, 6), torch.arange(2))
     with pytest.raises(ValueError, match="rope rotates head_dim=8, the heads have head_dim=4"):
         MultiHeadAttention(16, 4, rope=rope)
-    with pytest.raises(TypeError, match="rope must be a multihead.rope.RotaryEmbedding"):
+    with pytest.raises(TypeError, match="rope must be a multihead.nn.rope.RotaryEmbedding"):
         MultiHeadAttention(32, 4, rope="llama")
     mha = MultiHeadAttention(C, H, causal=True, rope=rope)
     x = torch.randn(2, 3, C)

@@ -2,15 +2,17 @@
 
 On the CPU the kernels run in triton's interpreter, fp32, at small sizes: every
 CPU test here sets TRITON_INTERPRET=1 for itself only (a fixture), so tests of
-other modules running in the same process still see the CPU refused, and the
-interpreted kernels are a separate copy of the kernel modules (see
-`multihead.backends.triton._kernels`), so nothing depends on the order in which
-triton gets imported. Where CUDA is present the `gpu` tests run the compiled
-kernels in fp16/bf16 at full sizes; without it they skip.
+other modules running in the same process still see the CPU refused. The kernel
+modules are imported in the mode triton.language was first imported in (on a
+machine without CUDA conftest.py imports it for the interpreter), whichever test
+imports them first (`multihead.backends.triton.kernel_modules`). Where CUDA is
+present the `gpu` tests run the compiled kernels in fp16/bf16 at full sizes;
+without it they skip.
 """
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +99,7 @@ def test_key_padding_mask(causal, lengths):
     B, H, G, T, S = 3, 4, 2, 29, 41
     q, k, v = make_qkv(B, H, G, T, S, 32, seed=sum(lengths) + causal)
     mask = padding_mask(lengths, S)
-    assert mh.explain_dispatch(q, k, v, attn_mask=mask, causal=causal, need_lse=True).chosen == "triton"
+    assert mh.which_backend(q, k, v, attn_mask=mask, causal=causal, return_lse=True).chosen == "triton"
     assert_matches_reference(run_triton(), q, k, v, attn_mask=mask, causal=causal)
 
 
@@ -110,11 +112,11 @@ def test_key_mask_with_holes_runs_on_the_device(decode):
     mask = torch.rand(B, 1, 1, S, generator=torch.Generator().manual_seed(2)) > 0.4
     mask[1, ..., 40:] = True  # a prefix with holes, then whole tiles
     mask[2] = False  # no key at all
-    assert mh.explain_dispatch(q, k, v, attn_mask=mask, need_lse=True).chosen == "triton"
+    assert mh.which_backend(q, k, v, attn_mask=mask, return_lse=True).chosen == "triton"
 
     def run(q, k, v, *, attn_mask, causal, scale):
         key_range = tb.keys.from_mask(attn_mask, B)
-        return tb._apply(q, k, v, key_range, causal, scale, tb.Options(block_m=16, block_n=16, decode=decode)).out
+        return tb._apply(q, k, v, key_range, causal, scale, tb.Launch(block_m=16, block_n=16, decode=decode)).out
 
     assert_matches_reference(run, q, k, v, attn_mask=mask, causal=True, scale=0.25)
     one_row = mask[:1]  # (1, 1, 1, S): the same keys for every sequence
@@ -217,7 +219,7 @@ def test_nan_in_an_attended_key_propagates():
 def test_auto_never_picks_triton_on_the_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     q, k, v = make_qkv(1, 2, 2, 5, 7, 16)
-    report = mh.explain_dispatch(q, k, v, causal=True)
+    report = mh.which_backend(q, k, v, causal=True)
     assert report.chosen != "triton"
     assert "TRITON_INTERPRET=1" in report.reasons["triton"]
     assert "triton     cannot: q is on the CPU" in str(report)
@@ -225,14 +227,27 @@ def test_auto_never_picks_triton_on_the_cpu_without_the_interpreter(monkeypatch)
         mh.attention(q, k, v, backend="triton")
     with pytest.raises(ValueError, match="triton_attention cannot run this call: q is on the CPU"):
         tb.triton_attention(q, k, v)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tb, "_triton_interprets", lambda: False)  # triton first imported compiled
+    assert "first imported without TRITON_INTERPRET=1" in mh.which_backend(q, k, v, return_lse=True).reasons["triton"]
+
+
+def test_interpreting_reads_the_variable_as_triton_does(monkeypatch):
+    import triton
+
+    for value in ("1", "true", "ON", "Yes", "y", "0", "off", "", "2", " 1"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert tb.interpreting() == triton.knobs.runtime.interpret, value
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not tb.interpreting()
 
 
 def test_sdpa_comes_first_and_triton_gives_the_lse_where_it_runs():
     """The measured order (BENCHMARKS.md, H200): SDPA first; triton first among the backends with an lse."""
     q, k, v = make_qkv(1, 2, 2, 5, 7, 16)
     assert mh.backends.names()[:2] == ["sdpa", "triton"]
-    assert mh.explain_dispatch(q, k, v, causal=True).chosen == "sdpa"
-    assert mh.explain_dispatch(q, k, v, causal=True, need_lse=True).chosen == "triton"  # the interpreter is on here
+    assert mh.which_backend(q, k, v, causal=True).chosen == "sdpa"
+    assert mh.which_backend(q, k, v, causal=True, return_lse=True).chosen == "triton"  # the interpreter is on here
 
 
 @pytest.mark.parametrize("case,reason", [
@@ -255,7 +270,7 @@ def test_refusals_name_the_reason_and_auto_moves_on(case, reason):
         call["attn_mask"] = torch.ones(B, 1, T, S, dtype=torch.bool)
     elif case == "dropout":
         call["dropout_p"] = 0.1
-    report = mh.explain_dispatch(q, k, v, **call)
+    report = mh.which_backend(q, k, v, **call)
     assert reason in report.reasons["triton"]
     assert report.chosen == "sdpa"
     with pytest.raises(ValueError, match="backend='triton' cannot run this call"):
@@ -265,7 +280,7 @@ def test_refusals_name_the_reason_and_auto_moves_on(case, reason):
 def test_without_triton_the_backend_says_so(monkeypatch):
     monkeypatch.setattr(tb, "_installed", False)
     q, k, v = make_qkv(1, 2, 2, 5, 7, 16)
-    assert mh.explain_dispatch(q, k, v).reasons["triton"] == "triton is not installed (pip install triton)"
+    assert mh.which_backend(q, k, v).reasons["triton"] == "triton is not installed (pip install triton)"
 
 
 def test_importing_multihead_does_not_import_triton():
@@ -301,11 +316,13 @@ def test_key_lengths_outside_the_keys_are_clamped_on_the_device():
     assert torch.all(clamped.out[1] == 0)
 
 
-def test_the_kernel_modules_load_once_per_mode():
-    interpreted = tb._kernels(True)
-    assert tb._kernels(True) is interpreted
-    assert all(module.INTERPRET for module in interpreted)
-    assert interpreted._fields == ("forward", "backward", "decode")
+def test_the_kernel_modules_are_imported_once_in_tritons_mode(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # what triton.language was first imported under decides, not this
+    kernels = tb.kernel_modules()
+    assert tb.kernel_modules() is kernels and kernels._fields == ("forward", "backward", "decode")
+    assert {module.INTERPRET for module in kernels} == {kernels.interpreted} == {tb._triton_interprets()}
+    for name, module in zip(kernels._fields, kernels):  # ordinary modules, under their own names
+        assert importlib.import_module(f"multihead.backends.triton.{name}") is module
 
 
 # ---- on a GPU: the compiled kernels, fp16/bf16, full sizes
@@ -322,7 +339,7 @@ GPU_CASES = [  # (B, H, G, T, S, D, causal)
 @pytest.mark.parametrize("B,H,G,T,S,D,causal", GPU_CASES)
 def test_gpu_against_reference(B, H, G, T, S, D, causal, dtype):
     q, k, v = (x.cuda() for x in make_qkv(B, H, G, T, S, D, dtype=dtype, seed=T + S + D))
-    assert mh.explain_dispatch(q, k, v, causal=causal, need_lse=True).chosen == "triton"
+    assert mh.which_backend(q, k, v, causal=causal, return_lse=True).chosen == "triton"
     assert_matches_reference(run_triton(), q, k, v, causal=causal)
 
 
@@ -378,7 +395,7 @@ GPU_DECODE_CASES = [  # (B, H, G, T, S, D, causal), padding lengths [S, 2S/3, 0,
 def test_gpu_decode_against_reference(B, H, G, T, S, D, causal):
     q, k, v = (x.cuda() for x in make_qkv(B, H, G, T, S, D, dtype=torch.bfloat16, seed=T + S + D))
     mask = padding_mask([S, S * 2 // 3, 0, 1][:B], S).cuda()
-    assert tb._kernels(False).decode.applies(T, S)
+    assert tb.kernel_modules().decode.applies(T, S)
     assert_matches_reference(run_triton(), q, k, v, attn_mask=mask, causal=causal)
 
 

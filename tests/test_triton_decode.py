@@ -25,7 +25,7 @@ def interpreter(monkeypatch):
 
 
 def decode_module():
-    return tb._kernels(True).decode
+    return tb.kernel_modules().decode
 
 
 def run_decode(block_n=None, num_splits=None, key_lengths=None):
@@ -148,7 +148,7 @@ def test_split_count_comes_from_shapes():
 def test_the_path_is_chosen_by_shape(monkeypatch):
     """T <= 16 and S >= 64 take the decode kernel; more queries or fewer keys the forward kernel."""
     calls = []
-    kernels = tb._kernels(True)
+    kernels = tb.kernel_modules()
     for module, name in ((kernels.decode, "attention_decode"), (kernels.forward, "attention_forward")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name,

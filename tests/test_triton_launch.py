@@ -82,7 +82,7 @@ def test_supports_forward_and_backward_read_no_value(T, S, mask):
         if mask == "holes":
             keep[0, 5:9] = False
         attn_mask = keep[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
-    call = mh.call.make_call(q, k, v, attn_mask=attn_mask, causal=True)
+    call = mh.core.call.make_call(q, k, v, attn_mask=attn_mask, causal=True)
     backend = mh.backends.get("triton")
     with no_host_reads():
         assert backend.supports(call, need_lse=True) is None
@@ -98,8 +98,8 @@ def test_supports_refuses_from_shapes_alone():
     q, k, v = make_qkv(2, 2, 2, 5, 7, 16)
     backend = mh.backends.get("triton")
     with no_host_reads():
-        dense = backend.supports(mh.call.make_call(q, k, v, attn_mask=torch.ones(2, 1, 5, 7, dtype=torch.bool)))
-        floating = backend.supports(mh.call.make_call(q, k, v, attn_mask=torch.zeros(2, 1, 1, 7)))
+        dense = backend.supports(mh.core.call.make_call(q, k, v, attn_mask=torch.ones(2, 1, 5, 7, dtype=torch.bool)))
+        floating = backend.supports(mh.core.call.make_call(q, k, v, attn_mask=torch.zeros(2, 1, 1, 7)))
     assert "is not a key-padding mask" in dense and "dense float mask" in floating
 
 
@@ -146,7 +146,7 @@ def test_unwritten_cache_slots_are_never_read(decode, how):
     v_nan = v.masked_fill(unwritten[:, None, :, None], float("nan"))
     key_range = (tb.keys.from_lengths(lengths, B) if how == "lengths"
                  else tb.keys.from_mask(~unwritten[:, None, None, :], B))  # (B, S) -> (B, 1, 1, S)
-    options = tb.Options(block_m=16, block_n=16, decode=decode)
+    options = tb.Launch(block_m=16, block_n=16, decode=decode)
     results = []
     for kk, vv in ((k_nan, v_nan), (k, v)):
         xs = [x.clone().requires_grad_() for x in (q, kk, vv)]
@@ -168,20 +168,20 @@ def test_length_buckets():
         16, 16, 16, 32, 1024, 1024, 2048, 16384]
 
 
-def _compiled():
-    return tb.kernel_modules(False)  # the compiled copies: autotuners, not launched here
+def _kernels():
+    return tb.kernel_modules()  # the autotuners are built in either mode (the interpreter does not launch them)
 
 
 def test_the_autotuners_key_on_length_buckets():
     """A decode call (T = 1) and a 16k prefill land in different autotune keys, on every kernel."""
-    kernels = _compiled()
+    kernels = _kernels()
     for tuner in (kernels.forward._fwd_launch, kernels.backward._dkdv_launch, kernels.backward._dq_launch):
         assert {"T_BUCKET", "S_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_KEYMASK"} <= set(tuner.keys)
     q, k, v = (torch.empty(1, 8, T, 128, device="meta") for T in (1, 16384, 16384))
     lse = torch.empty(1, 8, 1, device="meta")
     decode_args, _ = kernels.forward.kernel_args(q, k, v, q, lse, None, True, 0.1, "tf32")
     prefill_args, _ = kernels.forward.kernel_args(k, k, v, k, lse, None, True, 0.1, "tf32")
-    names = [p.name for p in kernels.forward._fwd_kernel.params if not p.is_constexpr]
+    names = kernels.forward._fwd_kernel.arg_names  # the arguments, then the constexprs
     bucket = {name: (decode_args[names.index(name)], prefill_args[names.index(name)])
               for name in ("T_BUCKET", "S_BUCKET")}
     assert bucket == {"T_BUCKET": (16, 16384), "S_BUCKET": (16384, 16384)}
@@ -191,7 +191,7 @@ def test_the_autotuners_key_on_length_buckets():
                                           ("dkdv", lambda k: k.backward._pruner("dkdv")),
                                           ("dq", lambda k: k.backward._pruner("dq"))])
 def test_each_head_dim_gets_only_the_kept_tiles(monkeypatch, kernel, prune):
-    kernels = _compiled()
+    kernels = _kernels()
     tuner = {"forward": kernels.forward._fwd_launch, "dkdv": kernels.backward._dkdv_launch,
              "dq": kernels.backward._dq_launch}[kernel]
     tiles = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cs]  # noqa: E731
@@ -211,5 +211,5 @@ def test_gradients_through_both_paths_still_match():
     for decode in (False, True):
         def run(q, k, v, *, attn_mask, causal):
             return tb._apply(q, k, v, tb.keys.from_mask(attn_mask, 2), causal, 32 ** -0.5,
-                             tb.Options(decode=decode)).out
+                             tb.Launch(decode=decode)).out
         assert_matches_reference(run, q, k, v, attn_mask=mask[:, None, None, :], causal=True)

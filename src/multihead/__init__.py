@@ -14,73 +14,105 @@ Dimension legend, used in every shape comment of the package:
 
 Internal layout is (B, H, T, D); modules take and return batch-first (B, T, C).
 Masks: bool True = may attend, float = added to the scores (see `multihead.masks`).
+
+The layers, each importing only from those below it (tests/test_contract.py):
+
+    tools/ (whiteboard, viz, cli, timing)
+    integrations/ (hf, distributed)   models/ (BERT, GPT-2, Llama, generate)
+    nn/ (MultiHeadAttention, MLA, compat, caches, RoPE)
+    ops/ (attention, attention_weights, attention_stats, which_backend; run)
+    backends/ (registry, reference, sdpa, cpu_flash, chunked, triton)
+    core/ (the checked call, masks, argument checks)
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
-from . import backends, masks
-from .backends import Dispatch
-from .backends.reference import ReferenceOutput, attention_ref
-from .call import AttentionCall, AttentionOutput, Gradients, make_call
-from .functional import (
-    AttentionWithWeights,
-    attention,
-    attention_with_lse,
-    attention_with_weights,
-    chunked_attention,
-    explain_dispatch,
-)
-from .weights import AttentionStats, attention_and_weights, attention_stats, attention_weights
-from .cache import DynamicCache, KVCache, StaticCache, kv_bytes_per_token
-from .latent import MultiHeadLatentAttention
-from .module import HeadProjections, MultiHeadAttention, MultiHeadAttentionConfig, MultiHeadAttentionOutput
-from .rope import RotaryEmbedding
+from . import backends
+from .core import masks
+from .core.call import AttentionOutput
+from .nn.cache import DynamicCache, KVCache, StaticCache
+from .nn.latent import MultiHeadLatentAttention
+from .nn.mha import MultiHeadAttention, MultiHeadAttentionOutput
+from .nn.rope import RotaryEmbedding
+from .ops.functional import attention, which_backend
+from .ops.weights import AttentionStats, attention_stats, attention_weights
 
 __version__ = "0.1.0"
 
-# Subpackages with optional extras or a cost to import, reachable as attributes on first use:
-# `multihead.compat`, `multihead.models` (safetensors, tokenizers), `multihead.viz` (matplotlib), ...
-_LAZY = ("compat", "distributed", "explain", "generate", "hf", "models", "timing", "viz")
+# The short names users import (`import multihead.hf`, `from multihead.generate import generate`,
+# `multihead.viz.head_view`) for modules that live in the layer folders. Each is the same module object
+# as its long name, imported on first use: optional extras and their import cost only for those who use them.
+_SHORT_NAMES = {
+    "compat": "multihead.nn.compat",
+    "distributed": "multihead.integrations.distributed",
+    "explain": "multihead.tools.whiteboard",
+    "generate": "multihead.models.generate",
+    "masks": "multihead.core.masks",
+    "hf": "multihead.integrations.hf",
+    "models": "multihead.models",
+    "timing": "multihead.tools.timing",
+    "viz": "multihead.tools.viz",
+}
+
+
+def _long_name(fullname: str) -> str | None:
+    """multihead.hf.options -> multihead.integrations.hf.options; None for a name that is not short."""
+    if not fullname.startswith(f"{__name__}."):
+        return None
+    head, _, rest = fullname[len(__name__) + 1:].partition(".")
+    long_name = _SHORT_NAMES.get(head, fullname) + (f".{rest}" if rest and head in _SHORT_NAMES else "")
+    return None if long_name == fullname else long_name
+
+
+class _ShortNameFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers `import multihead.<short>[.sub]` with the module of its long name (one module, two names)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        long_name = _long_name(fullname)
+        return None if long_name is None else importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        module = importlib.import_module(_long_name(spec.name))
+        spec.loader_state = module.__spec__  # the import system sets the short name's next; exec_module restores it
+        return module
+
+    def exec_module(self, module):  # the long name's import ran it; its relative imports need its own spec
+        module.__spec__ = module.__spec__.loader_state
+
+
+if not any(isinstance(finder, _ShortNameFinder) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _ShortNameFinder())  # before the path finder, which would load a second copy
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return importlib.import_module(f".{name}", __name__)  # cached in sys.modules and set on the package
+    if name in _SHORT_NAMES:
+        return importlib.import_module(f"{__name__}.{name}")  # both names in sys.modules, one module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_SHORT_NAMES))
 
 
+# One name, one purpose (docs/design.md has the table). Everything else lives in its layer's module:
+# the checked call in multihead.core.call, the reference in multihead.backends.reference, ...
 __all__ = [
-    "AttentionCall",
     "AttentionOutput",
     "AttentionStats",
-    "AttentionWithWeights",
-    "Dispatch",
     "DynamicCache",
-    "Gradients",
-    "HeadProjections",
     "KVCache",
     "MultiHeadAttention",
-    "MultiHeadAttentionConfig",
     "MultiHeadAttentionOutput",
     "MultiHeadLatentAttention",
-    "ReferenceOutput",
     "RotaryEmbedding",
     "StaticCache",
     "attention",
-    "attention_and_weights",
-    "attention_ref",
     "attention_stats",
     "attention_weights",
-    "attention_with_lse",
-    "attention_with_weights",
     "backends",
-    "chunked_attention",
-    "explain_dispatch",
-    "kv_bytes_per_token",
-    "make_call",
     "masks",
+    "which_backend",
 ]

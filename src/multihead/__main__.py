@@ -1,5 +1,5 @@
 """`python -m multihead …` runs the `multihead` command."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

@@ -9,7 +9,7 @@ A backend is an object with a name, a priority, a one-line summary and two metho
 that made it. With need_lse a backend returns the logsumexp of every query
 row (-inf for a row with no key), or says in `supports` that it cannot.
 `auto` walks the registered backends from the fastest (highest `priority`)
-down and takes the first that supports the call; `explain` asks every one of
+down and takes the first that supports the call; `survey` asks every one of
 them, so the dispatch can always say which backend ran and why the others
 did not.
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..call import AttentionCall, AttentionOutput
+from ..core.call import AttentionCall, AttentionOutput
 
 
 class Backend(Protocol):
@@ -174,13 +174,13 @@ def dispatch(call: AttentionCall, requested: str = "auto", *, need_lse: bool = F
     for backend in _ORDER:
         if _answer(backend, call, need_lse, need_backward) is None:
             return backend
-    # none supports it: explain raises, listing why
-    return get(explain(call, "auto", need_lse=need_lse, need_backward=need_backward).chosen)
+    # none supports it: survey raises, listing why
+    return get(survey(call, "auto", need_lse=need_lse, need_backward=need_backward).chosen)
 
 
-def explain(call: AttentionCall, requested: str = "auto", *, need_lse: bool = False,
+def survey(call: AttentionCall, requested: str = "auto", *, need_lse: bool = False,
             need_backward: bool = False) -> Dispatch:
-    """Every backend's answer to a call, and the one that runs (what `multihead.explain_dispatch` prints)."""
+    """Every backend's answer to a call, and the one that runs (what `multihead.which_backend` prints)."""
     check_name(requested)
     reasons = {b.name: _answer(b, call, need_lse, need_backward) for b in _ORDER}
     if requested != "auto":

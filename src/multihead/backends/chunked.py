@@ -37,9 +37,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .. import masks
-from .._checks import positive_int
-from ..call import AttentionCall, AttentionOutput, Gradients, check_backward
+from ..core import masks
+from ..core.checks import positive_int
+from ..core.call import AttentionCall, AttentionOutput, Gradients, check_backward
 
 # Queries per block and keys per tile. A block's scores, (B, H, block_q, block_k),
 # should stay in cache across the five passes over it; bigger blocks mean fewer

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import masks
-from ..call import AttentionCall, AttentionOutput, Gradients, check_backward
+from ..core import masks
+from ..core.call import AttentionCall, AttentionOutput, Gradients, check_backward
 from .sdpa import float_mask_reason
 
 def _op():

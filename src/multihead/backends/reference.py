@@ -26,8 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .. import masks
-from ..call import AttentionCall, AttentionOutput, Gradients, check_backward
+from ..core import masks
+from ..core.call import AttentionCall, AttentionOutput, Gradients, check_backward
 
 
 class ReferenceOutput(NamedTuple):

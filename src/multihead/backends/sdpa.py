@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import masks
-from ..call import AttentionCall, AttentionOutput
+from ..core import masks
+from ..core.call import AttentionCall, AttentionOutput
 
 
 def float_mask_reason(call: AttentionCall) -> str | None:

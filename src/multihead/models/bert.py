@@ -18,10 +18,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import flag, positive_int
-from ..module import MultiHeadAttention
-from ._checks import check_hf_config, check_token_ids, int_at_least, positive_number
-from .checkpoint_map import CheckpointError, CheckpointMap, Rule, load_model
+from ..core.checks import check_token_ids, flag, int_at_least, positive_int, positive_number
+from ..nn.mha import MultiHeadAttention
+from .checkpoint_map import CheckpointError, CheckpointMap, Rule, check_hf_config, load_model
 
 _ACTIVATIONS = {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}
 

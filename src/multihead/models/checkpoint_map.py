@@ -162,6 +162,15 @@ def read_json_object(path: str | Path) -> dict:
     return value
 
 
+def check_hf_config(config, model_type: str) -> None:
+    """A parsed config.json (a dict) of `model_type` (a config that names none is taken as one)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict (a parsed config.json), got {type(config).__name__}")
+    found = config.get("model_type", model_type)
+    if found != model_type:
+        raise CheckpointError(f"config.json says model_type={found!r}, {model_type!r} expected")
+
+
 def read_config(directory: str | Path) -> dict:
     """A checkpoint folder's config.json, as a dict."""
     path = Path(directory) / "config.json"

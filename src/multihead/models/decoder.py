@@ -20,8 +20,10 @@ refused call leaves the cache exactly as it was.
 `decode_step` is the same arithmetic for a decoding loop's later steps,
 without the checks the loop has made once (`multihead.generate`): the
 chunk's place in the cache (positions, slots, mask) is worked out once for
-every layer, RoPE's angles once, and no tensor is read on the host, so the
-step runs lean in eager mode and compiles to one graph (fullgraph=True).
+every layer, RoPE's angles once, each block runs its attention module's
+unchecked step (`MultiHeadAttention.decode`: the module's own stages, no
+argument checked again), and no tensor is read on the host, so the step
+runs lean in eager mode and compiles to one graph (fullgraph=True).
 Under torch.compile `forward` compiles whole too: the checks that read
 tensor values (token ids in range, right padding, positions) are skipped
 while compiling, as the cache's are.
@@ -36,11 +38,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import flag, positive_int
-from ..cache import ChunkLayout, DynamicCache, KVCache, LayerCache, StaticCache
-from ..functional import attention
-from ..rope import Rotary, apply_rotary
-from ._checks import check_token_ids
+from ..core.checks import flag, positive_int
+from ..nn.cache import ChunkLayout, DynamicCache, KVCache, LayerCache, StaticCache
+from ..nn.rope import Rotary
+from ..core.checks import check_token_ids
 
 
 class DecoderOutput(NamedTuple):
@@ -84,20 +85,11 @@ class PreNormBlock(nn.Module):
     def decode(self, x: Tensor, layer: LayerCache, layout: ChunkLayout, rotation: Rotary | None) -> Tensor:
         """forward(x, cache=layer) for a chunk x (B, T, C) whose place in the cache is `layout`, unchecked.
 
-        The attention module's own stages (project, RoPE, merge) around the
-        layer's `write` and `multihead.attention` on the module's backend:
-        the same arithmetic as its forward, without re-checking per layer
-        what the decoding loop checked once.
+        The attention module's own unchecked step (`MultiHeadAttention.decode`):
+        the same stages as its forward, without re-checking per layer what the
+        decoding loop checked once.
         """
-        mha = self.attention
-        h = self.attention_norm(x)
-        q, k, v = mha.project(h, h, h)  # (B, T, C) -> (B, H, T, D), (B, G, T, D), (B, G, T, Dv)
-        if rotation is not None:
-            q, k = apply_rotary(q, *rotation), apply_rotary(k, *rotation)
-        cached = layer.write(layout, k, v)  # (B, G, S, D), (B, G, S, Dv), mask (B, 1, T, S)
-        out = attention(q, cached.k, cached.v, attn_mask=cached.attn_mask, backend=mha.config.backend,
-                        dropout_p=mha.config.dropout if mha.training else 0.0)  # (B, H, T, Dv)
-        x = x + mha.merge(out)  # (B, H, T, Dv) -> (B, T, C)
+        x = x + self.attention.decode(self.attention_norm(x), layer, layout, rotation)  # (B, T, C)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -216,7 +208,7 @@ class Decoder(nn.Module):
 
     def _check_context_parallel(self, input_ids, key_mask, cache, need_weights, cp) -> Tensor:
         """The checks of a context-parallel forward; the part's global positions (part,)."""
-        from ..distributed import ContextParallel  # torch.distributed only for those who use it
+        from ..integrations.distributed import ContextParallel  # torch.distributed only for those who use it
 
         if not isinstance(cp, ContextParallel):
             raise TypeError(f"context_parallel must be a multihead.distributed.ContextParallel or None, "
@@ -262,7 +254,7 @@ class Decoder(nn.Module):
 
 def check_cache(cache, num_layers: int) -> None:
     if not isinstance(cache, KVCache):
-        raise TypeError(f"cache must be a multihead.cache.KVCache (model.make_cache()), got {type(cache).__name__}")
+        raise TypeError(f"cache must be a multihead.nn.cache.KVCache (model.make_cache()), got {type(cache).__name__}")
     if cache.num_layers != num_layers:
         raise ValueError(f"cache has {cache.num_layers} layers, the model has num_layers={num_layers}")
 

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import positive_int
-from ..module import MultiHeadAttention
-from ._checks import check_hf_config, check_token_ids, int_at_least, positive_number
+from ..core.checks import positive_int
+from ..nn.mha import MultiHeadAttention
+from ..core.checks import check_token_ids, int_at_least, positive_number
+from .checkpoint_map import check_hf_config
 from .checkpoint_map import (
     CheckpointMap,
     Rule,

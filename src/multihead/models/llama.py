@@ -11,7 +11,7 @@
 The forward pass, `make_cache` and the checks are `decoder.Decoder`'s; this
 file holds what is Llama's own: the config, RMSNorm, SwiGLU, the block, the
 embedding (token ids alone: positions go to RoPE) and the checkpoint map.
-Positions come from the rotary embedding (`multihead.rope`, Hugging Face's
+Positions come from the rotary embedding (`multihead.nn.rope`, Hugging Face's
 half-split convention), so a KV cache only has to say where each sequence
 stands (`cache.lengths`). `LlamaConfig.from_hf` refuses what this model does
 not compute (rope scaling of any kind, activations other than SiLU).
@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import flag, positive_int
-from ..module import MultiHeadAttention
-from ..rope import RotaryEmbedding
-from ._checks import check_hf_config, positive_number
+from ..core.checks import flag, positive_int
+from ..nn.mha import MultiHeadAttention
+from ..nn.rope import RotaryEmbedding
+from ..core.checks import positive_number
+from .checkpoint_map import check_hf_config
 from .checkpoint_map import CheckpointMap, Rule, load_model
 from .decoder import Decoder, DecoderOutput, Embedded, PreNormBlock  # noqa: F401  DecoderOutput: re-exported
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import flag, positive_int
+from ..core.checks import flag, positive_int
 from .checkpoint_map import CheckpointError, read_json_object
 
 

@@ -36,33 +36,36 @@ dropout) the backend refuses with a reason, so `auto` moves on.
     q1        x x x x . .
     q2        x x x x . .
 
-triton is optional: nothing here imports it until a call needs it, and
-without it `supports` says "triton is not installed". Kernels run on CUDA
-tensors, and on CPU tensors only in triton's interpreter (TRITON_INTERPRET=1,
-fp32: slow, for tests). triton.jit picks compiled or interpreted when a
-kernel is decorated, so the kernel modules are loaded once per mode.
+triton is optional: nothing here imports it until a call needs it (`supports`
+reads no kernel module), and without it `supports` says "triton is not
+installed". Kernels run on CUDA tensors, and on CPU tensors only in triton's
+interpreter (TRITON_INTERPRET=1, fp32: slow, for tests). `interpreting()` is
+the one place multihead reads TRITON_INTERPRET. forward.py, backward.py and
+decode.py are ordinary modules (`import multihead.backends.triton.backward`);
+`kernel_modules()` imports them in the mode triton itself runs in (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 import sys
 import threading
-from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ...call import AttentionCall, AttentionOutput, make_call
-from ...call import Gradients, check_backward  # for TritonBackend.backward
+from ...core.call import AttentionCall, AttentionOutput, make_call
+from ...core.call import Gradients, check_backward  # for TritonBackend.backward
 from . import keys
 from .keys import KeyRange
 
 MAX_HEAD_DIM = 256  # q, k, v tiles of a wider head no longer fit on chip
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernels compute in (no float64)
 
 
 class TritonOutput(NamedTuple):
@@ -80,63 +83,78 @@ def triton_installed() -> bool:
     return _installed
 
 
-def interpreter_on() -> bool:
-    """Whether TRITON_INTERPRET asks for triton's interpreter (read at every call)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+def interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for triton's interpreter, read at every call and parsed as triton
+    parses it. The one place multihead reads the variable."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+
+
+@contextlib.contextmanager
+def _decorating(interpret: bool):
+    """TRITON_INTERPRET set to `interpret` while triton.jit decorates the kernels, restored after."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _triton_interprets() -> bool | None:
+    """Whether triton's own jit helpers (tl.max, tl.sum, ...) were made for its interpreter: decided by
+    TRITON_INTERPRET when triton.language was first imported. None: not imported yet. Imports nothing."""
+    language = sys.modules.get("triton.language")
+    if language is None:
+        return None
+    interpreter = sys.modules.get("triton.runtime.interpreter")  # triton.jit imports it only to interpret
+    return interpreter is not None and isinstance(language.max, interpreter.InterpretedFunction)
 
 
 class Kernels(NamedTuple):
-    """The kernel modules of one mode (interpreted or compiled), loaded in this order: backward.py and
-    decode.py take forward.py's jit helpers (attend_tile, kv_bounds) from the copy of their mode."""
+    """The kernel modules, as `kernel_modules()` imports them."""
 
     forward: ModuleType  # forward.py: online softmax over key tiles
     backward: ModuleType  # backward.py: dq, dk, dv
     decode: ModuleType  # decode.py: split-KV for a few queries against a long cache
 
+    @property
+    def interpreted(self) -> bool:
+        """Whether triton.jit made them for its interpreter (else they are compiled for the GPU)."""
+        return self.forward.INTERPRET
 
-_kernel_modules: dict[bool, Kernels] = {}
+
+_kernels: Kernels | None = None
 _load_lock = threading.Lock()
 
 
-def _kernels(interpret: bool) -> Kernels:
-    """The kernel modules, decorated compiled or interpreted.
+def kernel_modules() -> Kernels:
+    """forward.py, backward.py and decode.py, imported on first use in the mode triton runs in.
 
-    Each mode gets its own copy of the files, loaded with TRITON_INTERPRET
-    set to match while triton.jit decorates them, so that CPU tests under the
-    interpreter and CUDA calls can share one process.
+    triton.jit makes a kernel compiled or interpreted when it decorates it, from TRITON_INTERPRET at that
+    moment, and triton.language's own helpers were made so at triton's first import: a kernel of the other
+    mode cannot run in this process (the interpreter cannot call a compiled tl.max, nor the compiler an
+    interpreted one). So the modules are imported with TRITON_INTERPRET set to triton's mode, whatever it
+    says now (the tests set and unset it per test), and imported again if they were first imported directly
+    under another value. What a call may run, it still reads at every call (`interpreting()`).
     """
-    with _load_lock:
-        if interpret not in _kernel_modules:
-            saved = os.environ.get("TRITON_INTERPRET")
-            os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-            try:
-                loaded = [_load(stem, interpret) for stem in Kernels._fields]
-            finally:
-                if saved is None:
-                    del os.environ["TRITON_INTERPRET"]
-                else:
-                    os.environ["TRITON_INTERPRET"] = saved
-            _kernel_modules[interpret] = Kernels(*loaded)
-        return _kernel_modules[interpret]
+    global _kernels
+    if _kernels is None:
+        with _load_lock:
+            if _kernels is None:
+                import triton.language  # noqa: F401  (a first import follows TRITON_INTERPRET now)
+
+                interpret = bool(_triton_interprets())
+                with _decorating(interpret):
+                    _kernels = Kernels(*(_import(stem, interpret) for stem in Kernels._fields))
+    return _kernels
 
 
-def kernel_modules(interpret: bool = False) -> Kernels:
-    """The kernel modules of one mode: compiled (interpret=False, what benchmarks/triton_ptxas.py
-    compiles for sm_90a ahead of time) or interpreted."""
-    return _kernels(interpret)
-
-
-def _load(stem: str, interpret: bool) -> ModuleType:
-    name = f"{__name__}._{stem}_{'interpreted' if interpret else 'compiled'}"
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{stem}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _interpreted(x: Tensor) -> bool:
-    return x.device.type != "cuda" or interpreter_on()
+def _import(stem: str, interpret: bool) -> ModuleType:
+    module = importlib.import_module(f"{__name__}.{stem}")
+    return module if module.INTERPRET == interpret else importlib.reload(module)
 
 
 def _precision(dtype: torch.dtype, interpret: bool) -> str:
@@ -155,14 +173,17 @@ def _where_it_runs(x: Tensor) -> str | None:
             return "bf16 tiles need an sm80+ GPU"
         return None
     if x.device.type == "cpu":
-        if interpreter_on():
-            return None
-        return "q is on the CPU; triton runs there only in its interpreter (TRITON_INTERPRET=1, for tests)"
+        if not interpreting():
+            return "q is on the CPU; triton runs there only in its interpreter (TRITON_INTERPRET=1, for tests)"
+        if _triton_interprets() is False:
+            return ("q is on the CPU, but triton was first imported without TRITON_INTERPRET=1 in this process, "
+                    "so its kernels run compiled only; set it before triton is imported")
+        return None
     return f"triton runs on CUDA tensors, q is on {x.device}"
 
 
 def _kernel_limits(q: Tensor, v: Tensor) -> str | None:
-    if q.dtype not in DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} not supported (fp16, bf16, fp32)"
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         return "triton's interpreter has no bf16 arithmetic (use fp32 or fp16 on the CPU)"
@@ -176,7 +197,7 @@ def _contiguous_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class Options(NamedTuple):
+class Launch(NamedTuple):
     """How a call runs, decided from shapes and arguments (never from a tensor's values)."""
 
     block_m: int | None = None  # query rows per tile in the interpreter (the GPU autotunes)
@@ -188,8 +209,8 @@ class Options(NamedTuple):
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_range, causal, scale, options):
-        interpret = _interpreted(q)
-        kernels = _kernels(interpret)
+        kernels = kernel_modules()
+        interpret = kernels.interpreted
         q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
         B, H, T, _ = q.shape
         S = k.shape[2]
@@ -220,7 +241,7 @@ class _TritonAttention(torch.autograd.Function):
         if grad_out is None or T == 0 or S == 0 or B * H == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
         with _on_device(q):
-            dq, dk, dv = _kernels(interpret).backward.attention_backward(
+            dq, dk, dv = kernel_modules().backward.attention_backward(
                 _contiguous_last(grad_out.to(q.dtype)), q, k, v, out, lse, key_range, causal, scale,
                 _precision(q.dtype, interpret), options.block_m, options.block_n)
         return dq, dk, dv, None, None, None, None
@@ -293,8 +314,7 @@ def triton_attention(
         picks it from the shapes. num_splits: its number of key slices (None: from the shapes).
 
     Differentiable in q, k, v. lse[b, h, t] = log sum_j exp(score) over the keys the
-    query sees (-inf when none), so the weights are exp(score - lse)
-    (`multihead.weights`).
+    query sees (-inf when none), so the weights are exp(score - lse).
     """
     call = make_call(q, k, v, causal=causal, scale=scale)
     reason = _where_it_runs(q) or _kernel_limits(q, v)
@@ -306,10 +326,10 @@ def triton_attention(
     if decode is not None and not isinstance(decode, bool):
         raise TypeError(f"decode must be a bool or None, got {type(decode).__name__} {decode!r}")
     key_range = _check_key_lengths(key_lengths, q.shape[0], q.device)
-    return _apply(q, k, v, key_range, call.causal, call.scale, Options(block_m, block_n, decode, num_splits))
+    return _apply(q, k, v, key_range, call.causal, call.scale, Launch(block_m, block_n, decode, num_splits))
 
 
-def _apply(q, k, v, key_range, causal, scale, options=Options()) -> TritonOutput:
+def _apply(q, k, v, key_range, causal, scale, options=Launch()) -> TritonOutput:
     out, lse = _TritonAttention.apply(q, k, v, key_range, causal, scale, options)
     return TritonOutput(out, lse)
 
@@ -345,12 +365,13 @@ class TritonBackend:
         q, k, v = _contiguous_last(call.q), _contiguous_last(call.k), _contiguous_last(call.v)
         if call.q_len == 0 or call.kv_len == 0 or call.batch * call.heads == 0:
             return Gradients(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
-        interpret = _interpreted(q)
+        kernels = kernel_modules()
+        interpret = kernels.interpreted
         grad_out = _contiguous_last(grad_out.to(q.dtype))  # (B, H, T, Dv)
         out = _contiguous_last(out.to(q.dtype))  # (B, H, T, Dv)
         lse = lse.to(torch.float32).contiguous()  # (B, H, T): the kernels read it as one float32 row per head
         with torch.no_grad(), _on_device(q):
-            dq, dk, dv = _kernels(interpret).backward.attention_backward(
+            dq, dk, dv = kernels.backward.attention_backward(
                 grad_out, q, k, v, out, lse, key_range, call.causal, call.scale, _precision(q.dtype, interpret))
         return Gradients(dq, dk, dv)
 
@@ -365,5 +386,5 @@ def _key_range(call: AttentionCall) -> KeyRange | None:
     return keys.from_mask(call.attn_mask, call.batch)  # on the device
 
 
-__all__ = ["KeyRange", "Kernels", "Options", "TritonBackend", "TritonOutput", "kernel_modules", "keys",
-           "triton_attention", "triton_installed"]
+__all__ = ["KeyRange", "Kernels", "Launch", "TritonBackend", "TritonOutput", "interpreting", "kernel_modules",
+           "keys", "triton_attention", "triton_installed"]

@@ -23,23 +23,14 @@ row or key index times a stride are int64, as in the forward.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import triton
 import triton.language as tl
 
 from . import configs
-
-# A sequence's key bounds are forward.py's `kv_bounds`, taken from the copy the loader made in this
-# module's mode (it loads forward.py first): a kernel calls jit functions of its own mode.
-kv_bounds = sys.modules[__name__.replace("._backward_", "._forward_")].kv_bounds
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from .forward import kv_bounds  # a sequence's key bounds
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e)
-
 
 
 @triton.jit
@@ -67,6 +58,10 @@ def _bwd_preprocess(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(Delta + row, delta, mask=offs_m < T)
     tl.store(Lse2 + row, lse2, mask=offs_m < T)
+
+
+# How triton.jit made this module's kernels: for the interpreter, or compiled (see forward.py).
+INTERPRET = not isinstance(_bwd_preprocess, triton.JITFunction)
 
 
 @triton.jit
@@ -309,12 +304,10 @@ def _autotuned(kernel: str, fn):
 # What changes the best tile; T_BUCKET and S_BUCKET are powers of two (`configs.length_bucket`).
 AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_LENGTHS", "HAS_KEYMASK", "PRECISION",
                 "T_BUCKET", "S_BUCKET"]
-if INTERPRET:
-    _dkdv_launch, _dq_launch = _bwd_dkdv_kernel, _bwd_dq_kernel
-else:
-    # dk/dv hold a key tile on chip and stream query blocks past it, dq the other way round.
-    _dkdv_launch = _autotuned("dkdv", _bwd_dkdv_kernel)
-    _dq_launch = _autotuned("dq", _bwd_dq_kernel)
+# The compiled launches (the interpreter launches the kernels with the caller's tiles). dk/dv hold a key tile
+# on chip and stream query blocks past it, dq the other way round.
+_dkdv_launch = _autotuned("dkdv", _bwd_dkdv_kernel)
+_dq_launch = _autotuned("dq", _bwd_dq_kernel)
 
 _PRE_BLOCK_M = 64
 
@@ -369,8 +362,8 @@ def attention_backward(grad_out, q, k, v, out, lse, keys, causal: bool, scale: f
                                              precision)
     if INTERPRET:
         bm, bn = block_m or 32, block_n or 32
-        _dkdv_launch[(triton.cdiv(S, bn), G, B)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn)
-        _dq_launch[(triton.cdiv(T, bm), H, B)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        _bwd_dkdv_kernel[(triton.cdiv(S, bn), G, B)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        _bwd_dq_kernel[(triton.cdiv(T, bm), H, B)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn)
     else:
         _dkdv_launch[lambda META: (triton.cdiv(S, META["BLOCK_N"]), G, B)](*dkdv_args, **meta)
         _dq_launch[lambda META: (triton.cdiv(T, META["BLOCK_M"]), H, B)](*dq_args, **meta)

@@ -21,14 +21,12 @@ so a decode step can be captured in a CUDA graph and replayed with new lengths. 
 bottom-right aligned as everywhere: query t sees keys j <= t + S - T. Offsets built from a row or
 key index times a stride are int64.
 
-Like forward.py, this module is loaded once per mode (interpreted, compiled).
+Like forward.py, whose mode (compiled or interpreted) it shares, an ordinary module.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import sys
 from typing import NamedTuple
 
 import torch
@@ -36,15 +34,9 @@ import triton
 import triton.language as tl
 
 from . import configs
-
-# The online-softmax step over one key tile (`attend_tile`) and a sequence's key bounds (`kv_bounds`)
-# are forward.py's, taken from the copy the loader made in this module's mode (it loads forward.py
-# first): a kernel calls jit functions of its own mode. Here attend_tile's query positions are t,
-# each row's query within its head (row r * T + t).
-_forward = sys.modules[__name__.replace("._decode_", "._forward_")]
-attend_tile, kv_bounds = _forward.attend_tile, _forward.kv_bounds
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# The online-softmax step over one key tile and a sequence's key bounds. Here attend_tile's query
+# positions are t, each row's query within its head (row r * T + t).
+from .forward import attend_tile, kv_bounds
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e)
 MAX_T = 16  # the decode path takes up to this many queries per sequence
@@ -118,6 +110,10 @@ def _decode_split_kernel(
     tl.store(PartO + (part[:, None] * HEAD_DIM_V + offs_dv[None, :]), acc,
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(PartLse + part, lse2, mask=row_ok)
+
+
+# How triton.jit made this module's kernels: for the interpreter, or compiled (see forward.py).
+INTERPRET = not isinstance(_decode_split_kernel, triton.JITFunction)
 
 
 @triton.jit

@@ -28,14 +28,13 @@ never copied per head. Head dims that are not powers of two are padded to
 the next one inside the kernel (masked loads, zeros in the padding), which
 changes no dot product.
 
-This module is loaded twice at most by `multihead.backends.triton`: once
-with TRITON_INTERPRET=1 (CPU tensors, the interpreter) and once without
-(CUDA), since triton.jit decides which at decoration time.
+An ordinary module: triton.jit decorates its kernels compiled or for the
+interpreter as TRITON_INTERPRET says when it is imported;
+`multihead.backends.triton.kernel_modules()` imports it in the mode triton
+runs in.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -43,11 +42,7 @@ import triton.language as tl
 
 from . import configs
 
-# Read when this copy of the module was loaded: the loader sets it to match.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e)
-
 
 
 @triton.jit
@@ -61,6 +56,11 @@ def kv_bounds(KeyLo, KeyHi, b, S, HAS_LENGTHS: tl.constexpr):
         kv_hi = S
         kv_lo = S
     return kv_lo, kv_hi
+
+
+# How triton.jit made this module's kernels (it reads TRITON_INTERPRET as it decorates): for the interpreter
+# (CPU tensors; launched with the caller's tiles) or compiled (autotuned).
+INTERPRET = not isinstance(kv_bounds, triton.JITFunction)
 
 
 @triton.jit
@@ -195,15 +195,13 @@ def _prune(candidates, named_args, **kwargs):
 AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_LENGTHS", "HAS_KEYMASK", "PRECISION",
                 "T_BUCKET", "S_BUCKET"]
 
-if INTERPRET:
-    _fwd_launch = _fwd_kernel  # block sizes come from the caller
-else:
-    _fwd_launch = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                 for bm, bn, w, s in configs.all_tiles("forward")],
-        key=AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": _prune},
-    )(_fwd_kernel)
+# The compiled launch; the interpreter launches _fwd_kernel with the caller's tiles.
+_fwd_launch = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+             for bm, bn, w, s in configs.all_tiles("forward")],
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune},
+)(_fwd_kernel)
 
 
 def padded_dim(d: int) -> int:
@@ -244,7 +242,7 @@ def attention_forward(q, k, v, keys, causal: bool, scale: float, precision: str,
     args, meta = kernel_args(q, k, v, out, lse, keys, causal, scale, precision)
     if INTERPRET:
         bm, bn = block_m or 32, block_n or 32
-        _fwd_launch[(triton.cdiv(T, bm), H, B)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        _fwd_kernel[(triton.cdiv(T, bm), H, B)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
     else:
         grid = lambda META: (triton.cdiv(T, META["BLOCK_M"]), H, B)  # noqa: E731
         _fwd_launch[grid](*args, **meta)
