@@ -40,9 +40,9 @@ float32's in brackets.
 - outputs: the logits (the last hidden state for encoders) of a call without weights, the plain fast
   kernel; "within the rule" also covers the outputs of the two calls with weights below.
 - attentions: every layer's weights (encoder, decoder and cross-attention for the encoder-decoders),
-  as the default gives them when every weight is asked for (multihead's one pass), and read off the
-  fused kernel's logsumexp (`multihead.hf.options(weights_from="kernel")`, what a choice of heads or
-  rows uses).
+  as the default gives them when every weight is asked for (multihead's one pass), and beside the
+  backend's kernel, which makes the output while the weights are computed apart
+  (`multihead.hf.options(weights_from="kernel")`, what a choice of heads or rows uses).
 - gradients: every parameter's after one training step (train mode, no dropout).
 - rows: a query row with no key to attend (a left-padding position of a decoder) is 0 under multihead
   and spread evenly by eager, and nothing real reads it, so rows are compared at the real query
@@ -62,9 +62,9 @@ def _cell(err: float, naive: float) -> str:
     return f"{err:.1e} ({naive:.1e})"
 
 
-def _worst(forward: dict, from_lse: bool) -> str:
+def _worst(forward: dict, beside_kernel: bool) -> str:
     """The attention cell: the kind (encoder, decoder, cross) furthest from the rule."""
-    suffix = " beside the kernel" if from_lse else " with weights"
+    suffix = " beside the kernel" if beside_kernel else " with weights"
     pairs = [pair for name, pair in forward.items() if "attentions" in name and name.endswith(suffix)]
     cell = _cell(*max(pairs, key=lambda pair: pair[0] - H.OUT_FACTOR * pair[1]))
     return cell + (f", worst of {len(pairs)} kinds" if len(pairs) > 1 else "")

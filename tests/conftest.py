@@ -37,6 +37,11 @@ _import_triton_language_for_the_interpreter()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One intra-op thread: `make test` runs two workers on two cores, and a second thread that must wait for
+# the other worker's core makes each small op hundreds of times slower (a hf benchmark test: 27 s with two
+# threads each under load, 2 s with one). Tests that time threads set their own.
+torch.set_num_threads(1)
+
 from multihead.backends.chunked import ChunkedBackend
 from multihead.backends.reference import attention_ref
 from multihead.core.call import AttentionOutput, make_call
@@ -164,6 +169,9 @@ def count_checks(monkeypatch) -> dict[str, int]:
     """
     import sys
 
+    import multihead.nn.compat  # noqa: F401  (the public modules load on first use: load them to patch them)
+    import multihead.ops.functional  # noqa: F401
+    import multihead.ops.weights  # noqa: F401
     from multihead.core import call as call_module
     from multihead.nn.cache import LayerCache
     from multihead.nn.latent import MultiHeadLatentAttention
@@ -188,3 +196,14 @@ def count_checks(monkeypatch) -> dict[str, int]:
             if getattr(module, "__name__", "").startswith("multihead") and vars(module).get(name) is real:
                 monkeypatch.setattr(module, name, counted(name, real))
     return counts
+
+
+@pytest.fixture(scope="session")
+def distributed_job(tmp_path_factory):
+    """job(N): every rank's results of tests/distributed_cases.py's world-size-N job, run once per session.
+
+    Once across pytest-xdist's workers too: they share the folder above their own temporary folders."""
+    import distributed_cases
+
+    shared = tmp_path_factory.getbasetemp().parent
+    return lambda N: distributed_cases.job(N, shared)

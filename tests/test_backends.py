@@ -247,3 +247,46 @@ def test_sdpa_without_autograd_zeroes_rows_with_no_key_and_keeps_nan_where_atten
         out_nan = mh.attention(q, k, v_nan, attn_mask=mask, backend="sdpa")
     assert out_nan[1].isnan().all() and not out_nan[0].isnan().any()
     assert torch.equal(out_nan[2], torch.zeros_like(out_nan[2]))
+
+
+# ---- the scale, half-precision biases and what a backend cannot do
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, -0.4])
+def test_zero_and_negative_scales_are_computed_on_every_backend(backend, scale):
+    q, k, v = make_qkv(2, 4, 2, 9, 9, 8, seed=1)
+    out = mh.attention(q, k, v, causal=True, scale=scale, backend=backend)
+    golden = attention_ref(q.double(), k.double(), v.double(), causal=True, scale=scale).out
+    assert torch.isfinite(out).all() and max_err(out, golden) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_scale_that_overflows_is_refused(backend):
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
+    with pytest.raises(ValueError, match="scale=1e\\+300 overflows the compute dtype"):
+        mh.attention(q, k, v, scale=1e300, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_finite_bias_stays_finite_in_half_precision(backend):
+    """-1e30 must not become -inf in float16 and turn a row into one with no key."""
+    q, k, v = make_qkv(1, 2, 2, 3, 4, 8, seed=3)
+    mask = torch.zeros(1, 1, 3, 4)
+    mask[..., 1, :] = -1e30  # row 1: every key carries a huge but finite bias
+    want = mh.attention(q, k, v, attn_mask=mask, backend=backend)  # float32
+    got = mh.attention(q.half(), k.half(), v.half(), attn_mask=mask, backend="auto" if backend == "sdpa" else backend)
+    assert got[0, :, 1].abs().sum() > 0  # the row attends (uniformly): not the output 0 of "no key"
+    assert max_err(got, want) < 1e-2
+
+
+def test_a_head_dim_of_zero_gives_the_mean_of_the_values():
+    q, k, v = torch.zeros(1, 1, 2, 0), torch.zeros(1, 1, 3, 0), torch.randn(1, 1, 3, 2)  # D = 0: every score 0
+    assert torch.allclose(attention_ref(q, k, v).out, v.mean(dim=2, keepdim=True).expand(1, 1, 2, 2))
+
+
+def test_a_second_backward_through_chunked_says_it_cannot():
+    q, k, v = make_qkv(1, 2, 2, 4, 5, 8, requires_grad=True)
+    out = mh.attention(q, k, v, backend="chunked")
+    with pytest.raises(RuntimeError, match="the chunked backend has no second derivative"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)

@@ -1,11 +1,12 @@
-"""`multihead demo` end to end, and `multihead visualize` on MiniLM and on a local GPT-2 folder."""
+"""`multihead demo` end to end on MiniLM, and `multihead visualize` on a local GPT-2 folder and its errors.
+
+The demo draws MiniLM's 6 x 12 heads (the costly pictures) once; --token and --layer are followed to the
+files on the small GPT-2, and MiniLM's tokens are resolved in tests/test_cli_options.py."""
 
 from __future__ import annotations
 
-import os
+import json
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -24,14 +25,13 @@ def _png_ok(path) -> None:
     assert len({tuple(px) for px in image.reshape(-1, image.shape[2])[::97].tolist()}) > 20  # not blank
 
 
-def test_demo_end_to_end_in_a_real_process(tmp_path):
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    """`multihead demo`, in this process (the console script and `python -m multihead` run in tests/test_cli.py)."""
+    monkeypatch.delenv("FORCE_COLOR", raising=False)  # off a terminal: plain text, 120 columns
     out = tmp_path / "pictures"
-    env = {**os.environ, "COLUMNS": "120"}
-    env.pop("FORCE_COLOR", None)
-    proc = subprocess.run([sys.executable, "-m", "multihead", "demo", "--out", str(out), "--repeats", "2"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = proc.stdout
+    assert main(["demo", "--out", str(out), "--repeats", "1"]) == 0
+    captured = capsys.readouterr()
+    text = captured.out
     # 1. the walkthrough in short
     assert re.search(r"loop vs batched module: max \|difference\| = \S+ \(tolerance 1e-12\): agree", text)
     # 2. MiniLM checked against sentence-transformers
@@ -52,16 +52,7 @@ def test_demo_end_to_end_in_a_real_process(tmp_path):
     # 4. the comparison with torch, outputs equal
     diffs = re.findall(r"\d+x\s+(\d\.\de[+-]\d+)\s*$", text, flags=re.M)
     assert len(diffs) == 4 and all(float(d) < 1e-5 for d in diffs)
-    assert "Traceback" not in proc.stderr
-
-
-def test_visualize_minilm(tmp_path, capsys):
-    assert main(["visualize", "All is well, said the animal", "--token", "well", "--layer", "2",
-                 "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "Where each head looks from 'well' (token 3)" in out
-    assert "Per-head statistics, layer 2" in out
-    assert (tmp_path / "layer2.png").is_file() and (tmp_path / "heads.html").is_file()
+    assert "Traceback" not in captured.err
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +63,27 @@ def gpt2_folder(tmp_path_factory):
     return directory
 
 
+def _page_settings(path) -> dict:
+    found = re.search(r'<script type="application/json" id="mh-data">(.*?)</script>', path.read_text(), re.S)
+    assert found, "no data block in the page"
+    data = json.loads(found.group(1))
+    return {key: data[key] for key in ("start_layer", "start_focus")}
+
+
 def test_visualize_a_local_gpt2(gpt2_folder, tmp_path, capsys):
-    assert main(["visualize", "the cat sat on the mat", "--model", str(gpt2_folder), "--token", "mat",
+    """--token (a word the tokenizer cuts into pieces) and --layer, from the command line to the files."""
+    text = "the dog sat on the mattress"  # the tokens the, dog, sat, on, the, mat, t, r, e, s, s
+    assert main(["visualize", text, "--model", str(gpt2_folder), "--token", "mattress", "--layer", "1",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "gpt2, 2 layers x 4 heads" in out
-    assert "Where each head looks from 'mat'" in out
+    # the note on the pieces, on one line, then the report about the first piece
+    assert "'mattress' is the tokens mat t r e s s; the table is about its first piece, 'mat'\n" in out
+    assert "Where each head looks from 'mat' (token 5)" in out and "Per-head statistics, layer 1" in out
     _png_ok(tmp_path / "heads.png")
-    html = (tmp_path / "heads.html").read_text()
-    assert " sat" in html or "sat" in html
+    assert (tmp_path / "layer1.png").is_file() and not (tmp_path / "layer0.png").exists()
+    assert _page_settings(tmp_path / "heads.html") == {"start_layer": 1, "start_focus": 5}  # the page opens on it
+    assert " sat" in (tmp_path / "heads.html").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -95,6 +98,7 @@ def test_visualize_errors_are_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("multihead visualize: error: ")
     assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "heads.html").exists()
 
 
 def test_visualize_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):

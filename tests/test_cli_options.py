@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import multihead
-from multihead.tools.cli import main
+from multihead.tools.cli import TokenChoice, UsageError, main, resolve_token
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "Hannibel saw the cat, and the cat saw Hannibel"  # MiniLM: [CLS] han ##ni ##bel saw the cat , and ...
@@ -27,16 +27,15 @@ def minilm():
     return load("minilm")
 
 
-def visualize(tmp_path, capsys, *args) -> tuple[int, str, str]:
-    code = main(["visualize", TEXT, "--out", str(tmp_path), *args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_the_tokens_of_the_example_text(minilm):
     tokens = minilm.tokenize([TEXT]).tokens[0]
     assert tokens[:7] == ["[CLS]", "han", "##ni", "##bel", "saw", "the", "cat"]
     assert [i for i, t in enumerate(tokens) if t == "cat"] == [6, 10]
+
+
+# --token is resolved against the tokenized text (resolve_token, below); how the chosen token reaches the
+# report, its notes the console and the page's start_focus is checked end to end in
+# tests/test_cli_models.py::test_visualize_a_local_gpt2 (a word of pieces, --layer) and the MiniLM demo.
 
 
 @pytest.mark.parametrize("spec, query, notes", [
@@ -50,28 +49,31 @@ def test_the_tokens_of_the_example_text(minilm):
     # a piece as printed, and its occurrence
     ("##bel@3", 3, []),
 ])
-def test_token_picks_a_word_a_piece_or_an_occurrence(minilm, tmp_path, capsys, spec, query, notes):
-    code, out, err = visualize(tmp_path, capsys, "--token", spec)
-    assert code == 0, err
-    lines = out.splitlines()
-    assert [line for line in lines if "occurs" in line or "is the tokens" in line] == notes
-    token = minilm.tokenize([TEXT]).tokens[0][query]
-    assert f"Where each head looks from {token!r} (token {query})" in out
-    assert re.search(rf'"start_focus": *{query}\b', (tmp_path / "heads.html").read_text())  # the page opens on it
+def test_token_picks_a_word_a_piece_or_an_occurrence(minilm, spec, query, notes):
+    choice = resolve_token(spec, minilm.tokenize([TEXT]))
+    assert choice == TokenChoice(query, tuple(notes))
 
 
 @pytest.mark.parametrize("spec, message", [
     ("dog", r"--token 'dog' is not in the text, as a word or a token; its words are: Hannibel saw the cat , and"),
     ("cat@7", r"--token 'cat@7': token 7 is ',', not 'cat'"),
     ("cat@99", r"--token 'cat@99': the text has tokens 0\.\.15, not 99"),
-    ("  ", r"--token is empty"),
 ])
-def test_a_token_that_matches_nothing_is_one_line(minilm, tmp_path, capsys, spec, message):
-    code, out, err = visualize(tmp_path, capsys, "--token", spec)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("multihead visualize: error: "), err
-    assert re.search(message, lines[0]), lines[0]
-    assert not (tmp_path / "heads.html").exists()
+def test_a_token_that_matches_nothing_is_named(minilm, spec, message):
+    with pytest.raises(UsageError) as raised:
+        resolve_token(spec, minilm.tokenize([TEXT]))
+    assert re.fullmatch(message + ".*", str(raised.value)) and "\n" not in str(raised.value)
+
+
+def test_an_empty_token_is_one_line_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
+    import multihead.tools.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda spec: pytest.fail("loaded a model for an empty --token"))
+    assert main(["visualize", TEXT, "--out", str(tmp_path), "--token", "  "]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("multihead visualize: error: --token is empty"), captured.err
+    assert captured.out == "" and not (tmp_path / "heads.html").exists()
 
 
 @pytest.mark.parametrize("command", [["visualize", "All is well"], ["demo"]])
@@ -88,11 +90,9 @@ def test_out_on_an_existing_file_is_one_line(tmp_path, capsys, command):
 
 
 def test_version(capsys):
+    # in a real process too: tests/test_cli.py::test_help_and_argument_errors_import_no_torch
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"multihead {multihead.__version__}"
-    proc = subprocess.run([sys.executable, "-m", "multihead", "--version"], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0 and proc.stdout.strip() == f"multihead {multihead.__version__}"
 
 
 def test_py_typed_ships_with_the_package(tmp_path):
@@ -103,8 +103,9 @@ def test_py_typed_ships_with_the_package(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path / "dist"), str(tmp_path)],
+    # setuptools' PEP 517 hook in one process: what `pip wheel --no-build-isolation` runs, without pip around it
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     if proc.returncode != 0 and "No module named" in proc.stderr:
         pytest.skip(f"cannot build a wheel here: {proc.stderr.strip().splitlines()[-1]}")

@@ -205,3 +205,39 @@ def test_the_eager_pass_with_weights_equals_the_reference(grad, dtype, masked):
             attention_ref(*ref_in, attn_mask=mask, causal=True).out.sum(), ref_in)
         for g, r in zip(grads, ref_grads):
             assert torch.isfinite(g).all() and max_err(g, r) < 10 * tol
+
+
+def test_sdpa_refuses_a_float_mask_of_another_dtype_and_says_why():
+    q, k, v = make_qkv(1, 2, 2, 3, 4, 8, dtype=torch.float16)
+    report = mh.which_backend(q, k, v, attn_mask=torch.zeros(3, 4))
+    assert "cast the mask to q's dtype" in report.reasons["sdpa"] and report.chosen == "chunked"
+    assert mh.which_backend(q, k, v, attn_mask=torch.zeros(3, 4, dtype=torch.float16)).chosen == "sdpa"
+
+
+def test_which_backend_checks_return_lse_and_float8_inputs_are_refused():
+    q, k, v = make_qkv(1, 2, 2, 3, 5, 4)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        mh.which_backend(q, k, v, return_lse="no")
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"):
+        mh.attention(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda q: mh.attention([[1.0]], q, q), TypeError, "q must be a torch.Tensor"),
+    (lambda q: mh.attention(q.long(), q, q), TypeError, "q must be float16"),
+    (lambda q: mh.attention(q, q, q.int()), TypeError, "v must be float16"),
+    (lambda q: mh.attention(q, q.double(), q), TypeError, "k has dtype torch.float64 but q has"),
+    (lambda q: mh.attention(q, q, q.to("meta")), ValueError, "v is on meta but q is on cpu"),
+    (lambda q: mh.attention(q[0], q, q), ValueError, "q has 3 dims"),
+    (lambda q: mh.attention(q, q[None], q.int()), ValueError, "k has 5 dims"),
+    (lambda q: mh.attention(q, q, q, attn_mask=torch.ones(3, 3, dtype=torch.long)), TypeError,
+     "attn_mask must be bool"),
+    (lambda q: mh.attention(q, q, q, scale=float("nan")), ValueError, "scale must be a finite number"),
+    (lambda q: mh.attention(q, q, q, scale=1e39), ValueError, "overflows the compute dtype"),
+])
+def test_argument_errors_name_the_argument_what_was_expected_and_what_came(call, error, words):
+    """make_call's one-expression fast check still falls through to errors that name the argument, what was
+    expected and what came (held up under an adversarial pass over the per-call fast paths)."""
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(error, match=words):
+        call(q)

@@ -1,16 +1,18 @@
 """Compiled decoding: GPT-2 and Llama steps compile whole, once, and decode the eager tokens.
 
 - One decode step with a StaticCache (the prompt's chunk and single tokens)
-  traces with 0 graph breaks (`torch._dynamo.explain`), through the checked
-  `forward` (each layer's call checked once) and the lean `decode_step`
-  (no argument check at all, counted inside the compiled graph).
+  traces with 0 graph breaks (`torch._dynamo.explain`, and fullgraph=True),
+  through the checked `forward` (each layer's call checked once) and the
+  lean `decode_step` (no argument check at all, counted inside the compiled
+  graph).
 - Compiled (fullgraph=True, dynamic=False) it gives the eager outputs and,
   after the expected compiles, is replayed without recompiling as the cache
-  fills (`error_on_recompile`).
+  fills (`error_on_recompile`, a frame counter). One test per path: the
+  trace, the counts and the compiled numbers share its model and compile.
 - `generate(compile=...)` chooses the eager tokens; the compiled step is
   kept per model without keeping the model alive; bad values are refused.
-- The "no key" rule (output 0, gradient 0) holds compiled, where nothing
-  may read a tensor on the host.
+- (The "no key" rule compiled, output 0 and gradient 0 with nothing read
+  on the host, is tests/test_compile.py's.)
 
 The suite compiles with backend="aot_eager" or "eager" (fast on two cores);
 one end-to-end test uses inductor. A compile slower than COMPILE_BUDGET_S
@@ -25,9 +27,9 @@ import weakref
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import max_err
-from multihead import MultiHeadAttention
 from multihead.generate import CompileConfig, generate, static_length, stream
 from multihead.models.gpt2 import GPT2, GPT2Config
 from multihead.models.llama import Llama, LlamaConfig
@@ -66,8 +68,9 @@ class Budget:
             pytest.skip(f"torch.compile took over {COMPILE_BUDGET_S:.0f} s on this CPU")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def fresh_dynamo():
+    """For the tests that compile: no earlier compile in the counts, none left behind."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -84,89 +87,95 @@ def lean_step(model, chunk, cache):
 # ---- item 2: one step compiles whole, once
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("step", [checked_step, lean_step], ids=["forward", "decode_step"])
-def test_prefill_and_single_token_steps_trace_without_graph_breaks(kind, step, monkeypatch):
+def test_a_step_traces_whole_checks_once_equals_eager_and_does_not_recompile_as_the_cache_fills(
+        kind, step, monkeypatch):
+    """One path, one model, one compile: explain's graph breaks, the checks counted in the graph, eager's logits.
+
+    The checked forward compiles the prompt's chunk and then single tokens (2 graphs); decode_step continues a
+    cache that the eager checked forward started (1 graph). explain traces the chunk the compile does not
+    see as its first shape (a single token for the forward, a 3-token chunk for decode_step); fullgraph=True
+    refuses any break in the compiled ones.
+    """
     from conftest import count_checks
 
-    model = make_model(kind)
-    L = model.config.num_layers
-    cache = model.make_cache(batch_size=2, max_length=16, static=True)
-    with torch.no_grad():
-        if step is lean_step:  # decode_step continues a cache that the checked forward started
-            model(ids(2, 5), cache=cache)
-            chunks = [ids(2, 3, seed=1), ids(2, 1, seed=2)]
-        else:
-            chunks = [ids(2, 5), ids(2, 1, seed=2)]
-        counts = count_checks(monkeypatch)
-        for chunk in chunks:  # a prompt-sized chunk, then one token
-            counts.update(dict.fromkeys(counts, 0))
-            report = torch._dynamo.explain(step)(model, chunk, cache)
-            assert report.graph_break_count == 0, [b.reason for b in report.break_reasons]
-            assert report.graph_count == 1
-            # dynamo replays the counters' side effects on each run of the graph: the traced checked forward
-            # checks each layer's call once; the compiled decode step runs no check, only each module's step
-            checked = 0 if step is lean_step else L
-            assert counts == dict(inputs=checked, latent=0, make_call=0, check_mask=checked, plan=checked,
-                                  update=L, decode=L - checked), counts
-    assert cache.lengths.tolist() == ([9, 9] if step is lean_step else [6, 6])
-
-
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-@pytest.mark.parametrize("step", [checked_step, lean_step], ids=["forward", "decode_step"])
-def test_compiled_step_equals_eager_and_does_not_recompile_as_the_cache_fills(kind, step):
     model = make_model(kind, torch.float64)
+    L = model.config.num_layers
+    checked = 0 if step is lean_step else L
+    # dynamo replays the counters' side effects on each run of the graph: the traced checked forward
+    # checks each layer's call once; the compiled decode step runs no check, only each module's step
+    per_call = dict(inputs=checked, latent=0, make_call=0, check_mask=checked, plan=checked, update=L,
+                    decode=L - checked)
     x = ids(2, 9, seed=3)
-    eager_cache = model.make_cache(batch_size=2, max_length=12, static=True)
-    cache = model.make_cache(batch_size=2, max_length=12, static=True)
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
-    budget = Budget()
+    eager_cache, explain_cache, cache = (model.make_cache(batch_size=2, max_length=12, static=True)
+                                         for _ in range(3))
     with torch.no_grad():
         eager = [model(x[:, :4], cache=eager_cache).logits] + [
             step(model, x[:, t:t + 1], eager_cache) for t in range(4, 9)]
-        first = model if step is lean_step else compiled  # decode_step continues a checked prefill
-        outs = [(checked_step if first is model else compiled)(model, x[:, :4], cache)]
-        outs.append(compiled(model, x[:, 4:5], cache))  # the one-token graph: the expected compile
-        budget.check()
-        with torch._dynamo.config.patch(error_on_recompile=True):  # same shapes from here on
-            outs += [compiled(model, x[:, t:t + 1], cache) for t in range(5, 9)]
+        model(x[:, :4], cache=explain_cache)
+        counts = count_checks(monkeypatch)
+        report = torch._dynamo.explain(step)(model, ids(2, 3 if step is lean_step else 1, seed=1), explain_cache)
+        assert report.graph_break_count == 0, [b.reason for b in report.break_reasons]
+        assert report.graph_count == 1
+        assert counts == per_call, counts
+        torch._dynamo.reset()
+
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=False)
+        budget = Budget()
+        outs = []
+        for t, chunk in [(0, x[:, :4])] + [(t, x[:, t:t + 1]) for t in range(4, 9)]:
+            counts.update(dict.fromkeys(counts, 0))
+            if t == 0 and step is lean_step:  # decode_step continues a checked prefill
+                outs.append(checked_step(model, chunk, cache))
+                continue
+            with torch._dynamo.config.patch(error_on_recompile=t > 4):  # same shapes after the one-token graph
+                outs.append(compiled(model, chunk, cache))
+            assert counts == per_call, (t, counts)
+            budget.check()
+    assert counter.frame_count == (1 if step is lean_step else 2)
     assert max_err(torch.cat(outs, 1), torch.cat(eager, 1)) < TIGHT
-    assert cache.lengths.tolist() == [9, 9]
+    assert cache.lengths.tolist() == [9, 9] and explain_cache.lengths.tolist() == [7 if step is lean_step else 5] * 2
 
 
 # ---- generate(compile=...)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_generate_compiled_gives_the_eager_tokens_for_a_padded_batch(kind):
-    model = make_model(kind)
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_generate_compiled_gives_the_eager_tokens_greedy_and_sampled_and_lets_the_model_go():
+    """A padded batch with a stop token (the step gets a feed mask), greedy then sampled with a seed, on one
+    compiled step: the eager tokens, no recompile; the compiled step does not keep the model alive."""
+    model = make_model("llama")
     prompt = ids(3, 6, seed=4)
     key_mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4, [True] * 4 + [False] * 2])
     settings = dict(key_mask=key_mask, max_new_tokens=9, stop_tokens=(7,))
+    config = CompileConfig(backend="aot_eager")
     eager = generate(model, prompt, **settings)
     budget = Budget()
-    compiled = generate(model, prompt, compile=CompileConfig(backend="aot_eager"), **settings)
+    compiled = generate(model, prompt, compile=config, **settings)
     budget.check()
     assert torch.equal(compiled.tokens, eager.tokens)
     assert torch.equal(compiled.lengths, eager.lengths) and torch.equal(compiled.finished, eager.finished)
     assert len(set(eager.tokens[:, 6:].flatten().tolist())) > 3, "a varied continuation: the check means something"
-    # another call of the same batch size and cache length (prompt + new tokens round alike): no new compile
+    # other calls of the same batch size and cache length (prompt + new tokens round alike): no new compile
+    sampling = dict(settings, do_sample=True, temperature=0.8, top_k=20, seed=11)
+    sampled_eager = [s.tokens for s in stream(model, prompt, **sampling)]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        again = generate(model, prompt, compile=CompileConfig(backend="aot_eager"),
-                         **dict(settings, max_new_tokens=12))
+        again = generate(model, prompt, compile=config, **dict(settings, max_new_tokens=12))
+        sampled = [s.tokens for s in stream(model, prompt, compile=config, **sampling)]
     for b, n in enumerate(compiled.lengths.tolist()):  # the longer run begins with the shorter one
         assert again.tokens[b, :n].tolist() == compiled.tokens[b, :n].tolist()
+    assert torch.equal(torch.stack(sampled), torch.stack(sampled_eager))
+    assert not torch.equal(torch.stack(sampled_eager), eager.tokens[:, 6:6 + len(sampled_eager)].T), "it sampled"
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None, "the compiled step keeps the model alive"
 
 
-def test_generate_compiled_samples_the_eager_tokens_with_a_seed():
-    model = make_model("llama")
-    prompt = ids(2, 5, seed=5)
-    settings = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, seed=11)
-    eager = [step.tokens for step in stream(model, prompt, **settings)]
-    compiled = [step.tokens for step in stream(model, prompt, compile=CompileConfig(backend="eager"), **settings)]
-    assert torch.equal(torch.stack(compiled), torch.stack(eager))
-
-
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_generate_compiled_with_inductor_gives_the_eager_tokens():
     model = make_model("gpt2")
     prompt = ids(2, 5, seed=6)
@@ -177,6 +186,7 @@ def test_generate_compiled_with_inductor_gives_the_eager_tokens():
     assert torch.equal(compiled.tokens, eager.tokens)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_the_cuda_graph_mode_copies_the_lengths_out_of_the_step_and_gives_the_eager_tokens():
     """mode="reduce-overhead" (CUDA graphs on CUDA) wraps the step; traced here without code generation."""
     model = make_model("llama")
@@ -196,6 +206,7 @@ def test_the_cuda_graph_mode_copies_the_lengths_out_of_the_step_and_gives_the_ea
     assert cache.lengths.tolist() == shared.tolist() == [6, 6]
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_generate_compiled_with_cuda_graphs_gives_the_eager_tokens():
     from torch._dynamo.utils import counters
@@ -211,15 +222,6 @@ def test_generate_compiled_with_cuda_graphs_gives_the_eager_tokens():
         again = generate(model, prompt, compile=True, **settings)
     assert torch.equal(compiled.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
     assert counters["inductor"]["cudagraph_skips"] == 0, "the step must replay as a CUDA graph"
-
-
-def test_the_compiled_step_does_not_keep_the_model_alive():
-    model = make_model("gpt2")
-    generate(model, ids(1, 3), max_new_tokens=3, compile=CompileConfig(backend="eager"))
-    alive = weakref.ref(model)
-    del model
-    gc.collect()
-    assert alive() is None
 
 
 def test_static_length_rounds_up_to_a_power_of_two_within_the_positions():
@@ -250,8 +252,9 @@ def test_compile_needs_the_cache_and_a_known_mode():
 # ---- the lean step is the checked forward's arithmetic
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-@pytest.mark.parametrize("static", [False, True])
+# the other two pairs of (model, cache kind) take one paused step in
+# tests/test_models_decoder.py::test_a_decode_step_checks_each_layer_at_most_once
+@pytest.mark.parametrize("kind, static", [("gpt2", False), ("llama", True)])
 def test_decode_step_equals_the_checked_forward_with_padding(kind, static):
     model = make_model(kind, torch.float64)
     caches = [model.make_cache(batch_size=2, max_length=20, static=True) if static
@@ -268,25 +271,3 @@ def test_decode_step_equals_the_checked_forward_with_padding(kind, static):
             chunk = ids(2, 2, seed=20 + t)
             assert max_err(model.decode_step(chunk, caches[1]), model(chunk, cache=caches[0]).logits) < TIGHT
     assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [17, 19]
-
-
-# ---- the "no key" rule, compiled
-
-
-def test_a_row_with_no_key_gives_zero_output_and_gradient_when_compiled():
-    torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 4, dtype=torch.float64)
-    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
-    key_mask = torch.tensor([[True] * 5, [False] * 5])  # sequence 1 has no key at all
-
-    def attend(x):
-        return mha(x, key_mask=key_mask).output
-
-    report = torch._dynamo.explain(attend)(x)
-    assert report.graph_break_count == 0, [b.reason for b in report.break_reasons]
-    out = torch.compile(attend, backend="aot_eager", fullgraph=True, dynamic=False)(x)
-    bias = mha.out_proj.bias.detach()
-    assert torch.equal(out[1], bias.expand(5, 16)), "no key: the attention is 0, only W^O's bias remains"
-    out.sum().backward()
-    assert torch.equal(x.grad[1], torch.zeros(5, 16, dtype=torch.float64))
-    assert max_err(out[0], attend(x)[0]) < TIGHT

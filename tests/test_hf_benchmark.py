@@ -1,24 +1,38 @@
 """benchmarks/hf.py and benchmarks/hf_architectures.py run and write what they say.
 
-Tiny sizes: these check the scripts, not the speed.
+Tiny sizes: these check the scripts, not the speed; both run in this process.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_hf_benchmark_quick_run_writes_its_tables(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hf.py"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "MiniLM: attn_implementation='multihead' against 'sdpa'" in done.stdout
-    assert "What the weights cost" in done.stdout
+@pytest.fixture
+def benchmarks_on_path(monkeypatch):
+    """benchmarks/ importable, as it is for a script run from there (hf.py imports cpu.py beside it)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+def test_hf_benchmark_quick_run_writes_its_tables(tmp_path, capsys, benchmarks_on_path):
+    script = load_script(ROOT / "benchmarks" / "hf.py", "multihead_bench_hf")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # under pytest -n 2 the other worker has the second core; speed is not checked
+    try:
+        assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "MiniLM: attn_implementation='multihead' against 'sdpa'" in out
+    assert "What the weights cost" in out
     (result,) = tmp_path.glob("hf-*-quick.json")
     data = json.loads(result.read_text())
     assert data["torch"] and data["transformers"] and data["device"]
@@ -39,12 +53,8 @@ def test_hf_benchmark_quick_run_writes_its_tables(tmp_path):
         assert rows["eager, every weight"]["vs_eager_time"] == 1.0
 
 
-def test_architecture_table_is_written_from_the_comparisons(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import hf_architectures
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def test_architecture_table_is_written_from_the_comparisons(tmp_path, monkeypatch, benchmarks_on_path):
+    import hf_architectures
     import hf_cases
 
     gpt2 = hf_cases.BY_NAME["GPT-2"]

@@ -49,3 +49,18 @@ def test_every_projection_of_the_module_honours_a_hook():
     with torch.no_grad():
         m(torch.randn(1, 3, 16))
     assert seen == ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def test_an_instance_forward_override_is_honoured():
+    """Once failed (fused_linear.py:143-146 `_plain`, used by call_linear and Stacked.get): a layer whose
+    *instance* forward was replaced (`layer.forward = ...`, which is how accelerate's add_hook_to_module installs
+    offloading/device hooks, and how many quantization and debugging tools patch layers) was treated as plain:
+    F.linear was called with its parameters and the override bypassed, in grad mode too (out_proj always goes
+    through call_linear). nn.Linear itself honours it, and so did the module before the change.
+    """
+    torch.manual_seed(0)
+    m = MultiHeadAttention(16, 4).eval()
+    x = torch.randn(1, 2, 16)
+    original = m.out_proj.forward
+    m.out_proj.forward = lambda inp: 0 * original(inp)
+    assert m(x).output.abs().max() == 0

@@ -193,3 +193,20 @@ def test_rope_offsets_follow_each_sequences_own_length(kind):
         for b in range(2):
             alone = mha(streams[b][None]).output[0]
             assert max_err(torch.cat(outs[b]), alone) < TIGHT, f"sequence {b}"
+
+
+def test_negative_positions_are_refused_by_the_module():
+    mha = MultiHeadAttention(16, 2, causal=True, rope=RotaryEmbedding(8))
+    with pytest.raises(ValueError, match=r"positions must be >= 0 \(absolute token positions\), got min -2"):
+        mha(torch.randn(1, 3, 16), positions=torch.tensor([-2, -1, 0]))
+
+
+def test_rotate_checks_its_positions_against_x():
+    rope = RotaryEmbedding(4)
+    x = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="positions has 1 columns, one per query T=5"):
+        rope.rotate(x, torch.tensor([3]))
+    with pytest.raises(ValueError, match="positions has 3 rows, B=1"):
+        rope.rotate(x, torch.arange(5).expand(3, 5))
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        rope.rotate(x, torch.arange(-1, 4))

@@ -8,11 +8,12 @@ figure promises.
 
 from __future__ import annotations
 
+import importlib.abc
 import math
-import subprocess
 import sys
-import textwrap
+import types
 
+import matplotlib
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
@@ -225,26 +226,33 @@ def test_layer_png_is_not_blank(tmp_path):
     assert pixels.min() < 0.2
 
 
-def test_figures_need_no_pyplot_and_save_png_closes_pyplots_figures(tmp_path):
-    code = textwrap.dedent(f"""
-        import sys
-        import numpy as np
-        from multihead.viz.figures import grid_figure, layer_figure, save_png
-        w = np.full((1, 2, 3, 3), 1 / 3)
-        save_png(grid_figure(list("abc"), w), {str(tmp_path / "a.png")!r})
-        save_png(layer_figure(list("abc"), w, 0), {str(tmp_path / "b.png")!r})
-        assert "matplotlib.pyplot" not in sys.modules, "figures imported pyplot"
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig = plt.figure()
-        save_png(fig, {str(tmp_path / "c.png")!r})
-        assert plt.get_fignums() == [], plt.get_fignums()
-        print("ok")
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+class _NoPyplot(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "matplotlib.pyplot":
+            raise ImportError("matplotlib.pyplot is blocked by the test")
+        return None
+
+
+def test_figures_need_no_pyplot_and_save_png_closes_pyplots_figures(tmp_path, monkeypatch):
+    # Nothing of multihead holds pyplot from its import (it is loaded only if something else loaded it) ...
+    loaded = sys.modules.get("matplotlib.pyplot")
+    holders = [name for name, module in list(sys.modules.items()) if name.startswith("multihead") and loaded
+               and any(value is loaded for value in vars(module).values())]
+    assert holders == [], f"{holders} hold matplotlib.pyplot"
+    # ... and drawing and saving work with pyplot impossible to import.
+    monkeypatch.delitem(sys.modules, "matplotlib.pyplot", raising=False)
+    monkeypatch.delattr(matplotlib, "pyplot", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_NoPyplot(), *sys.meta_path])
+    w = np.full((1, 2, 3, 3), 1 / 3)
+    save_png(grid_figure(list("abc"), w), tmp_path / "a.png")
+    save_png(layer_figure(list("abc"), w, 0), tmp_path / "b.png")
+    assert "matplotlib.pyplot" not in sys.modules
+    # Where pyplot is loaded, the figure saved is closed there (pyplot keeps its figures alive otherwise).
+    closed = []
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", types.SimpleNamespace(close=closed.append))
+    fig = Figure()
+    save_png(fig, tmp_path / "c.png")
+    assert closed == [fig] and (tmp_path / "c.png").is_file()
 
 
 # --------------------------------------------------------------------------- bad input

@@ -30,11 +30,13 @@ NASTY = ["[CLS]", "</script><script>alert(1)</script>", '"', "<|endoftext|>", "&
 def peaky(L: int, H: int, T: int, seed: int = 0) -> np.ndarray:
     """Softmax of sharp random scores: a few strong keys per row, as trained heads have."""
     rng = np.random.default_rng(seed)
-    scores = rng.normal(size=(L, H, T, T)) * 3.0
-    scores[:, 0] += 8 * np.eye(T, k=-1)  # head 0: previous token
+    scores = rng.standard_normal(size=(L, H, T, T), dtype=np.float32)  # float32 throughout: 6 x 12 x 512² is fast
+    scores *= 3.0
+    scores[:, 0] += 8 * np.eye(T, k=-1, dtype=np.float32)  # head 0: previous token
     scores -= scores.max(-1, keepdims=True)
-    p = np.exp(scores)
-    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
+    p = np.exp(scores, out=scores)
+    p /= p.sum(-1, keepdims=True)
+    return p
 
 
 def page_data(page: str) -> dict:

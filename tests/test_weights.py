@@ -222,3 +222,28 @@ def test_module_need_weights_keeps_a_named_backends_kernel(monkeypatch):
     assert (on_demand.output - eager.output).abs().max().item() < 1e-5
     assert (on_demand.weights - eager.weights).abs().max().item() < 1e-5
     assert on_demand.weights[1, :, :, 6:].abs().max().item() == 0.0  # padding keys get nothing
+
+
+def test_weights_on_demand_with_a_strided_last_dim():
+    q = torch.randn(1, 2, 5, 16)[..., ::2]  # (1, 2, 5, 8) with stride 2 in the last dim
+    k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    out, weights = mh.attention(q, k, v, backend="cpu_flash"), mh.attention_weights(q, k, v)
+    want = attention_ref(q.double(), k.double(), v.double())
+    assert max_err(out, want.out) < 1e-5 and max_err(weights, want.probs) < 1e-5
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 5))
+
+
+def test_weights_with_a_huge_finite_bias_on_every_key_equal_the_softmax():
+    """Hugging Face masks with finfo.min: a row whose every key carries it must still sum to 1."""
+    q, k, v = make_qkv(1, 2, 2, 4, 5, 8, seed=2)
+    mask = torch.zeros(1, 1, 4, 5)
+    mask[..., 0, :] = torch.finfo(torch.float32).min  # row 0: every key carries the bias
+    mask[..., 1, 2:] = torch.finfo(torch.float32).min  # row 1: some keys do
+    weights = mh.attention_weights(q, k, v, attn_mask=mask)
+    eager = torch.softmax((q @ k.transpose(-2, -1)) / 8 ** 0.5 + mask, dim=-1)  # as transformers computes them
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 4))
+    assert max_err(weights, eager) < 1e-5
+    stats = mh.attention_stats(q, k, v, attn_mask=mask, top_k=5)
+    entropy = -(eager * eager.clamp_min(1e-30).log()).sum(-1)
+    assert max_err(stats.entropy, entropy) < 1e-5
+    assert max_err(stats.column_sums, eager.sum(2)) < 1e-5

@@ -30,15 +30,24 @@ import importlib.abc
 import importlib.util
 import sys
 
-from . import backends
-from .core import masks
-from .core.call import AttentionOutput
-from .nn.cache import DynamicCache, KVCache, StaticCache
-from .nn.latent import MultiHeadLatentAttention
-from .nn.mha import MultiHeadAttention, MultiHeadAttentionOutput
-from .nn.rope import RotaryEmbedding
-from .ops.functional import attention, which_backend
-from .ops.weights import AttentionStats, attention_stats, attention_weights
+# The public names, each imported on first use (PEP 562): `import multihead` alone costs no torch,
+# so the command line answers --help at once; `multihead.attention` imports what it needs.
+_PUBLIC = {
+    "backends": ("multihead.backends", None),
+    "AttentionOutput": ("multihead.core.call", "AttentionOutput"),
+    "DynamicCache": ("multihead.nn.cache", "DynamicCache"),
+    "KVCache": ("multihead.nn.cache", "KVCache"),
+    "StaticCache": ("multihead.nn.cache", "StaticCache"),
+    "MultiHeadLatentAttention": ("multihead.nn.latent", "MultiHeadLatentAttention"),
+    "MultiHeadAttention": ("multihead.nn.mha", "MultiHeadAttention"),
+    "MultiHeadAttentionOutput": ("multihead.nn.mha", "MultiHeadAttentionOutput"),
+    "RotaryEmbedding": ("multihead.nn.rope", "RotaryEmbedding"),
+    "attention": ("multihead.ops.functional", "attention"),
+    "which_backend": ("multihead.ops.functional", "which_backend"),
+    "AttentionStats": ("multihead.ops.weights", "AttentionStats"),
+    "attention_stats": ("multihead.ops.weights", "attention_stats"),
+    "attention_weights": ("multihead.ops.weights", "attention_weights"),
+}
 
 __version__ = "0.1.0"
 
@@ -88,13 +97,19 @@ if not any(isinstance(finder, _ShortNameFinder) for finder in sys.meta_path):
 
 
 def __getattr__(name: str):
+    if name in _PUBLIC:
+        module_name, attribute = _PUBLIC[name]
+        module = importlib.import_module(module_name)
+        value = module if attribute is None else getattr(module, attribute)
+        globals()[name] = value  # once: the next lookup is a plain attribute
+        return value
     if name in _SHORT_NAMES:
         return importlib.import_module(f"{__name__}.{name}")  # both names in sys.modules, one module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SHORT_NAMES))
+    return sorted(set(globals()) | set(_SHORT_NAMES) | set(_PUBLIC))
 
 
 # One name, one purpose (docs/design.md has the table). Everything else lives in its layer's module:

@@ -12,6 +12,12 @@
 Each subcommand is a function `_cmd_<name>(args, console) -> int` registered in
 `build_parser`. Bad input ends with one line on stderr and exit status 2,
 never a traceback.
+
+This module imports only the standard library at its top: torch, numpy and
+the models are imported inside the commands (rich where the console is made),
+so `--help`, every subcommand's `--help` and argument errors answer without
+them (tests/test_cli.py checks it in a fresh process). Checks that need no
+model run before those imports.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
+if TYPE_CHECKING:  # for the annotations only: numpy is imported where it is used
+    import numpy as np
 
 PROG = "multihead"
 # The sentence of the lectures this project follows; its 11 tokens are the rows of their 11 x 8 two-head example.
@@ -78,7 +85,7 @@ class _Writer:
     def number(self, value: float, dim: bool = False):
         from rich.text import Text
 
-        if value == -np.inf:
+        if value == -math.inf:
             return Text("-inf", style="dim")
         if dim and value == 0.0:  # a masked weight is exactly 0, not a small number rounded
             return Text("0", style="dim")
@@ -120,12 +127,8 @@ class _Writer:
 # --------------------------------------------------------------------------- explain
 
 
-def _example(args):
-    """The walkthrough's module and input: rounded to 2 decimals, so any product can be redone by hand."""
-    import torch
-
-    from ..nn.mha import MultiHeadAttention
-
+def _check_example_args(args) -> list[str]:
+    """explain's options checked before anything heavy is imported: the tokens of --text, or a UsageError."""
     tokens = args.text.split()
     if not tokens:
         raise UsageError("--text has no tokens; give a sentence with at least one word")
@@ -140,6 +143,18 @@ def _example(args):
     kv_heads = args.heads if args.kv_heads is None else args.kv_heads
     if kv_heads < 1 or args.heads % kv_heads != 0:
         raise UsageError(f"--kv-heads {kv_heads} must divide --heads {args.heads}")
+    return tokens
+
+
+def _example(args, tokens: list[str]):
+    """The walkthrough's module and input (options checked by `_check_example_args`): rounded to 2 decimals,
+    so any product can be redone by hand."""
+    kv_heads = args.heads if args.kv_heads is None else args.kv_heads
+
+    import numpy as np
+    import torch
+
+    from ..nn.mha import MultiHeadAttention
 
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
         torch.manual_seed(args.seed)
@@ -159,9 +174,12 @@ def _cols(prefix: str, n: int) -> list[str]:
 
 
 def _walkthrough(args, out: _Writer) -> int:
+    tokens = _check_example_args(args)  # before the imports: a bad option costs no torch
+    import numpy as np
+
     from .whiteboard import check_against_module, projections_from_module, split_columns
 
-    module, x, tokens = _example(args)
+    module, x, tokens = _example(args, tokens)
     cfg = module.config
     H, G, D, C = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
     T = len(tokens)
@@ -282,9 +300,10 @@ def _cmd_explain(args, console) -> int:
 
 def _walkthrough_short(args, out: _Writer) -> bool:
     """The walkthrough in a few lines: the setting, each head's weights, the agreement check."""
+    tokens = _check_example_args(args)
     from .whiteboard import check_against_module
 
-    module, x, tokens = _example(args)
+    module, x, tokens = _example(args, tokens)
     cfg = module.config
     check = check_against_module(module, x)
     out.say(f"Multi-head attention on the whiteboard ('multihead explain' shows every step): "
@@ -474,10 +493,10 @@ def _check_out(out: str) -> None:
 
 
 def _cmd_demo(args, console) -> int:
+    _check_out(args.out)
     from ..models import load
     from .timing import compare_with_torch
 
-    _check_out(args.out)
     out = _Writer(console)
     steps = _Steps(console)
     out.step("1. Multi-head attention, in short")
@@ -541,12 +560,12 @@ def _cmd_visualize(args, console) -> int:
 
 def _cmd_generate(args, console) -> int:
     """Continue PROMPT with a local GPT-2 or Llama folder, writing each piece of text as its token comes."""
-    from ..models.generate import stream
-    from ..models import load
-    from ..models.checkpoint_map import read_config
-
     if not args.prompt.strip():
         raise UsageError("PROMPT is empty; give the text to continue")
+    from ..models import load
+    from ..models.checkpoint_map import read_config
+    from ..models.generate import stream
+
     model = load(args.model)
     if model.kind not in ("gpt2", "llama"):
         raise UsageError(f"{args.model} is a {model.kind} encoder; generate needs a decoder (a GPT-2 or Llama folder)")

@@ -29,15 +29,19 @@ def is_layer_sequence(weights) -> bool:
     return isinstance(weights, (tuple, list)) and len(weights) > 0 and all(isinstance(x, kinds) for x in weights)
 
 
+def floating_tensor(name: str, x, must: str):
+    """x if it is a torch.Tensor of floats, None if it is no torch.Tensor; else TypeError "{name} must {must}"."""
+    torch = sys.modules.get("torch")  # an object can be a torch.Tensor only once torch is imported
+    if torch is None or not isinstance(x, torch.Tensor):
+        return None
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must {must}, got {x.dtype}")
+    return x
+
+
 def _dims(name: str, layer) -> tuple[int, ...]:
     """The shape of one layer's tensor or array, or a TypeError naming it."""
-    try:
-        import torch
-    except ImportError:  # torch is a runtime dependency, but NumPy input must not need it
-        torch = None
-    if torch is not None and isinstance(layer, torch.Tensor):
-        if not layer.is_floating_point():
-            raise TypeError(f"{name} must hold floating attention weights, got {layer.dtype}")
+    if floating_tensor(name, layer, "hold floating attention weights") is not None:
         return tuple(layer.shape)
     if isinstance(layer, np.ndarray):
         if not np.issubdtype(layer.dtype, np.floating):

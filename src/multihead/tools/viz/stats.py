@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .attentions import is_layer_sequence, stack_attentions
+from .attentions import floating_tensor, is_layer_sequence, stack_attentions
 
 # Slack above 1 for rounding: a bfloat16 or float16 softmax can round a weight of
 # 1 - eps up past 1 by one ulp (2**-7 for bfloat16 near 1).
@@ -69,15 +69,10 @@ def as_weights(weights, name: str = "weights") -> np.ndarray:
     """
     if is_layer_sequence(weights):
         weights = stack_attentions(weights, name=name)  # L x (1, H, T, T) -> (L, H, T, T)
-    try:
-        import torch
-    except ImportError:  # torch is a runtime dependency, but the check must not need it
-        torch = None
-    if torch is not None and isinstance(weights, torch.Tensor):
-        if not weights.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor of attention weights, got {weights.dtype}")
-        t = weights.detach().cpu()
-        array = t.numpy() if t.dtype in (torch.float32, torch.float64) else t.float().numpy()
+    tensor = floating_tensor(name, weights, "be a floating tensor of attention weights")
+    if tensor is not None:
+        t = tensor.detach().cpu()
+        array = t.numpy() if t.dtype.itemsize >= 4 else t.float().numpy()  # NumPy has no bfloat16
     elif isinstance(weights, np.ndarray):
         if not np.issubdtype(weights.dtype, np.floating):
             raise TypeError(f"{name} must be a floating array of attention weights, got dtype {weights.dtype}")
