@@ -5,7 +5,7 @@ A backend is an object with a name, a priority, a one-line summary and two metho
     supports(call, *, need_lse=False) -> None, or a one-line reason why it cannot
     forward(call, *, need_lse=False)  -> AttentionOutput(out (B, H, T, Dv), lse (B, H, T) or None)
 
-`call` is a `multihead.call.AttentionCall`, checked once by the entry point
+`call` is a `multihead.core.call.AttentionCall`, checked once by the entry point
 that made it. With need_lse a backend returns the logsumexp of every query
 row (-inf for a row with no key), or says in `supports` that it cannot.
 `auto` walks the registered backends from the fastest (highest `priority`)

@@ -11,7 +11,7 @@ Grouped-query attention is a broadcast, not a copy: q is viewed as
 (B, G, 1, S, D), so query head h = g·R + r reads kv head g.
 
 The same function, run in the inputs' own precision and in place, is the
-eager path that returns every head's weights (`multihead.attention_with_weights`).
+eager path that returns every head's weights (`multihead.ops.run` with need_weights).
 
 `reference_backward` is the backward from a given out and logsumexp (the
 optional method of the backend contract), written out as naively: the whole
@@ -92,7 +92,7 @@ def attention_ref(
     in_place: scores, then probabilities, in one T x S buffer; only where
         nothing needs a gradient (autograd cannot go back through it).
 
-    The arguments are used as given (`multihead.call.make_call` checks them
+    The arguments are used as given (`multihead.core.call.make_call` checks them
     for the public entry points).
     """
     out, probs, _ = _naive(q, k, v, attn_mask, causal, scale, dropout_p, dropout_mask, upcast, in_place,

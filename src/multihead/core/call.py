@@ -31,7 +31,7 @@ DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class AttentionOutput(NamedTuple):
-    """What a backend's forward returns, and `multihead.attention_with_lse`."""
+    """What a backend's forward returns, and `multihead.attention(..., return_lse=True)`."""
 
     out: Tensor  # (B, H, T, Dv), in q's dtype
     lse: Tensor | None  # (B, H, T) float32 (float64 for float64 inputs); -inf for a row with no key; None unless asked

@@ -3,7 +3,7 @@
 Each helper checks one kind of value where it enters the library and returns
 it (normalised where that helps: a probability as a float); everything below
 the entry point trusts the value. Errors name the argument, what was expected
-and what came (DESIGN.md section 3).
+and what came (docs/design.md, Conventions).
 
     int_at_least, positive_int   an int with a lower bound (a bool is not an int here)
     flag                         a bool, and only a bool

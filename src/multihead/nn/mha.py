@@ -175,9 +175,9 @@ class MultiHeadAttention(nn.Module):
             probabilities before dropout. With backend="auto", or where the
             weights must carry a gradient (training), the eager path computes
             output and weights in one pass. With a named backend and nothing
-            needing a gradient, the output comes from that backend with its
-            logsumexp and the weights are read off it exactly
-            (`multihead.ops.run` says why).
+            needing a gradient, the output comes from that backend's kernel
+            and the weights are computed apart, exactly (`multihead.ops.run`
+            says why).
         cache: a layer cache (`cache[i]` of a `multihead.nn.cache` KVCache), for
             decoding: the chunk's k and v are appended and its T queries attend
             to every real cached token, causal per sequence (bottom-right
