@@ -32,7 +32,7 @@ uses.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ from torch import Tensor
 from ..core import masks
 from ..core.checks import positive_int
 from ..core.call import AttentionCall, AttentionOutput, Gradients, check_backward
+from ..core.variants import Tile, Variants, modify
 
 # Queries per block and keys per tile. A block's scores, (B, H, block_q, block_k),
 # should stay in cache across the five passes over it; bigger blocks mean fewer
@@ -48,25 +49,72 @@ DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
 
 
-def _key_tiles(t0: int, t1: int, T: int, S: int, block_k: int, causal: bool) -> Iterator[tuple[int, int, int]]:
-    """For the query block [t0, t1): (s0, s1, r0) per key tile [s0, s1) that any of its rows sees.
+class Walk(NamedTuple):
+    """What decides which tiles of a call are visited: its shapes, causality, and what the variants rule out."""
+
+    T: int
+    S: int
+    causal: bool
+    window: tuple[int | None, int | None] | None = None  # (left, right) around i' = i + S - T; None: none
+    documents: tuple[list, list] | None = None  # per query block and per key tile, [(lowest, highest) id per batch]
+
+
+def walk_of(call: AttentionCall, block_q: int, block_k: int) -> Walk:
+    """The walk of a checked call: the window and documents prune tiles where the positions are the call's own.
+
+    Document ranges are read once per call (one host sync), and not under torch.compile, where every tile
+    is visited and masked instead (still exact, only slower).
+    """
+    variants = call.variants
+    if variants is None or variants.positions is not None:
+        return Walk(call.q_len, call.kv_len, call.causal)
+    documents = None
+    if variants.q_documents is not None and not torch.compiler.is_compiling():
+        documents = (_id_ranges(variants.q_documents, block_q), _id_ranges(variants.kv_documents, block_k))
+    return Walk(call.q_len, call.kv_len, call.causal, variants.window, documents)
+
+
+def _id_ranges(ids: Tensor, block: int) -> list:
+    """(B, L) document ids -> per block of `block` positions, [(lowest, highest) per batch]."""
+    lows = [ids[:, i:i + block].amin(dim=1) for i in range(0, ids.shape[1], block)]  # blocks x (B,)
+    highs = [ids[:, i:i + block].amax(dim=1) for i in range(0, ids.shape[1], block)]
+    if not lows:
+        return []
+    pairs = torch.stack([torch.stack(lows), torch.stack(highs)], dim=-1)  # (blocks, B, 2)
+    return pairs.tolist()
+
+
+def _disjoint(query_ranges: list, key_ranges: list) -> bool:
+    """Whether no batch row has a document in both ranges (sorted ids make the ranges tight)."""
+    return all(q_hi < k_lo or k_hi < q_lo for (q_lo, q_hi), (k_lo, k_hi) in zip(query_ranges, key_ranges))
+
+
+def _key_tiles(t0: int, t1: int, block: int, walk: Walk, block_k: int) -> Iterator[tuple[int, int, int]]:
+    """For the query block [t0, t1), number `block`: (s0, s1, r0) per key tile [s0, s1) that any of its rows may see.
 
     Rows r0..t1 are the queries of the block that see at least one key of the
-    tile (with causal, the earlier rows see none of it and are skipped).
+    tile (with causal, the earlier rows see none of it and are skipped). Tiles
+    wholly left of the window, right of it, or of other documents are skipped.
     """
-    offset = S - T  # bottom-right causal: query i sees keys j <= i + offset
-    for s0 in range(0, S, block_k):
-        r0 = max(t0, s0 - offset) if causal else t0
-        if r0 >= t1:
+    offset = walk.S - walk.T  # bottom-right: query i sits at i' = i + offset
+    left, right = walk.window if walk.window is not None else (None, None)
+    for index, s0 in enumerate(range(0, walk.S, block_k)):
+        s1 = min(s0 + block_k, walk.S)
+        r0 = max(t0, s0 - offset) if walk.causal else t0
+        if r0 >= t1 or (right is not None and s0 > t1 - 1 + offset + right):
             break  # later tiles start even further right: nobody in this block sees them
-        yield s0, min(s0 + block_k, S), r0
+        if left is not None and s1 - 1 < r0 + offset - left:
+            continue  # older than every row's window
+        if walk.documents is not None and _disjoint(walk.documents[0][block], walk.documents[1][index]):
+            continue
+        yield s0, s1, r0
 
 
-def _blocks(T: int, S: int, block_q: int, block_k: int, causal: bool):
+def _blocks(walk: Walk, block_q: int, block_k: int):
     """(t0, t1, tiles) per query block, tiles as `_key_tiles` gives them: the one walk order."""
-    for t0 in range(0, T, block_q):
-        t1 = min(t0 + block_q, T)
-        yield t0, t1, _key_tiles(t0, t1, T, S, block_k, causal)
+    for block, t0 in enumerate(range(0, walk.T, block_q)):
+        t1 = min(t0 + block_q, walk.T)
+        yield t0, t1, _key_tiles(t0, t1, block, walk, block_k)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,23 +135,46 @@ def _mask_5d(attn_mask: Tensor | None, groups: int) -> Tensor | None:
     return _split_heads(attn_mask, groups)  # (b, H, t, s) -> (b, G, R, t, s)
 
 
-def _tile_scores(
-    q5: Tensor, k5: Tensor, mask5: Tensor | None, causal: bool,
-    r0: int, r1: int, s0: int, s1: int, T: int, S: int,
-) -> Tensor:
-    """Masked scores of queries [r0, r1) against keys [s0, s1): (B, G, R, r1 - r0, s1 - s0).
+class _Tiles(NamedTuple):
+    """One call cut into tiles: q (scaled), k, v as (B, G, R|1, ·, ·) and what masks or modifies a tile."""
 
-    q5 is already multiplied by the scale.
-    """
-    scores = q5[..., r0:r1, :] @ k5[..., s0:s1, :].transpose(-2, -1)  # (B, G, R, rows, keys)
-    if mask5 is not None:
-        rows = mask5[..., r0:r1, s0:s1] if mask5.shape[-2] > 1 else mask5[..., s0:s1]
-        masks.apply(scores, rows, in_place=True)
-    if causal and s1 - 1 > r0 + (S - T):  # the diagonal crosses this tile
-        seen = masks.causal_allowed(torch.arange(r0, r1, device=scores.device),
-                                    torch.arange(s0, s1, device=scores.device), T, S)  # (rows, keys)
-        masks.apply(scores, seen, in_place=True)
-    return scores
+    q5: Tensor  # (B, G, R, T, D), multiplied by the scale, in the compute dtype
+    k5: Tensor  # (B, G, 1, S, D)
+    v5: Tensor  # (B, G, 1, S, Dv)
+    mask5: Tensor | None  # (b, g, r, t, S) against (B, G, R, T, S)
+    causal: bool
+    variants: Variants | None
+
+    def raw(self, r0: int, r1: int, s0: int, s1: int) -> Tensor:
+        """scale · q kᵀ of queries [r0, r1) and keys [s0, s1): (B, G, R, rows, keys)."""
+        return self.q5[..., r0:r1, :] @ self.k5[..., s0:s1, :].transpose(-2, -1)  # (B, G, R, rows, keys)
+
+    def modified(self, raw: Tensor, r0: int, r1: int, s0: int, s1: int) -> Tensor:
+        """The variants on a tile of raw scores (a new tensor; the raw ones when there are none)."""
+        if self.variants is None:
+            return raw
+        B, G, R, rows, keys = raw.shape
+        T, S = self.q5.shape[-2], self.k5.shape[-2]
+        tile = Tile(torch.arange(r0, r1, device=raw.device), torch.arange(s0, s1, device=raw.device), None)
+        scores = modify(raw.reshape(B, G * R, rows, keys), self.variants, tile, T, S)  # (B, H, rows, keys)
+        return scores.reshape(B, G, R, rows, keys)  # (B, H, rows, keys) -> (B, G, R, rows, keys)
+
+    def masked(self, scores: Tensor, r0: int, r1: int, s0: int, s1: int) -> Tensor:
+        """The call's attn_mask and causal on a tile of scores, in place."""
+        T, S = self.q5.shape[-2], self.k5.shape[-2]
+        if self.mask5 is not None:
+            rows = self.mask5[..., r0:r1, s0:s1] if self.mask5.shape[-2] > 1 else self.mask5[..., s0:s1]
+            masks.apply(scores, rows, in_place=True)
+        if self.causal and s1 - 1 > r0 + (S - T):  # the diagonal crosses this tile
+            seen = masks.causal_allowed(torch.arange(r0, r1, device=scores.device),
+                                        torch.arange(s0, s1, device=scores.device), T, S)  # (rows, keys)
+            masks.apply(scores, seen, in_place=True)
+        return scores
+
+    def scores(self, r0: int, r1: int, s0: int, s1: int) -> Tensor:
+        """The tile's final scores: (B, G, R, rows, keys), a buffer of its own."""
+        raw = self.raw(r0, r1, s0, s1)
+        return self.masked(self.modified(raw, r0, r1, s0, s1), r0, r1, s0, s1)
 
 
 def _keep_mask(shape: torch.Size, dropout_p: float, generator: torch.Generator | None,
@@ -119,39 +190,39 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _prepare(q, k, v, scale):
+def _prepare(q, k, v, scale, mask5, causal, variants) -> _Tiles:
     acc = _compute_dtype(q.dtype)
     q5 = _split_heads(q, k.shape[1]).to(acc) * scale  # (B, H, T, D) -> (B, G, R, T, D)
     k5 = k.unsqueeze(2).to(acc)  # (B, G, S, D) -> (B, G, 1, S, D)
     v5 = v.unsqueeze(2).to(acc)  # (B, G, S, Dv) -> (B, G, 1, S, Dv)
-    return q5, k5, v5
+    return _Tiles(q5, k5, v5, mask5, causal, variants)
 
 
-def _forward(q, k, v, mask5, causal, scale, dropout_p, seed, block_q, block_k):
-    B, H, T, _ = q.shape
-    S, Dv = k.shape[2], v.shape[-1]
-    q5, k5, v5 = _prepare(q, k, v, scale)
-    out5 = torch.zeros((*q5.shape[:-1], Dv), dtype=q5.dtype, device=q.device)  # (B, G, R, T, Dv)
-    lse5 = torch.full((*q5.shape[:-1], 1), float("-inf"), dtype=q5.dtype, device=q.device)  # (B, G, R, T, 1)
-    gen = _generator(seed, q.device)
+def _forward(tiles: _Tiles, walk: Walk, dropout_p, seed, block_q, block_k):
+    q5, v5 = tiles.q5, tiles.v5
+    B, G, R, T, _ = q5.shape
+    out5 = torch.zeros((*q5.shape[:-1], v5.shape[-1]), dtype=q5.dtype, device=q5.device)  # (B, G, R, T, Dv)
+    lse5 = torch.full((*q5.shape[:-1], 1), float("-inf"), dtype=q5.dtype, device=q5.device)  # (B, G, R, T, 1)
+    gen = _generator(seed, q5.device)
     inv_keep = 1.0 / (1.0 - dropout_p)
+    may_skip = tiles.mask5 is not None or tiles.variants is not None  # scores of -inf everywhere in a row
 
-    for t0, t1, tiles in _blocks(T, S, block_q, block_k, causal):
+    for t0, t1, key_tiles in _blocks(walk, block_q, block_k):
         row_max = lse5[..., t0:t1, :]  # (B, G, R, rows, 1), starts at -inf
         row_sum = torch.zeros_like(row_max)
         acc_out = out5[..., t0:t1, :]  # (B, G, R, rows, Dv), starts at 0
-        for s0, s1, r0 in tiles:
+        for s0, s1, r0 in key_tiles:
             a = r0 - t0  # the block's first row that sees this tile
-            scores = _tile_scores(q5, k5, mask5, causal, r0, t1, s0, s1, T, S)
+            scores = tiles.scores(r0, t1, s0, s1)
             new_max = torch.maximum(row_max[..., a:, :], scores.amax(dim=-1, keepdim=True))
             safe_max = new_max
-            if mask5 is not None:
+            if may_skip:
                 # a row masked out so far keeps max -inf; exp(-inf - 0) = 0 instead of NaN
                 safe_max = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
             probs = scores.sub_(safe_max).exp_()  # (B, G, R, rows, keys)
             rescale = (row_max[..., a:, :] - safe_max).exp_()  # (B, G, R, rows, 1)
             row_sum[..., a:, :].mul_(rescale).add_(probs.sum(dim=-1, keepdim=True))
-            keep = _keep_mask(probs.shape, dropout_p, gen, q.device)
+            keep = _keep_mask(probs.shape, dropout_p, gen, q5.device)
             if keep is not None:  # the sum above is of the undropped weights
                 probs.mul_(keep).mul_(inv_keep)
             acc_out[..., a:, :].mul_(rescale).add_(probs @ v5[..., s0:s1, :])
@@ -160,36 +231,49 @@ def _forward(q, k, v, mask5, causal, scale, dropout_p, seed, block_q, block_k):
         acc_out.div_(torch.where(has_key, row_sum, torch.ones_like(row_sum)))
         row_max.copy_(torch.where(has_key, row_max + torch.log(row_sum), torch.full_like(row_sum, float("-inf"))))
 
-    out = out5.reshape(B, H, T, Dv).to(q.dtype)  # (B, G, R, T, Dv) -> (B, H, T, Dv)
-    lse = lse5.reshape(B, H, T)  # (B, G, R, T, 1) -> (B, H, T)
-    return out, lse
+    if tiles.variants is not None and tiles.variants.sinks is not None:
+        out5, lse5 = _sink_in(out5, lse5, tiles.variants.sinks)
+    out = out5.reshape(B, G * R, T, v5.shape[-1])  # (B, G, R, T, Dv) -> (B, H, T, Dv)
+    return out, lse5.reshape(B, G * R, T)  # (B, G, R, T, 1) -> (B, H, T)
 
 
-def _backward(grad_out, q, k, v, out, lse, mask5, causal, scale, dropout_p, seed, block_q, block_k):
-    B, H, T, D = q.shape
-    G, S = k.shape[1], k.shape[2]
-    q5, k5, v5 = _prepare(q, k, v, scale)
+def _sink_in(out5: Tensor, lse5: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Each head's sink joins the denominator: lse' = log(exp(lse) + exp(sink)), out' = out · exp(lse - lse')."""
+    B, G, R = lse5.shape[:3]
+    sink5 = sinks.to(lse5.dtype).view(1, G, R, 1, 1)  # (H,) -> (1, G, R, 1, 1)
+    total = torch.logaddexp(lse5, sink5)  # (B, G, R, T, 1)
+    return out5 * torch.exp(lse5 - total), total
+
+
+def _backward(grad_out, out, lse, tiles: _Tiles, walk: Walk, dropout_p, seed, block_q, block_k, captured):
+    """dq, dk, dv, and the gradients of the captured tensors (sinks, ALiBi slopes, score_mod's), tile by tile."""
+    q5, k5, v5 = tiles.q5, tiles.k5, tiles.v5
+    B, G, R, T, D = q5.shape
     dout5 = _split_heads(grad_out, G).to(q5.dtype)  # (B, H, T, Dv) -> (B, G, R, T, Dv)
     out5 = _split_heads(out, G).to(q5.dtype)  # (B, H, T, Dv) -> (B, G, R, T, Dv)
-    lse5 = _split_heads(lse, G).unsqueeze(-1)  # (B, H, T) -> (B, G, R, T, 1)
+    lse5 = _split_heads(lse, G).unsqueeze(-1).to(q5.dtype)  # (B, H, T) -> (B, G, R, T, 1)
     # Rows with no key have lse -inf and all their scores -inf: exp(-inf - 0) = 0.
     lse5 = torch.where(lse5 == float("-inf"), torch.zeros_like(lse5), lse5)
     # D_i = sum_j P_ij dP_ij = rowsum(dO * O): the softmax backward's correction term
     delta = (dout5 * out5).sum(dim=-1, keepdim=True)  # (B, G, R, T, 1)
 
     dq5 = torch.zeros_like(q5)  # (B, G, R, T, D)
-    dk = torch.zeros(k.shape, dtype=q5.dtype, device=k.device)  # (B, G, S, D)
-    dv = torch.zeros(v.shape, dtype=q5.dtype, device=v.device)  # (B, G, S, Dv)
-    gen = _generator(seed, q.device)  # replays the forward's draws: same walk, same shapes
+    dk = torch.zeros((B, G, k5.shape[-2], D), dtype=q5.dtype, device=q5.device)  # (B, G, S, D)
+    dv = torch.zeros((B, G, v5.shape[-2], v5.shape[-1]), dtype=q5.dtype, device=q5.device)  # (B, G, S, Dv)
+    extra = [None] * len(captured)  # gradients of what the modification reads
+    gen = _generator(seed, q5.device)  # replays the forward's draws: same walk, same shapes
     inv_keep = 1.0 / (1.0 - dropout_p)
 
-    for t0, t1, tiles in _blocks(T, S, block_q, block_k, causal):
-        for s0, s1, r0 in tiles:
-            scores = _tile_scores(q5, k5, mask5, causal, r0, t1, s0, s1, T, S)
+    for t0, t1, key_tiles in _blocks(walk, block_q, block_k):
+        for s0, s1, r0 in key_tiles:
+            raw = tiles.raw(r0, t1, s0, s1)  # (B, G, R, rows, keys)
+            modified = _track(tiles, raw, r0, t1, s0, s1)
+            scores = tiles.masked(modified.detach().clone() if tiles.variants is not None else modified,
+                                  r0, t1, s0, s1)
             probs = scores.sub_(lse5[..., r0:t1, :]).exp_()  # (B, G, R, rows, keys)
             dout_rows = dout5[..., r0:t1, :]  # (B, G, R, rows, Dv)
             grad_probs = dout_rows @ v5[..., s0:s1, :].transpose(-2, -1)  # (B, G, R, rows, keys)
-            keep = _keep_mask(probs.shape, dropout_p, gen, q.device)
+            keep = _keep_mask(probs.shape, dropout_p, gen, q5.device)
             used = probs
             if keep is not None:
                 used = probs * keep * inv_keep
@@ -197,20 +281,57 @@ def _backward(grad_out, q, k, v, out, lse, mask5, causal, scale, dropout_p, seed
             # the R query heads that share a kv head add up their contributions
             dv[..., s0:s1, :] += (used.transpose(-2, -1) @ dout_rows).sum(dim=2)  # (B, G, keys, Dv)
             grad_scores = probs.mul_(grad_probs.sub_(delta[..., r0:t1, :]))  # (B, G, R, rows, keys)
+            if tiles.variants is not None:
+                grad_scores = _through_variants(modified, raw, grad_scores, captured, extra)
             dq5[..., r0:t1, :] += grad_scores @ k5[..., s0:s1, :]  # (B, G, R, rows, D)
             dk[..., s0:s1, :] += (grad_scores.transpose(-2, -1) @ q5[..., r0:t1, :]).sum(dim=2)  # (B, G, keys, D)
 
-    dq = (dq5 * scale).reshape(B, H, T, D).to(q.dtype)  # (B, G, R, T, D) -> (B, H, T, D)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    if tiles.variants is not None and tiles.variants.sinks is not None:
+        _sink_gradient(tiles.variants.sinks, lse5, delta, captured, extra)
+    return dq5, dk, dv, extra
+
+
+def _track(tiles: _Tiles, raw: Tensor, r0: int, r1: int, s0: int, s1: int) -> Tensor:
+    """The modified scores of a tile, recorded by autograd from the raw ones when there are variants."""
+    if tiles.variants is None:
+        return raw
+    with torch.enable_grad():
+        raw.requires_grad_(True)
+        return tiles.modified(raw, r0, r1, s0, s1)
+
+
+def _through_variants(modified: Tensor, raw: Tensor, grad_scores: Tensor, captured, extra: list) -> Tensor:
+    """The gradient of a tile's raw scores from that of its modified ones; what is captured adds up in `extra`."""
+    wanted = [x for x in captured if x.requires_grad]
+    grads = torch.autograd.grad(modified, [raw, *wanted], grad_scores, allow_unused=True)
+    by_id = {id(x): g for x, g in zip(wanted, grads[1:])}
+    for i, x in enumerate(captured):
+        g = by_id.get(id(x))
+        if g is not None:  # summed over many tiles: in float64, so the sum's rounding stays below one tile's
+            extra[i] = g.double() if extra[i] is None else extra[i] + g.double()
+    return grads[0] if grads[0] is not None else torch.zeros_like(raw)
+
+
+def _sink_gradient(sinks: Tensor, lse5: Tensor, delta: Tensor, captured, extra: list) -> None:
+    """d loss / d sink_h = -sum over rows of p_sink · delta, p_sink = exp(sink_h - lse)."""
+    B, G, R = lse5.shape[:3]
+    sink5 = sinks.to(lse5.dtype).view(1, G, R, 1, 1)  # (H,) -> (1, G, R, 1, 1)
+    grad = -(torch.exp(sink5 - lse5) * delta).sum(dim=(0, 3, 4)).reshape(-1)  # (G, R) -> (H,)
+    index = next((i for i, x in enumerate(captured) if x is sinks), None)
+    if index is None:  # a backward from a given lse (the ring's): the sinks' gradient is the caller's
+        return
+    extra[index] = grad if extra[index] is None else extra[index] + grad
 
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, causal, scale, dropout_p, seed, block_q, block_k):
-        mask5 = _mask_5d(attn_mask, k.shape[1])
-        out, lse = _forward(q, k, v, mask5, causal, scale, dropout_p, seed, block_q, block_k)
+    def forward(ctx, q, k, v, attn_mask, causal, scale, dropout_p, seed, block_q, block_k, variants, walk,
+                *captured):
+        tiles = _prepare(q, k, v, scale, _mask_5d(attn_mask, k.shape[1]), causal, variants)
+        out, lse = _forward(tiles, walk, dropout_p, seed, block_q, block_k)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask)
-        ctx.call = (causal, scale, dropout_p, seed, block_q, block_k)
+        ctx.call = (causal, scale, dropout_p, seed, block_q, block_k, variants, walk, captured)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -220,11 +341,12 @@ class _ChunkedAttention(torch.autograd.Function):
             raise RuntimeError("the chunked backend has no second derivative (its backward works in place); "
                                "use backend='reference' for gradients of gradients")
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
-        causal, scale, dropout_p, seed, block_q, block_k = ctx.call
-        mask5 = _mask_5d(attn_mask, k.shape[1])
-        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, mask5, causal, scale, dropout_p, seed,
-                               block_q, block_k)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        causal, scale, dropout_p, seed, block_q, block_k, variants, walk, captured = ctx.call
+        tiles = _prepare(q, k, v, scale, _mask_5d(attn_mask, k.shape[1]), causal, variants)
+        dq5, dk, dv, extra = _backward(grad_out, out, lse, tiles, walk, dropout_p, seed, block_q, block_k, captured)
+        dq = (dq5 * scale).reshape(q.shape).to(q.dtype)  # (B, G, R, T, D) -> (B, H, T, D)
+        grads = [None if g is None else g.to(x.dtype) for g, x in zip(extra, captured)]
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None, *grads)
 
 
 def draw_seed(dropout_p: float) -> int | None:
@@ -239,9 +361,17 @@ def chunked_forward(call: AttentionCall, *, block_q: int = DEFAULT_BLOCK_Q, bloc
     """The online-softmax tiles on a checked call: out (B, H, T, Dv) and lse (B, H, T)."""
     if call.dropout_p > 0.0 and seed is None:
         seed = draw_seed(call.dropout_p)
+    captured = () if call.variants is None else call.variants.captured()
     out, lse = _ChunkedAttention.apply(call.q, call.k, call.v, call.attn_mask, call.causal, call.scale,
-                                       call.dropout_p, seed, block_q, block_k)
+                                       call.dropout_p, seed, block_q, block_k, call.variants,
+                                       walk_of(call, block_q, block_k), *captured)
     return AttentionOutput(out, lse)
+
+
+def visited_tiles(call: AttentionCall, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K) -> int:
+    """How many (query block, key tile) pairs the forward computes for this call; the others are skipped."""
+    return sum(1 for _, _, key_tiles in _blocks(walk_of(call, block_q, block_k), block_q, block_k)
+               for _ in key_tiles)
 
 
 def dropout_keep_mask(
@@ -251,7 +381,7 @@ def dropout_keep_mask(
     """The (B, H, T, S) keep mask that chunked draws for `seed`, for checking it against the reference."""
     gen = _generator(seed, torch.device(device))
     keep = torch.zeros(B, H, T, S, dtype=torch.bool, device=device)
-    for t0, t1, tiles in _blocks(T, S, block_q, block_k, causal):
+    for t0, t1, tiles in _blocks(Walk(T, S, causal), block_q, block_k):
         for s0, s1, r0 in tiles:
             shape = torch.Size((B, H, t1 - r0, s1 - s0))
             keep[:, :, r0:t1, s0:s1] = _keep_mask(shape, dropout_p, gen, torch.device(device))
@@ -266,10 +396,13 @@ def chunked_backward(call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Te
     # A row with no key anywhere (lse -inf) gets lse +inf: exp(score - lse) is then 0 for every score,
     # whatever this block's mask says, where _backward's own rule (lse 0) relies on the row being masked here too.
     lse = torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)  # (B, H, T)
+    tiles = _prepare(call.q, call.k, call.v, call.scale, _mask_5d(call.attn_mask, call.kv_heads), call.causal,
+                     call.variants)
     with torch.no_grad():
-        dq, dk, dv = _backward(grad_out, call.q, call.k, call.v, out, lse, _mask_5d(call.attn_mask, call.kv_heads),
-                               call.causal, call.scale, 0.0, None, block_q, block_k)
-    return Gradients(dq, dk, dv)
+        dq5, dk, dv, _ = _backward(grad_out, out, lse, tiles, walk_of(call, block_q, block_k), 0.0, None,
+                                   block_q, block_k, ())
+    dq = (dq5 * call.scale).reshape(call.q.shape)  # (B, G, R, T, D) -> (B, H, T, D)
+    return Gradients(dq.to(call.q.dtype), dk.to(call.k.dtype), dv.to(call.v.dtype))
 
 
 class ChunkedBackend:

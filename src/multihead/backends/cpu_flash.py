@@ -32,6 +32,7 @@ from torch import Tensor
 from ..core import masks
 from ..core.call import AttentionCall, AttentionOutput, Gradients, check_backward
 from .sdpa import float_mask_reason
+from .variant_mask import as_mask, mask_reason
 
 def _op():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -65,9 +66,16 @@ class CpuFlashBackend:
             return f"needs D == Dv, got D={q.shape[-1]}, Dv={call.v.shape[-1]}"
         if call.attn_mask is not None and call.attn_mask.requires_grad:
             return "a float mask that requires grad needs its T x S gradient"
+        if call.variants is not None:
+            slopes = call.variants.alibi_slopes
+            if slopes is not None and slopes.requires_grad:
+                return "ALiBi slopes that require grad: the op gives no gradient to its mask"
+            return mask_reason(call)
         return float_mask_reason(call)
 
     def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
+        if call.variants is not None:
+            call = as_mask(call)  # a window, documents, ALiBi: one mask (mask_reason allowed it)
         q, k, v = (_dense_last_dim(x) for x in (call.q, call.k, call.v))
         fused = masks.for_fused_kernel(call.attn_mask, call.causal, call.q_len, call.kv_len, call.scale, q.dtype,
                                        q.device)
@@ -81,6 +89,8 @@ class CpuFlashBackend:
     def backward(self, call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor) -> Gradients:
         """The op's backward from a given out and lse (B, H, T); see the module's docstring for the two fixes."""
         check_backward(call, grad_out, out, lse)
+        if call.variants is not None:
+            call = as_mask(call)
         q, k, v = (_dense_last_dim(x) for x in (call.q, call.k, call.v))
         # open_rows=False: a row with no key in this block stays all -inf, so its P is exp(-inf - lse) = 0
         fused = masks.for_fused_kernel(call.attn_mask, call.causal, call.q_len, call.kv_len, call.scale, q.dtype,

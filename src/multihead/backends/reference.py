@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..core import masks
 from ..core.call import AttentionCall, AttentionOutput, Gradients, check_backward
+from ..core.variants import Variants, full_tile, modify, with_sinks
 
 
 class ReferenceOutput(NamedTuple):
@@ -78,6 +79,7 @@ def attention_ref(
     dropout_mask: Tensor | None = None,
     upcast: bool = True,
     in_place: bool = False,
+    variants: Variants | None = None,
 ) -> ReferenceOutput:
     """Naive attention. q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> (out, probs).
 
@@ -91,16 +93,20 @@ def attention_ref(
     upcast: compute in float32 at least (float64 stays float64), cast back at the end.
     in_place: scores, then probabilities, in one T x S buffer; only where
         nothing needs a gradient (autograd cannot go back through it).
+    variants: window, softcap, ALiBi, sinks, documents, score_mod, checked
+        (`multihead.core.variants.check_variants`); with sinks, probs are
+        those of the real keys (rows sum to less than 1).
 
     The arguments are used as given (`multihead.core.call.make_call` checks them
     for the public entry points).
     """
     out, probs, _ = _naive(q, k, v, attn_mask, causal, scale, dropout_p, dropout_mask, upcast, in_place,
-                           need_lse=False)
+                           need_lse=False, variants=variants)
     return ReferenceOutput(out, probs)
 
 
-def _naive(q, k, v, attn_mask, causal, scale, dropout_p, dropout_mask, upcast, in_place, need_lse) -> _Naive:
+def _naive(q, k, v, attn_mask, causal, scale, dropout_p, dropout_mask, upcast, in_place, need_lse,
+           variants: Variants | None = None) -> _Naive:
     """attention_ref's formula, with the logsumexp of the masked scores when need_lse."""
     out_dtype = q.dtype
     if upcast:
@@ -110,12 +116,32 @@ def _naive(q, k, v, attn_mask, causal, scale, dropout_p, dropout_mask, upcast, i
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
 
-    scores = masks.apply(_scores(q, k, scale), attn_mask, in_place=True)  # (B, H, T, S), a fresh buffer
+    scores = _scores(q, k, scale)  # (B, H, T, S), a fresh buffer
+    if variants is not None:
+        scores = modify(scores, variants, full_tile(T, S, scores.device), T, S)  # (B, H, T, S)
+    scores = masks.apply(scores, attn_mask, in_place=True)
     if causal:
         scores = masks.apply(scores, masks.causal_mask(T, S, scores.device), in_place=True)
+    if variants is not None and variants.sinks is not None:
+        return _with_sinks(scores, v, variants.sinks, dropout_p, dropout_mask, out_dtype, need_lse)
     lse = torch.logsumexp(scores, dim=-1) if need_lse else None  # (B, H, T), -inf for a row with no key
-    empty_possible = masks.rows_can_be_empty(attn_mask is not None, causal, T, S)
+    masked = attn_mask is not None or (variants is not None and variants.masks_keys())
+    empty_possible = masks.rows_can_be_empty(masked, causal, T, S)
     probs = masks.softmax(scores, may_have_empty_rows=empty_possible, in_place=in_place)  # (B, H, T, S)
+    return _attend(probs, v, dropout_p, dropout_mask, out_dtype, lse)
+
+
+def _with_sinks(scores, v, sinks, dropout_p, dropout_mask, out_dtype, need_lse) -> _Naive:
+    """The softmax over the keys and one sink logit per head; the sink's probability attends to nothing."""
+    B, H, T, S = scores.shape
+    sink = sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)  # (H,) -> (B, H, T, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]  # (B, H, T, S + 1) -> (B, H, T, S)
+    lse = with_sinks(torch.logsumexp(scores, dim=-1), sinks) if need_lse else None  # (B, H, T)
+    return _attend(probs, v, dropout_p, dropout_mask, out_dtype, lse)
+
+
+def _attend(probs, v, dropout_p, dropout_mask, out_dtype, lse) -> _Naive:
+    """Dropout on the probabilities (B, H, T, S), then their weighted sum of the values."""
 
     weights = probs
     if dropout_mask is not None:
@@ -129,7 +155,8 @@ def _naive(q, k, v, attn_mask, causal, scale, dropout_p, dropout_mask, upcast, i
 def reference_call(call: AttentionCall, *, need_lse: bool = False, dropout_mask: Tensor | None = None):
     """attention_ref on a checked call, in place where nothing needs a gradient: (out, probs, lse or None)."""
     return _naive(call.q, call.k, call.v, call.attn_mask, call.causal, call.scale, call.dropout_p,
-                  dropout_mask, upcast=True, in_place=not call.needs_grad(), need_lse=need_lse)
+                  dropout_mask, upcast=True, in_place=not call.needs_grad(), need_lse=need_lse,
+                  variants=call.variants)
 
 
 def _sum_groups(x: Tensor, groups: int) -> Tensor:
@@ -138,11 +165,19 @@ def _sum_groups(x: Tensor, groups: int) -> Tensor:
     return x.reshape(B, groups, H // groups, *x.shape[2:]).sum(dim=2)  # (B, G, R, S, ·) -> (B, G, S, ·)
 
 
-def _probs_from_lse(call: AttentionCall, q: Tensor, k: Tensor, lse: Tensor) -> Tensor:
-    """P = exp(masked scores - lse): (B, H, T, S); 0 where masked, and in every row whose lse is -inf."""
+def _scores_of(call: AttentionCall, q: Tensor, k: Tensor) -> Tensor:
+    """The call's scores before its masks: scale·q·kᵀ with the variants' softcap, ALiBi and score_mod."""
     T, S = call.q_len, call.kv_len
     scores = (q * call.scale) @ k.transpose(-2, -1)  # (B, H, T, D) @ (B, H, D, S) -> (B, H, T, S)
-    scores = masks.apply(scores, call.attn_mask, in_place=True)
+    if call.variants is not None:
+        scores = modify(scores, call.variants, full_tile(T, S, scores.device), T, S)  # (B, H, T, S)
+    return scores
+
+
+def _probs_from_lse(call: AttentionCall, scores: Tensor, lse: Tensor) -> Tensor:
+    """P = exp(masked scores - lse): (B, H, T, S); 0 where masked, and in every row whose lse is -inf."""
+    T, S = call.q_len, call.kv_len
+    scores = masks.apply(scores.detach().clone(), call.attn_mask, in_place=True)
     if call.causal:
         scores = masks.apply(scores, masks.causal_mask(T, S, scores.device), in_place=True)
     lse = lse.unsqueeze(-1)  # (B, H, T) -> (B, H, T, 1)
@@ -154,24 +189,32 @@ def reference_backward(call: AttentionCall, grad_out: Tensor, out: Tensor, lse: 
     """dq, dk, dv of the attention that out and lse (B, H, T) describe, restricted to this call's keys.
 
     The formula, one matrix at a time, in float32 at least (float64 stays float64):
-    P = exp(scale·q·kᵀ + mask - lse), dV = Pᵀ dO, dP = dO Vᵀ, delta = rowsum(dO ∘ out),
-    dS = P ∘ (dP - delta), dQ = scale·dS K, dK = scale·dSᵀ Q.
+    P = exp(s + mask - lse), s = the variants' modification of scale·q·kᵀ, dV = Pᵀ dO, dP = dO Vᵀ,
+    delta = rowsum(dO ∘ out), dS = P ∘ (dP - delta), then dQ, dK from dS through s
+    (dQ = scale·dS K, dK = scale·dSᵀ Q without variants; autograd through softcap, ALiBi and score_mod
+    with them). The lse is the full denominator's (sinks included); the gradients of the sinks and of
+    what a score_mod captures are not part of the result.
     """
     check_backward(call, grad_out, out, lse)
     compute = torch.promote_types(call.q.dtype, torch.float32)
     H, G = call.heads, call.kv_heads
     with torch.no_grad():
-        q = call.q.to(compute)  # (B, H, T, D)
-        k = repeat_kv(call.k.to(compute), H)  # (B, G, S, D) -> (B, H, S, D)
+        q = call.q.to(compute).detach().requires_grad_(call.variants is not None)  # (B, H, T, D)
+        k = repeat_kv(call.k.to(compute), H).detach().requires_grad_(call.variants is not None)  # (B, H, S, D)
         v = repeat_kv(call.v.to(compute), H)  # (B, G, S, Dv) -> (B, H, S, Dv)
         grad_out, out = grad_out.to(compute), out.to(compute)  # (B, H, T, Dv)
-        probs = _probs_from_lse(call, q, k, lse.to(compute))  # (B, H, T, S)
+        with torch.enable_grad():
+            scores = _scores_of(call, q, k)  # (B, H, T, S)
+        probs = _probs_from_lse(call, scores, lse.to(compute))  # (B, H, T, S)
         dv = probs.transpose(-2, -1) @ grad_out  # (B, H, S, T) @ (B, H, T, Dv) -> (B, H, S, Dv)
         grad_probs = grad_out @ v.transpose(-2, -1)  # (B, H, T, Dv) @ (B, H, Dv, S) -> (B, H, T, S)
         delta = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, H, T, Dv) -> (B, H, T, 1)
         grad_scores = probs * (grad_probs - delta)  # (B, H, T, S)
-        dq = (grad_scores @ k) * call.scale  # (B, H, T, S) @ (B, H, S, D) -> (B, H, T, D)
-        dk = (grad_scores.transpose(-2, -1) @ q) * call.scale  # (B, H, S, T) @ (B, H, T, D) -> (B, H, S, D)
+        if call.variants is None:
+            dq = (grad_scores @ k) * call.scale  # (B, H, T, S) @ (B, H, S, D) -> (B, H, T, D)
+            dk = (grad_scores.transpose(-2, -1) @ q) * call.scale  # (B, H, S, T) @ (B, H, T, D) -> (B, H, S, D)
+        else:
+            dq, dk = torch.autograd.grad(scores, (q, k), grad_scores)
         return Gradients(dq.to(call.q.dtype), _sum_groups(dk, G).to(call.k.dtype), _sum_groups(dv, G).to(call.v.dtype))
 
 

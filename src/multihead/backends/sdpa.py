@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..core import masks
 from ..core.call import AttentionCall, AttentionOutput
+from .variant_mask import as_mask, mask_reason
 
 
 def float_mask_reason(call: AttentionCall) -> str | None:
@@ -42,10 +43,14 @@ class SdpaBackend:
             return "scaled_dot_product_attention returns no logsumexp"
         if call.q.shape[2] == 0 or call.k.shape[2] == 0:
             return "zero-length T or S (chunked and reference handle it)"
+        if call.variants is not None:
+            return mask_reason(call)
         return None if call.attn_mask is None else float_mask_reason(call)
 
     def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
-        q, k, v, attn_mask, causal, scale, dropout_p = call
+        if call.variants is not None:
+            call = as_mask(call)  # a window, documents, ALiBi: one mask (mask_reason allowed it)
+        q, k, v, attn_mask, causal, scale, dropout_p = call[:7]
         gqa = bool(q.shape[1] != k.shape[1])  # bool(): under jit.trace sizes are tensors
         if attn_mask is None and not causal:  # nothing to align or open: the kernel as it is
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import masks
 from .checks import flag, mask_tensor, probability
+from .variants import Variants, check_variants
 
 
 DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))  # what every backend computes in
@@ -59,6 +60,7 @@ class AttentionCall(NamedTuple):
     causal: bool  # bottom-right aligned: query i sees keys j <= i + S - T
     scale: float  # multiplies q·k; finite in the compute dtype
     dropout_p: float  # probability of dropping a weight, in [0, 1)
+    variants: Variants | None = None  # window, softcap, ALiBi, sinks, documents, score_mod; None = plain
 
     @property
     def batch(self) -> int:  # B
@@ -82,11 +84,13 @@ class AttentionCall(NamedTuple):
 
     def needs_grad(self) -> bool:
         """Whether autograd records this call (grad mode on and an input that requires grad)."""
-        return records_grad(self.q, self.k, self.v, self.attn_mask)
+        extra = () if self.variants is None else self.variants.captured()
+        return records_grad(self.q, self.k, self.v, self.attn_mask, *extra)
 
     def may_have_empty_rows(self) -> bool:
         """Whether a query row can be left with no key, decided from shapes and flags alone."""
-        return masks.rows_can_be_empty(self.attn_mask is not None, self.causal, self.q_len, self.kv_len)
+        masked = self.attn_mask is not None or (self.variants is not None and self.variants.masks_keys())
+        return masks.rows_can_be_empty(masked, self.causal, self.q_len, self.kv_len)
 
 
 def records_grad(*tensors: Tensor | None) -> bool:
@@ -221,12 +225,14 @@ def check_backward(call: AttentionCall, grad_out, out, lse) -> None:
 
 def make_call(
     q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, causal: bool = False,
-    scale: float | None = None, dropout_p: float = 0.0,
+    scale: float | None = None, dropout_p: float = 0.0, window=None, softcap: float | None = None,
+    alibi_slopes: Tensor | None = None, sinks: Tensor | None = None, documents=None, score_mod=None,
 ) -> AttentionCall:
     """Check the arguments of an attention call once; raise TypeError/ValueError naming the culprit.
 
-    The common values (no mask, no scale, no dropout) cost one comparison each:
-    at a decode step the whole call takes tens of microseconds.
+    The common values (no mask, no scale, no dropout, no variant) cost one
+    comparison each: at a decode step the whole call takes tens of
+    microseconds. The variants are those of `multihead.core.variants`.
     """
     _check_tensors(q, k, v)
     D, S = _check_shapes(q, k, v)
@@ -236,7 +242,9 @@ def make_call(
         dropout_p = probability("dropout_p", dropout_p)
     scale = check_scale(scale, D, q.dtype)
     mask = None if attn_mask is None else check_mask(attn_mask, q, S)
-    return AttentionCall(q, k, v, mask, causal, scale, dropout_p)
+    variants = check_variants(q, S, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                              documents=documents, score_mod=score_mod)
+    return AttentionCall(q, k, v, mask, causal, scale, dropout_p, variants)
 
 
 __all__ = ["DTYPES", "AttentionCall", "AttentionOutput", "Gradients", "check_backward", "check_mask", "check_scale",

@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import backends
 from ..core.call import AttentionOutput, make_call
 from ..core.checks import flag
+from ..core.variants import ScoreMod
 from .run import run
 
 
@@ -39,6 +40,12 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    documents: Tensor | tuple[Tensor, Tensor] | None = None,
+    score_mod: ScoreMod | None = None,
     backend: str = "auto",
     return_lse: bool = False,
 ) -> Tensor | AttentionOutput:
@@ -52,11 +59,23 @@ def attention(
     differentiable, lse is not. A query with no key to attend gets output 0
     (and gradient 0). `which_backend` with the same arguments says which
     backend runs.
+
+    The attention family (`multihead.core.variants`, in this order):
+    softcap=c gives c · tanh(s / c); alibi_slopes (H,) or (B, H) adds
+    -slope · |i' - j|; score_mod(score, b, h, q_idx, kv_idx) -> score for
+    anything else; window=(left, right) keeps keys i' - left <= j <= i' + right
+    (None: no limit on that side; i' = i + S - T); documents, (B, T) ids or
+    (query ids (B, T), key ids (B, S)), keeps keys of the query's own
+    document; sinks (H,) adds one logit per head to the softmax's denominator
+    (the lse includes it). Gradients flow to the sinks, the slopes and the
+    tensors a score_mod captures.
     """
     backends.check_name(backend)
     if return_lse is not False and return_lse is not True:
         flag("return_lse", return_lse)
-    call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
+    call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p, window=window,
+                     softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, documents=documents,
+                     score_mod=score_mod)
     result = run(call, backend, need_lse=return_lse)
     return AttentionOutput(result.out, result.lse) if return_lse else result.out
 
@@ -70,6 +89,12 @@ def which_backend(
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    documents: Tensor | tuple[Tensor, Tensor] | None = None,
+    score_mod: ScoreMod | None = None,
     backend: str = "auto",
     return_lse: bool = False,
 ) -> backends.Dispatch:
@@ -78,7 +103,9 @@ def which_backend(
     print(which_backend(q, k, v, causal=True)) gives one line per backend.
     """
     backends.check_name(backend)
-    call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
+    call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p, window=window,
+                     softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, documents=documents,
+                     score_mod=score_mod)
     return backends.survey(call, backend, need_lse=flag("return_lse", return_lse))
 
 

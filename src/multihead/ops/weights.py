@@ -34,6 +34,7 @@ from torch import Tensor
 from ..core import masks
 from ..core.call import AttentionCall, make_call
 from ..core.checks import positive_int
+from ..core.variants import ScoreMod, Tile, modify, with_sinks
 
 # Keys per tile and queries per block of the passes: a (B, h, BLOCK_Q, BLOCK_K)
 # block of scores is the most that is alive at once besides what is returned.
@@ -104,6 +105,7 @@ class _Problem:
         acc = torch.promote_types(q.dtype, torch.float32)  # what the tiles compute in and return
         H, G = call.heads, call.kv_heads
         self.T, self.S, self.acc, self.causal = call.q_len, call.kv_len, acc, call.causal
+        self.variants, self.heads = call.variants, heads
         self.q = q.detach().index_select(1, heads).to(acc) * call.scale  # (B, H, T, D) -> (B, h, T, D)
         self.kv_heads = torch.div(heads, H // G, rounding_mode="floor")  # grouped-query: h -> h // R
         self.k = k.detach()  # (B, G, S, D), indexed per tile, never copied per head whole
@@ -117,6 +119,9 @@ class _Problem:
         q = self.q.index_select(2, rows)  # (B, h, T, D) -> (B, h, t, D)
         k = self.k[:, :, s0:s1].index_select(1, self.kv_heads).to(self.acc)  # (B, h, keys, D)
         scores = q @ k.transpose(-2, -1)  # (B, h, t, keys)
+        if self.variants is not None:
+            tile = Tile(rows, torch.arange(s0, s1, device=scores.device), self.heads)
+            scores = modify(scores, self.variants, tile, self.T, self.S)  # (B, h, t, keys)
         if self.mask is not None:
             mask = self.mask[..., s0:s1]
             if mask.shape[2] > 1:
@@ -126,6 +131,21 @@ class _Problem:
             seen = masks.causal_allowed(rows, torch.arange(s0, s1, device=scores.device), self.T, self.S)
             masks.apply(scores, seen, in_place=True)  # (t, keys) broadcast over (B, h)
         return scores
+
+    def sinks(self) -> Tensor | None:
+        """The chosen heads' sink logits (h,), or None."""
+        if self.variants is None or self.variants.sinks is None:
+            return None
+        return self.variants.sinks.detach().index_select(0, self.heads).to(self.acc)
+
+    def _sink_in(self, top: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+        """The sink as one more term of each row's running sum: (top, total) with exp(sink - top) added."""
+        sinks = self.sinks()
+        if sinks is None:
+            return top, total
+        sink = sinks[None, :, None].expand_as(top)  # (h,) -> (B, h, t)
+        new_top = torch.maximum(top, sink)
+        return new_top, total * torch.exp(top - new_top) + torch.exp(sink - new_top)
 
     def tiles(self, block_k: int):
         for s0 in range(0, self.S, block_k):
@@ -142,6 +162,7 @@ class _Problem:
             shift = torch.where(new_top == float("-inf"), torch.zeros_like(new_top), new_top)  # no key yet: 0
             total = total * torch.exp(top - shift) + torch.exp(scores - shift[..., None]).sum(dim=-1)
             top = new_top
+        top, total = self._sink_in(top, total)
         # a row with no key: +inf makes exp(s - top) = 0 on its -inf scores
         top = torch.where(top == float("-inf"), torch.full_like(top, float("inf")), top)
         return Normaliser(top, torch.where(total > 0, torch.log(total), torch.zeros_like(total)))
@@ -178,6 +199,10 @@ def weights_of(call: AttentionCall, heads: list[int] | None = None, rows: list[i
                           device=call.q.device)  # (B, h, t, S)
         for s0, s1 in prob.tiles(block_k):
             out[..., s0:s1] = prob.scores(rows_idx, s0, s1)
+        sinks = prob.sinks()
+        if sinks is not None:  # the real keys' share of a denominator that holds the sink: rows sum to < 1
+            lse = with_sinks(torch.logsumexp(out, dim=-1), sinks)  # (B, h, t)
+            return out.sub_(lse[..., None]).exp_()
         return masks.softmax(out, may_have_empty_rows=call.may_have_empty_rows(), in_place=True)
 
 
@@ -193,6 +218,12 @@ def attention_weights(
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    documents: Tensor | tuple[Tensor, Tensor] | None = None,
+    score_mod: ScoreMod | None = None,
     heads: Index = None,
     rows: Index = None,
 ) -> Tensor:
@@ -204,9 +235,12 @@ def attention_weights(
     heads, rows: an int, a sequence of ints, a slice or None (all); the dims
     are kept even for a single int. Memory: what is returned, plus one tile
     of keys. A row with no key to attend gets weights 0. No gradient flows
-    through.
+    through. With sinks, the weights are the real keys' share of a
+    denominator that holds the sink: a row sums to less than 1.
     """
-    call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
+    call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p, window=window,
+                     softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, documents=documents,
+                     score_mod=score_mod)
     heads = check_index("heads", heads, call.heads)
     rows = check_index("rows", rows, call.q_len)
     return weights_of(call, heads, rows).to(q.dtype)
@@ -259,6 +293,12 @@ def attention_stats(
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    documents: Tensor | tuple[Tensor, Tensor] | None = None,
+    score_mod: ScoreMod | None = None,
     heads: Index = None,
     top_k: int = 5,
     block_q: int = BLOCK_Q,
@@ -277,7 +317,9 @@ def attention_stats(
 
     Nothing of size T x S is held: one (B, h, block_q, block_k) tile at a time.
     """
-    call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p)
+    call = make_call(q, k, v, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p, window=window,
+                     softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, documents=documents,
+                     score_mod=score_mod)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
     positive_int("block_q", block_q)

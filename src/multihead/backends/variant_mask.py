@@ -1,0 +1,78 @@
+"""The variants a fused kernel (SDPA, CPU flash) can take: as a mask, when the call is small enough.
+
+torch's fused ops add a mask to the scores and nothing else. A window and
+documents are masks, ALiBi is a float bias, so a call with only those can
+run there with the variants written out as one (B|1, H|1, T, S) mask. That
+mask is T x S: above `MASK_LIMIT` elements it costs more memory than the
+whole point of a fused kernel saves, and the call is refused (the chunked
+backend computes the same tile by tile). Softcapping, sinks and a score_mod
+change the softmax itself: refused with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import masks
+from ..core.call import AttentionCall
+from ..core.variants import Variants, allowed_keys, full_tile
+
+# The largest mask written out for a fused kernel: 16M elements (64 MB as float32), the size of one
+# 4096 x 4096 head's scores; a bigger call runs on the chunked backend, which never holds a T x S mask.
+MASK_LIMIT = 1 << 24
+
+
+def mask_reason(call: AttentionCall) -> str | None:
+    """Why a fused kernel cannot take this call's variants as a mask, or None (it can; see `as_mask`)."""
+    variants = call.variants
+    for name, value in (("softcap", variants.softcap), ("sinks", variants.sinks), ("score_mod", variants.score_mod)):
+        if value is not None:
+            return f"{name} is not a mask (it changes the softmax itself); the fused op only adds a mask"
+    if variants.alibi_slopes is not None and call.q.dtype in (torch.float16, torch.bfloat16):
+        return f"ALiBi as a {call.q.dtype} bias would round |i - j| · slope; chunked adds it in float32"
+    size = _mask_size(call)
+    if size > MASK_LIMIT:
+        return (f"the variants as a dense mask would hold {size:,} elements (limit {MASK_LIMIT:,}); "
+                f"the chunked backend computes them tile by tile")
+    return None
+
+
+def _mask_size(call: AttentionCall) -> int:
+    variants = call.variants
+    batch = call.batch if variants.q_documents is not None or _per_batch_alibi(variants) else 1
+    heads = call.heads if variants.alibi_slopes is not None else 1
+    return batch * heads * call.q_len * call.kv_len
+
+
+def _per_batch_alibi(variants: Variants) -> bool:
+    return variants.alibi_slopes is not None and variants.alibi_slopes.shape[0] > 1
+
+
+def as_mask(call: AttentionCall) -> AttentionCall:
+    """The call with its window, documents and ALiBi folded into attn_mask, and no variants (`mask_reason` None)."""
+    variants, T, S = call.variants, call.q_len, call.kv_len
+    tile = full_tile(T, S, call.q.device)
+    mask = allowed_keys(variants, tile, T, S)  # (T, S) or (B, 1, T, S) bool, or None
+    if mask is not None and mask.dim() == 2:
+        mask = mask[None, None]  # (T, S) -> (1, 1, T, S)
+    if variants.alibi_slopes is not None:
+        mask = masks.combine(mask, _alibi_bias(call), _float_dtype(call))
+    mask = masks.combine(call.attn_mask, mask, _float_dtype(call))
+    return call._replace(attn_mask=mask, variants=None)
+
+
+def _alibi_bias(call: AttentionCall) -> torch.Tensor:
+    """-slope · |i' - j| as a (B|1, H, T, S) float bias."""
+    T, S = call.q_len, call.kv_len
+    aligned = torch.arange(T, device=call.q.device) + (S - T)  # (T,) i'
+    distance = (aligned[:, None] - torch.arange(S, device=call.q.device)[None, :]).abs()  # (T, S)
+    slopes = call.variants.alibi_slopes  # (B|1, H)
+    return -slopes[:, :, None, None] * distance.to(slopes.dtype)  # (B|1, H, T, S)
+
+
+def _float_dtype(call: AttentionCall) -> torch.dtype:
+    """The dtype a combined float mask takes: q's, which the fused kernel adds it in."""
+    return call.q.dtype
+
+
+__all__ = ["MASK_LIMIT", "as_mask", "mask_reason"]
