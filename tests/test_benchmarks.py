@@ -95,3 +95,28 @@ def test_weights_benchmark_quick_run_writes_its_table(tmp_path, capsys):
     assert {(r["asked"], r["candidate"]) for r in rows} >= {("one row", "weights apart"),
                                                              ("every weight", "one pass")}
     assert all(r["seconds"] > 0 and r["vs_plain"] > 0 for r in rows)
+
+
+def test_variants_benchmark_quick_run_writes_its_three_tables(tmp_path, capsys, one_thread, fresh_dynamo):
+    script = load_script(ROOT / "benchmarks" / "variants.py", "multihead_bench_variants")
+    assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Each variant through auto" in out and "a window of w keys" in out and "FlexAttention" in out
+    (result,) = tmp_path.glob("variants-*-quick.json")
+    data = json.loads(result.read_text())
+    assert data["device"] and data["torch"] and data["threads"] == 1
+    cost = data["cost"]
+    variants = {"plain", "window", "softcap", "alibi", "sinks", "documents", "score_mod"}
+    assert {(r["variant"], r["mode"]) for r in cost} == {(v, m) for v in variants
+                                                          for m in ("forward", "forward+backward")}
+    assert all(r["seconds"] > 0 for r in cost) and {r["vs_plain"] for r in cost if r["variant"] == "plain"} == {1.0}
+    assert {r["backend"] for r in cost if r["variant"] in ("softcap", "sinks", "score_mod")} == {"chunked"}
+    masks = [r for r in cost if r["variant"] in ("window", "alibi", "documents")]  # sdpa takes them at T = 64
+    assert {r["backend"] for r in masks} == {"sdpa"} and all(r["chunked_vs_plain"] > 0 for r in masks)
+    window = data["window"]
+    assert [r["T"] for r in window] == [256, 512] and [r["full_tiles"] for r in window] == [1, 4]
+    assert window[1]["window_tiles"] == 3  # T = 512 in 256 x 256 tiles: the window rules the top-right one out
+    flex = data["flex"]
+    assert {r["variant"] for r in flex} == {"softcap", "alibi", "window", "documents"}
+    # the two sides compute the same attention: a script that compared different things would show it here
+    assert all(r["max_abs_diff"] < 1e-4 and r["flex_s"] > 0 and r["flex_compile_s"] > 0 for r in flex)

@@ -262,7 +262,8 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
              ["bogus"], ["explain", "--seed", "x"], ["generate", "hello"], ["explain", "--heads", "3"],
              ["explain", "--text", " "], ["visualize", " "], ["visualize", "hi", "--token", " "],
              ["visualize", "hi", "--out", str(a_file)], ["demo", "--out", str(a_file)],
-             ["generate", " ", "--model", "m"], ["generate", "hi", "--model", "m", "--top-k", "0"]]
+             ["generate", " ", "--model", "m"], ["generate", "hi", "--model", "m", "--top-k", "0"],
+             ["tiny-model", "--help"], ["tiny-model", "--out", str(a_file)]]
     proc = run([sys.executable, "-c", NO_TORCH, json.dumps(argvs)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(proc.stdout)
@@ -272,6 +273,8 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
         code, out, _ = answers[" ".join(argv)]
         assert code == 0 and (out.startswith("usage: multihead") or out == "multihead 0.0.test\n"), (argv, out)
     assert "explain" in answers["--help"][1] and "--kv-heads" in answers["explain --help"][1]
+    assert "tiny-model" in answers["--help"][1] and answers["tiny-model --help"][0] == 0
+    assert "OUT/gpt2 and OUT/llama" in answers["tiny-model --help"][1]
     for key, message in [("bogus", "invalid choice: 'bogus'"), ("explain --seed x", "invalid int value: 'x'"),
                          ("generate hello", "the following arguments are required: --model"),
                          ("explain --heads 3", "--d-out 4 is not divisible by --heads 3"),
@@ -279,7 +282,8 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
                          ("visualize hi --token  ", "--token is empty"),
                          (f"visualize hi --out {a_file}", "is a file"), (f"demo --out {a_file}", "is a file"),
                          ("generate   --model m", "PROMPT is empty"),
-                         ("generate hi --model m --top-k 0", "must be a positive integer, got 0")]:
+                         ("generate hi --model m --top-k 0", "must be a positive integer, got 0"),
+                         (f"tiny-model --out {a_file}", "is a file; give a folder for the models")]:
         code, out, err = answers[key]
         assert code == 2 and out == "" and message in err, (key, code, out, err)
         assert "Traceback" not in err

@@ -201,9 +201,13 @@ def test_help_states_the_rule(capsys):
 # --------------------------------------------------------------------------- bad folders: one line, exit 2
 
 
-def _gemma2(directory, folders):
-    return _decoder(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, directory, num_key_value_heads=2,
-                    head_dim=8, attn_logit_softcapping=50.0)
+def _sparse(directory, folders):
+    """DeepSeek-V3.2: sparse attention over the keys its indexer selects (indices=), which multihead refuses."""
+    return _decoder(transformers.DeepseekV32Config, transformers.DeepseekV32ForCausalLM, directory,
+                    num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                    n_shared_experts=1, first_k_dense_replace=2, q_lora_rank=16, kv_lora_rank=16,
+                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, index_n_heads=2, index_head_dim=16,
+                    index_topk=4, n_group=1, topk_group=1)
 
 
 def _bloom(directory, folders):
@@ -238,7 +242,7 @@ def _mistral(directory, folders):
     (_no_tokenizer, TEXT, [], r"has no tokenizer: expected tokenizer\.json"),
     (_unknown, TEXT, [], r"model_type='frobnicator', which neither multihead's own models \(bert, gpt2, llama\) "
                          r"nor transformers \S+ know"),
-    (_gemma2, TEXT, [], r"cannot run gemma2 \(Gemma2Attention, layer 0\): it uses attention logit softcapping"),
+    (_sparse, TEXT, [], r"cannot run deepseek_v32 \(DeepseekV32Attention, layer 0\): it uses sparse attention"),
     (_bloom, TEXT, [], r"bloom \(BloomModel\) computes attention in its own code, not through transformers' "
                        r"AttentionInterface \(layers \[0, 1\]\)"),
     (_no_weights, TEXT, [], r"transformers could not load .* as a mistral model: OSError: "),
@@ -246,7 +250,7 @@ def _mistral(directory, folders):
     (_mistral, TEXT, ["--token", "dog"], "token 'dog' is not in the text"),
     (_mistral, TEXT, ["--layer", "2"], r"layer must be in \[0, 2\) for this model, got 2"),
     (lambda directory, folders: "", TEXT, [], r"--model is empty; give 'minilm' or a local Hugging Face"),
-], ids=["no-tokenizer", "unknown-architecture", "softcapping", "no-attention-interface", "no-weights",
+], ids=["no-tokenizer", "unknown-architecture", "sparse-attention", "no-attention-interface", "no-weights",
         "too-long", "token-not-in-text", "layer-out-of-range", "empty-model"])
 def test_bad_folders_and_input_give_one_line(build, text, extra, message, folders, tmp_path, capfd):
     (tmp_path / "model").mkdir()

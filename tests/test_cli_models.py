@@ -111,3 +111,82 @@ def test_visualize_gpt2_too_long(gpt2_folder, tmp_path, capsys):
     assert main(["visualize", "the cat sat on the mat " * 10, "--model", str(gpt2_folder),
                  "--out", str(tmp_path)]) == 2
     assert "more than the model's maximum of 32" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- what a new user met (issue 19, item 12)
+
+
+@pytest.mark.parametrize("styled", [False, True], ids=["piped", "terminal"])
+def test_visualize_default_token_and_legend(gpt2_folder, tmp_path, capsys, monkeypatch, styled):
+    """No --token: a note says the table is about the last word's last piece (the help says so too); the
+    legend names bold and dim only where they are rendered, and parentheses mark the heads that rest."""
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    if styled:
+        monkeypatch.setenv("FORCE_COLOR", "1")  # rich renders styles as on a terminal, into the pipe
+    assert main(["visualize", "the dog sat on the mattress", "--model", str(gpt2_folder), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+    assert ("'mattress' is the tokens mat t r e s s; with no --token the table is about its last piece, "
+            "'s@10' (--token mattress picks its first)\n") in plain
+    assert "Where each head looks from 's' (token 10)" in plain
+    legend = " ".join(plain[plain.index("head 3 "):plain.index("Heads ")].split("\n", 1)[1].split())
+    if styled:
+        assert "\x1b[1m" in out and "\x1b[2m" in out  # bold and dim are there to see
+        assert legend.startswith("bold: the head's strongest key is this word; dim, in parentheses: most of its")
+    else:
+        assert "\x1b[" not in out
+        assert "bold" not in legend and "dim" not in legend, legend
+        assert legend.startswith("In parentheses: most of its weight rests on a special token")
+    cells = re.findall(r"(\(?)[\w@]+ (\d\.\d\d)(\)?)", plain[plain.index("head 0 "):plain.index("head 3 ")])
+    assert {(a, b) for a, _, b in cells} == {("(", ")"), ("", "")}, cells  # both kinds of cell, each one marked
+
+
+def test_visualize_help_names_the_default_token(capsys):
+    assert main(["visualize", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: the last word)" not in help_text
+    assert ("default: the text's last token that is part of a word, so the last piece of the last word when the "
+            "tokenizer cuts it; a note says so") in help_text
+
+
+def _greedy(directory, prompt: str, n: int) -> list[int]:
+    from multihead.models import load
+    from multihead.models.generate import generate
+
+    model = load(directory)
+    ids = model.tokenize([prompt]).input_ids
+    return generate(model.network, ids, max_new_tokens=n).new_tokens(0)
+
+
+@pytest.mark.parametrize("stop_at", [0, "first new"], ids=["first-token", "later-token"])
+def test_generate_says_why_it_stopped(gpt2_folder, tmp_path, capsys, stop_at):
+    """The folder's eos_token_id is the model's first (or a later) greedy token: stdout holds the prompt and
+    what came before the end token, stderr one line saying it stopped there and why."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(gpt2_folder, folder)
+    prompt = "a dog ate the"  # greedy: one token 5 times, then another
+    greedy = _greedy(folder, prompt, 8)
+    # the end token: the first new one, or the first that differs from every token before it
+    k = 0 if stop_at == 0 else next(i for i in range(1, 8) if greedy[i] not in greedy[:i])
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": greedy[k]}))
+    assert main(["generate", prompt, "--model", str(folder), "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert captured.out == prompt + tokenizer.decode(greedy[:k]) + "\n"
+    what = f"the end token {tokenizer.id_to_token(greedy[k])!r} (eos_token_id {greedy[k]} in config.json)"
+    expected = (f"multihead generate: nothing written: the model's first new token is {what}" if k == 0 else
+                f"multihead generate: stopped at {what} after {k} new tokens (of at most 8)")
+    assert captured.err.splitlines() == [expected]
+
+
+def test_generate_says_nothing_when_it_runs_its_course(gpt2_folder, capsys):
+    assert main(["generate", "all is", "--model", str(gpt2_folder), "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("all is") and captured.err == ""

@@ -668,10 +668,81 @@ def _random_torch_module(config):
     return ref
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if not c.get("add_bias_kv")])
-def test_from_torch_gives_the_same_outputs(config):
-    ref = _random_torch_module(config)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("masks", [False, True])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_from_torch_answers_the_same_call_as_the_source(batch_first, masks, need_weights):
+    """Once failed (silent): from_torch returned a batch-first multihead.MultiHeadAttention whatever the
+    source's layout, so `from_torch(nn.MultiheadAttention(512, 8))(x)` with torch's default (T, B, C) input
+    had the right shape and values off by up to 1.18 (B and T swapped), and torch's call
+    (query, key, value, key_padding_mask, need_weights, attn_mask) was not accepted. The result now takes the
+    source's call, argument for argument and positionally, and gives its numbers under the rule."""
+    torch.manual_seed(11)
+    ref = nn.MultiheadAttention(8, 2, kdim=5, vdim=3, batch_first=batch_first).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape) * 0.5)
     converted = compat.from_torch(ref)
+    assert isinstance(converted, MultiheadAttention) and converted.batch_first == batch_first
+    B, T, S = 2, 4, 6
+    q, k, v = torch.randn(T, B, 8), torch.randn(S, B, 5), torch.randn(S, B, 3)  # torch's default (L, B, ·)
+    if batch_first:
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (L, B, ·) -> (B, L, ·)
+    padding = torch.tensor([[False] * S, [False] * 4 + [True] * 2]) if masks else None  # True = padding
+    forbid = None
+    if masks:
+        forbid = torch.rand(T, S, generator=torch.Generator().manual_seed(0)) < 0.4  # True = not allowed
+        forbid[:, 0] = False  # every row keeps a key: torch's weights path gives NaN for empty rows
+    golden = copy.deepcopy(ref).double()
+    args = (padding, need_weights, forbid, False)  # key_padding_mask, need_weights, attn_mask, average
+    out, w = converted(q, k, v, *args)
+    ref_out, ref_w = ref(q, k, v, *args)
+    gold_out, gold_w = golden(q.double(), k.double(), v.double(), *args)
+    assert_close_by_rule("output", out, ref_out, gold_out, OUT_FACTOR)
+    if need_weights:
+        assert_close_by_rule("weights", w, ref_w, gold_w, OUT_FACTOR)
+    else:
+        assert w is None and ref_w is None
+    # the default call (need_weights=True, weights averaged over heads), as the issue's user made it
+    averaged = converted(q, k, v)[1]
+    assert_close_by_rule("averaged weights", averaged, ref(q, k, v)[1], golden(q.double(), k.double(),
+                                                                              v.double())[1], OUT_FACTOR)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_from_torch_copies_the_whole_module(config):
+    """Every constructor argument, the weights (copied, not shared), the dtype, the mode and requires_grad are
+    the source's, and converting draws nothing from the global RNG."""
+    ref = _random_torch_module(config).double().train(False)
+    ref.out_proj.weight.requires_grad_(False)
+    rng = torch.get_rng_state()
+    converted = compat.from_torch(ref)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert isinstance(converted, MultiheadAttention) and not converted.training
+    for name in ("embed_dim", "num_heads", "kdim", "vdim", "dropout", "batch_first", "add_zero_attn"):
+        assert getattr(converted, name) == getattr(ref, name), name
+    theirs, ours = ref.state_dict(), converted.state_dict()
+    assert list(ours) == list(theirs)
+    for name, value in theirs.items():
+        assert torch.equal(ours[name], value) and ours[name].dtype == torch.float64, name
+        assert ours[name].data_ptr() != value.data_ptr(), f"{name} shares the source's storage"
+    assert [p.requires_grad for p in converted.parameters()] == [p.requires_grad for p in ref.parameters()]
+    assert not converted.out_proj.weight.requires_grad
+    # add_bias_kv / add_zero_attn included, torch's call gives torch's numbers (float64: no rounding to speak of)
+    C = config["embed_dim"]
+    widths = (C, config.get("kdim") or C, config.get("vdim") or C)
+    q, k, v = (torch.randn(3, 2, width, dtype=torch.float64) for width in widths)  # (L, B, ·), or (B, L, ·)
+    for got, want in zip(converted(q, k, v), ref(q, k, v)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # from a compat module too: the same module again
+    again = compat.from_torch(converted)
+    assert all(torch.equal(again.state_dict()[n], v) for n, v in theirs.items())
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not c.get("add_bias_kv")])
+def test_to_multihead_gives_the_same_outputs(config):
+    ref = _random_torch_module(config)
+    converted = compat.to_multihead(ref)
     assert isinstance(converted, mh.MultiHeadAttention)
     C = config["embed_dim"]
     B, T, S = 2, 4, 5
@@ -689,7 +760,7 @@ def test_from_torch_gives_the_same_outputs(config):
     # also from a compat module, which holds the same layout
     ours = MultiheadAttention(**config)
     ours.load_state_dict(ref.state_dict())
-    for name, value in compat.from_torch(ours).state_dict().items():
+    for name, value in compat.to_multihead(ours).state_dict().items():
         assert torch.equal(value, converted.state_dict()[name]), name
 
 
@@ -711,7 +782,7 @@ def test_to_torch_gives_the_same_outputs_and_round_trips(kv_dims, bias):
     ref_out, ref_w = converted(x, k, v, key_padding_mask=~key_mask, average_attn_weights=False)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(w, ref_w)
-    back = compat.from_torch(converted)
+    back = compat.to_multihead(converted)
     for name, value in module.state_dict().items():
         assert torch.equal(back.state_dict()[name], value), name
     ours = MultiheadAttention(12, 3, kdim=kdim, vdim=vdim, bias=bias, batch_first=True)
@@ -827,6 +898,11 @@ def _without_out_bias(module: nn.MultiheadAttention) -> nn.MultiheadAttention:
     return module
 
 
+def _with_dropout(module: nn.MultiheadAttention, p) -> nn.MultiheadAttention:
+    module.dropout = p  # a plain attribute in torch: reassigned, never checked
+    return module
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda: compat.split_in_proj(torch.randn(18, 5)), ValueError, r"in_proj_weight must be \(3C, C\) = \(15, 5\), got \(18, 5\)"),
     (lambda: compat.split_in_proj(torch.randn(18)), ValueError, r"in_proj_weight has 1 dims, \(3C, C\) expected, got \(18,\)"),
@@ -840,10 +916,15 @@ def _without_out_bias(module: nn.MultiheadAttention) -> nn.MultiheadAttention:
     (lambda: compat.fuse_in_proj(*[torch.randn(6, 6)] * 3, *[torch.randn(6)] * 2, torch.randn(5)), ValueError,
      r"v_bias must be \(C,\) = \(6,\), got \(5,\)"),
     (lambda: compat.from_torch(nn.Linear(4, 4)), TypeError, "module must be a torch.nn.MultiheadAttention .*got Linear"),
-    (lambda: compat.from_torch(nn.MultiheadAttention(8, 2, add_bias_kv=True)), ValueError, "add_bias_kv=True"),
-    (lambda: compat.from_torch(MultiheadAttention(8, 2, add_zero_attn=True)), ValueError, "add_zero_attn=True"),
+    (lambda: compat.to_multihead(nn.Linear(4, 4)), TypeError, "module must be a torch.nn.MultiheadAttention"),
+    (lambda: compat.to_multihead(nn.MultiheadAttention(8, 2, add_bias_kv=True)), ValueError,
+     "add_bias_kv=True .*use multihead.compat.from_torch"),
+    (lambda: compat.to_multihead(MultiheadAttention(8, 2, add_zero_attn=True)), ValueError, "add_zero_attn=True"),
     (lambda: compat.from_torch(_without_out_bias(nn.MultiheadAttention(8, 2))), ValueError,
      "both in_proj_bias and out_proj.bias or neither .*got in_proj_bias=set, out_proj.bias=None"),
+    (lambda: compat.to_multihead(_without_out_bias(nn.MultiheadAttention(8, 2))), ValueError,
+     "both in_proj_bias and out_proj.bias or neither"),
+    (lambda: compat.from_torch(_with_dropout(nn.MultiheadAttention(8, 2), 1.5)), ValueError, "dropout"),
     (lambda: compat.to_torch(nn.MultiheadAttention(8, 2)), TypeError,
      "module must be a multihead.MultiHeadAttention, got MultiheadAttention"),
     (lambda: compat.to_torch(mh.MultiHeadAttention(8, 4, num_kv_heads=2)), ValueError,

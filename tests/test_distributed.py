@@ -134,3 +134,57 @@ def test_every_chunk_but_one_padding_and_subgroups_on_three_ranks(distributed_jo
         assert r["group [0, 1]"][0] == "ok" and r["group [0, 1]"][1] < 1e-12, r
     for r in ranks[1:]:
         assert r["group [1, 2]"][0] == "ok" and r["group [1, 2]"][1] < 1e-12, r
+
+
+# -- the attention family across ranks ----------------------------------------------------------------
+
+
+def _variant_ids(N: int) -> list[tuple[int, str]]:
+    return [(N, name) for name in cases.variant_names(N)]
+
+
+@pytest.mark.parametrize("N,name", [p for N in (1, 2, 3) for p in _variant_ids(N)]
+                         + [pytest.param(*p, marks=pytest.mark.slow) for p in _variant_ids(4)])
+def test_every_variant_matches_one_process_under_the_rule(distributed_job, N, name):
+    """window, softcap, ALiBi (H,), sinks, documents, a score_mod reading a captured table, and all of them (with
+    learned (B, H) slopes and padding), on ring zigzag, ring contiguous and ulysses: the output, dq, dk, dv and
+    the gradients of the slopes, the sinks and the table (each rank's share, summed over the ranks) against
+    float64 attention on one process."""
+    ranks = distributed_job(N)
+    found = ranks[0]["variants"][name]
+    assert found[0] == "ok", found
+    result = found[1]
+    expected = {"out", "dq", "dk", "dv"} | {f"d{n}" for n, present in (
+        ("alibi_slopes", "all" in name), ("sinks", "sinks" in name or "all" in name),
+        ("table", "score_mod" in name or "all" in name)) if present}
+    assert set(result["errors"]) == expected, result["errors"]
+    for key, err in result["errors"].items():
+        factor = OUT_FACTOR if key == "out" else GRAD_FACTOR
+        assert err <= factor * result["yardstick"][key] + ABS_SLACK, (key, err, result["yardstick"][key])
+    assert result["finite"]
+    assert all(r["variants"][name] == found for r in ranks)  # every rank has the same whole
+
+
+@pytest.mark.parametrize("N", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
+def test_the_ring_skips_exactly_the_steps_that_rule_out_every_pair(distributed_job, N):
+    """Each rank's (computed, skipped) forward steps equal the count read off the one-process mask (a step is
+    dead when no real query of the rank may see any real key of the block), for causality, windows, documents
+    and padding; the window and the documents do skip steps, and the output stays exact."""
+    by_window_or_documents = 0
+    for rank in distributed_job(N):
+        for name, found in rank["skipped steps"].items():
+            assert found["steps"] == found["expected"], (name, found)
+            assert found["error"] < 1e-12, (name, found)
+            if name != "contiguous/causal":
+                by_window_or_documents += found["steps"][1]
+    assert by_window_or_documents >= N, by_window_or_documents
+
+
+@pytest.mark.parametrize("N", [2, 3])
+def test_module_with_window_softcap_alibi_and_sinks_matches_one_process(distributed_job, N):
+    """MultiHeadAttention(window, softcap, alibi, sinks) with RoPE and GQA under ContextParallel (ring and
+    ulysses): output, input gradient and every parameter's gradient, the sinks' included, as on one process."""
+    for name, found in distributed_job(N)[0]["module variants"].items():
+        assert found[0] == "ok", (name, found)
+        assert set(found[1]) >= {"out", "dx", "sinks"}, found[1]
+        assert max(found[1].values()) <= 1e-10, (name, found[1])

@@ -11,6 +11,10 @@ from multihead.backends.reference import attention_ref
 from multihead.distributed import ContextParallel
 from multihead.distributed.layout import assemble, make_sharding, pad, part_of
 from multihead.distributed.ring import block_for, merge
+from multihead.distributed.variants import ChunkRule, chunk_ranges
+from multihead.backends import get as get_backend
+from multihead.core.call import make_call
+from multihead.core.variants import Positions
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
@@ -60,6 +64,71 @@ def test_block_plan_is_the_causal_rule_on_global_positions(layout, N, causal):
                     inside = torch.ones_like(inside).tril()
                 planned[rows, cols] = inside
             assert torch.equal(planned, allowed), (rank, source)
+
+
+def _planned(sharding, block) -> torch.Tensor:
+    """(part, part) bool: the pairs a block computes (its rows x cols, lower triangle when causal)."""
+    planned = torch.zeros(sharding.part, sharding.part, dtype=torch.bool)
+    if block is not None:
+        rows, cols = block.rows, block.cols
+        inside = torch.ones(rows.stop - rows.start, cols.stop - cols.start, dtype=torch.bool)
+        planned[rows, cols] = inside.tril() if block.causal else inside
+    return planned
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("N", [2, 3, 4])
+@pytest.mark.parametrize("causal,window,documents", [
+    (True, (2, None), None), (False, (0, 3), None), (False, (1, 1), None), (True, (0, 0), None),
+    (False, None, 5), (True, None, 3), (True, (4, None), 4)])
+@pytest.mark.parametrize("length", [24, 23])
+def test_block_plan_with_a_window_and_documents_keeps_every_allowed_pair(layout, N, causal, window, documents,
+                                                                          length):
+    """With a window and documents (sorted ids, one document per `documents` tokens), every (rank, source)
+    block computes every pair of real tokens the global rule allows, and a block is skipped (None) exactly
+    when it allows none; pairs it computes beyond those are masked by the step's own mask."""
+    sharding = make_sharding(layout, length, N)
+    ids = None if documents is None else (torch.arange(sharding.padded) // documents).view(1, -1)  # (1, padded)
+    parts = None if ids is None else torch.stack([part_of(ids, 1, sharding, r) for r in range(N)])  # (N, 1, part)
+    for rank in range(N):
+        q_pos = sharding.positions(rank)
+        ranges = None if parts is None else chunk_ranges(parts, sharding, list(range(N)))
+        rule = ChunkRule(causal, window, None if ranges is None else ranges[rank], ranges)
+        for source in range(N):
+            k_pos = sharding.positions(source)
+            i, j = q_pos[:, None], k_pos[None, :]
+            allowed = (i < length) & (j < length) & ((j <= i) if causal else True)
+            if window is not None:
+                allowed &= (j >= i - window[0]) & ((j <= i + window[1]) if window[1] is not None else True)
+            if ids is not None:
+                allowed &= ids[0, q_pos][:, None] == ids[0, k_pos][None, :]
+            planned = _planned(sharding, block_for(sharding, rank, source, causal, rule))
+            assert not bool((allowed & ~planned).any()), (rank, source)  # nothing allowed is left out
+            assert (block_for(sharding, rank, source, causal, rule) is None) == (not bool(allowed.any()))
+
+
+@pytest.mark.parametrize("backend", ["cpu_flash", "sdpa", "chunked", "reference"])
+def test_a_ring_steps_call_at_global_positions_is_the_same_on_every_backend_that_takes_it(backend):
+    """A ring step's call: 5 queries at global positions 10..14 against 7 keys at 4..10, with a window (3, 2),
+    ALiBi and documents, against the formula written out at those positions (row 14 sees no key: 0).
+    Once failed on cpu_flash and sdpa: ALiBi written as a mask measured |i - j| from the call's own rows and
+    keys instead of the shard's positions, so a ring step with ALiBi on cpu_flash was wrong (error 0.8)."""
+    q, k, v = make_qkv(2, 2, 1, 5, 7, 8, dtype=torch.float64)
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    q_ids, kv_ids = torch.tensor([[0, 0, 1, 1, 1]] * 2), torch.tensor([[0, 0, 0, 0, 1, 1, 1]] * 2)
+    call = make_call(q, k, v, window=(3, 2), alibi_slopes=slopes, documents=(q_ids, kv_ids))
+    i, j = torch.arange(10, 15), torch.arange(4, 11)
+    call = call._replace(variants=call.variants._replace(positions=Positions(i, j, 0)))
+    distance = (i[:, None] - j[None, :]).abs()  # (5, 7) at the global positions
+    allowed = (j[None, :] >= i[:, None] - 3) & (j[None, :] <= i[:, None] + 2)  # (5, 7)
+    allowed = allowed & (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]  # (B, 1, 5, 7)
+    scores = q @ k.transpose(-2, -1) / 8 ** 0.5 - slopes[None, :, None, None] * distance  # (B, H, 5, 7)
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    expected = weights @ v  # (B, H, 5, Dv), k and v shared by both heads
+    assert get_backend(backend).supports(call) is None
+    got = get_backend(backend).forward(call).out
+    assert max_err(got, expected) < 1e-12
+    assert bool((got[:, :, 4] == 0).all())
 
 
 def test_zigzag_balances_causal_work_and_contiguous_does_not():

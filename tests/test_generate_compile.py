@@ -11,6 +11,11 @@
   trace, the counts and the compiled numbers share its model and compile.
 - `generate(compile=...)` chooses the eager tokens; the compiled step is
   kept per model without keeping the model alive; bad values are refused.
+- A serving loop's shapes (batch sizes 1..11, prompt lengths, max_new_tokens,
+  padding, stop tokens, sampling) all decode the eager tokens with 4 graphs
+  (one for B = 1, one for every B >= 2, per cache length), every step run by
+  a graph; past CompileConfig.max_compiles, or when torch.compile refuses a
+  graph, a call decodes eagerly with one warning per model.
 - (The "no key" rule compiled, output 0 and gradient 0 with nothing read
   on the host, is tests/test_compile.py's.)
 
@@ -22,7 +27,9 @@ skips its test, saying so, as tests/test_cache.py does.
 from __future__ import annotations
 
 import gc
+import inspect
 import time
+import warnings
 import weakref
 
 import pytest
@@ -175,6 +182,77 @@ def test_generate_compiled_gives_the_eager_tokens_greedy_and_sampled_and_lets_th
     assert alive() is None, "the compiled step keeps the model alive"
 
 
+# ---- any shape: a dynamic batch, bounded compiles, an eager fall-back with one warning
+
+
+class GraphCounter:
+    """A torch.compile backend by name (COUNTING): counts the graphs it compiles and the runs of them (as "eager")."""
+
+    def __init__(self) -> None:
+        self.compiles = self.runs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.compiles += 1
+
+        def run(*args):
+            self.runs += 1
+            return gm.forward(*args)
+        return run
+
+
+COUNTING = "multihead_test_graph_counter"
+GRAPHS = GraphCounter()
+if COUNTING not in torch._dynamo.list_backends(exclude_tags=()):
+    torch._dynamo.register_backend(lambda gm, example_inputs: GRAPHS(gm, example_inputs), name=COUNTING)
+
+
+@pytest.fixture
+def graphs(fresh_dynamo):
+    GRAPHS.compiles = GRAPHS.runs = 0
+    return GRAPHS
+
+
+def compiled_and_eager(model, prompt, config, caught, **settings):
+    """generate's tokens with `config` and eagerly; the steps a graph should have run; the warnings in `caught`."""
+    with warnings.catch_warnings(record=True) as new:
+        warnings.simplefilter("always")
+        compiled = generate(model, prompt, compile=config, **settings)
+    caught.extend(str(w.message) for w in new if issubclass(w.category, RuntimeWarning))
+    eager = generate(model, prompt, **settings)
+    steps = int((eager.lengths - eager.prompt_lengths).max()) - 1  # the prompt's forward chose the first token
+    return compiled.tokens, eager.tokens, steps
+
+
+# (B, T, max_new_tokens, stop_tokens, right-padded, sampled): 13 shapes, batch sizes 1..11, cache 64 or 128
+SERVING = [(1, 5, 3, (), False, False), (2, 5, 3, (), False, False), (9, 5, 3, (), False, False),
+           (3, 7, 6, (7,), True, False), (11, 2, 4, (), True, False), (1, 9, 5, (3, 7), False, False),
+           (4, 60, 10, (), False, False), (6, 3, 3, (), False, True), (1, 62, 4, (), False, False),
+           (5, 12, 8, (5,), True, True), (10, 60, 6, (), True, False), (7, 4, 12, (9,), False, False),
+           (8, 6, 2, (), False, True)]
+
+
+def test_generate_compiled_takes_a_serving_loops_shapes_with_a_bounded_number_of_graphs(graphs):
+    """Every shape gives the eager tokens, without an exception or a warning, every decode step run by a graph,
+    and 4 graphs in all: B = 1 or B >= 2 (dynamic), cache length 64 or 128; stop tokens share them.
+    (Before: each batch size, cache length and stop setting compiled anew; the 9th raised FailOnRecompileLimitHit.)
+    """
+    model, config, caught, steps = make_model("llama"), CompileConfig(backend=COUNTING), [], 0
+    assert len({case[:4] for case in SERVING}) >= 12 and sorted({case[0] for case in SERVING}) == list(range(1, 12))
+    budget = Budget()
+    for i, (B, T, n, stop, padded, sampled) in enumerate(SERVING):
+        lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(i)) if padded else [T]
+        key_mask = torch.arange(T)[None, :] < torch.as_tensor(lengths)[:, None]  # (B, T), or (1, T): no padding
+        settings = dict(key_mask=key_mask if padded else None, max_new_tokens=n, stop_tokens=stop)
+        if sampled:
+            settings.update(do_sample=True, temperature=0.9, seed=i)
+        compiled, eager, call_steps = compiled_and_eager(model, ids(B, T, seed=i), config, caught, **settings)
+        assert torch.equal(compiled, eager), (i, B, T, n)
+        steps += call_steps
+        budget.check()
+    assert caught == []
+    assert (graphs.compiles, graphs.runs) == (4, steps)
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_generate_compiled_with_inductor_gives_the_eager_tokens():
     model = make_model("gpt2")
@@ -222,6 +300,37 @@ def test_generate_compiled_with_cuda_graphs_gives_the_eager_tokens():
         again = generate(model, prompt, compile=True, **settings)
     assert torch.equal(compiled.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
     assert counters["inductor"]["cudagraph_skips"] == 0, "the step must replay as a CUDA graph"
+
+
+def test_beyond_max_compiles_a_call_decodes_eagerly_with_one_warning_per_model(graphs):
+    """max_compiles=1: the first shape compiles; a batch of 1 and a longer cache decode eagerly (the eager tokens,
+    one warning for both); another batch size of the first cache length runs the graph, without a warning."""
+    model, config, caught = make_model("llama"), CompileConfig(backend=COUNTING, max_compiles=1), []
+    steps = []
+    for i, (B, T, n) in enumerate([(3, 5, 4), (1, 5, 4), (2, 62, 4), (1, 9, 3), (5, 4, 6)]):
+        compiled, eager, call_steps = compiled_and_eager(model, ids(B, T, seed=i), config, caught, max_new_tokens=n)
+        assert torch.equal(compiled, eager), (i, B, T, n)
+        steps.append(call_steps)
+    assert len(caught) == 1 and "limit of 1 compiled shapes" in caught[0] and "batch 1, cache length 64" in caught[0]
+    assert (graphs.compiles, graphs.runs) == (1, steps[0] + steps[4])
+    with pytest.raises(ValueError, match="CompileConfig max_compiles must be an int >= 1, got 0"):
+        CompileConfig(max_compiles=0)
+
+
+@pytest.mark.skipif("recompile_limit" not in inspect.signature(torch.compile).parameters,
+                    reason="torch.compile(recompile_limit=) is torch >= 2.13's")
+def test_a_graph_torch_compile_refuses_decodes_eagerly_with_one_warning(graphs):
+    """A change the shapes do not see (requires_grad) needs a new graph past torch's limit: torch.compile refuses
+    before anything ran; that call and the later ones of that shape decode eagerly, one warning in all."""
+    model, config, caught = make_model("llama"), CompileConfig(backend=COUNTING, max_compiles=1), []
+    prompt = ids(2, 5)
+    first, eager, steps = compiled_and_eager(model, prompt, config, caught, max_new_tokens=5)
+    model.requires_grad_(False)
+    for _ in range(2):
+        again, _, _ = compiled_and_eager(model, prompt, config, caught, max_new_tokens=5)
+        assert torch.equal(again, eager)
+    assert torch.equal(first, eager) and len(caught) == 1 and "torch.compile refused one more graph" in caught[0]
+    assert (graphs.compiles, graphs.runs) == (1, steps)
 
 
 def test_static_length_rounds_up_to_a_power_of_two_within_the_positions():

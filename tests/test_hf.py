@@ -183,11 +183,15 @@ def test_position_bias_is_added_with_the_mask():
 def test_a_window_with_no_mask_is_the_mask_transformers_would_build():
     module = _module()
     q = k = v = torch.randn(1, 2, 7, 8)
-    call = mhf.translate(module, q, k, v, None, sliding_window=3)
     want = sdpa_mask(batch_size=1, q_length=7, kv_length=7, mask_function=sliding_window_causal_mask_function(3),
                      allow_is_causal_skip=False)
-    assert call.causal is False and torch.equal(call.attn_mask[0, 0], want[0, 0])  # (1, 1, T, S) once checked
-    assert mhf.translate(module, q, k, v, None, sliding_window=7).attn_mask is None  # the window does not bite
+    square = mhf.translate(module, q, k, v, None, sliding_window=3)  # the alignments agree: a window, no mask
+    assert square.attn_mask is None and square.causal is True and square.variants.window == (2, 0)
+    got = mhf.multihead_attention(module, q, k, v, None, sliding_window=3)[0]
+    assert max_err(got, mhf.multihead_attention(module, q, k, v, want)[0]) < 1e-6
+    longer = mhf.translate(module, q[:, :, :3], k, v, None, sliding_window=3)  # T < S: top-left, written out
+    assert longer.causal is False and torch.equal(longer.attn_mask[0, 0], want[0, 0, :3])
+    assert mhf.translate(module, q, k, v, None, sliding_window=7).variants is None  # the window does not bite
     with pytest.raises(ValueError, match="bidirectional sliding window"):
         mhf.translate(_module(is_causal=False), q, k, v, None, sliding_window=3)
 
@@ -223,27 +227,15 @@ def test_a_row_with_no_key_gives_output_and_weights_zero():
 # ---- refused, never computed wrongly
 
 
-def test_gemma2_softcapping_is_refused_naming_the_model_and_the_feature():
-    config = dict(vocab_size=H.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**config)).eval()
-    model.set_attn_implementation("multihead")
-    ids = torch.randint(1, H.VOCAB, (1, 5))
-    with pytest.raises(ValueError) as error:
-        model(ids)
+def test_sinks_that_are_not_one_per_head_are_refused_naming_the_model_and_the_feature():
+    q = k = v = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError) as error:  # Inkling-2's kind: one sink per query token
+        mhf.multihead_attention(_module("inkling2", layer_idx=1), q, k, v, None, sinks=torch.zeros(1, 2, 3, 1))
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("attn_implementation='multihead' cannot run gemma2 (Gemma2Attention, layer 0): "
-                              "it uses attention logit softcapping")
-    assert "softcap=50.0" in message and "attn_implementation='eager'" in message
-    # the same model without softcapping runs, and equals eager
-    no_cap = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(attn_logit_softcapping=None, **config)).eval()
-    eager = copy.deepcopy(no_cap)
-    no_cap.set_attn_implementation("multihead")
-    eager.set_attn_implementation("eager")
-    with torch.no_grad():
-        assert max_err(no_cap(ids).logits, eager(ids).logits) < 1e-5
+    assert message.startswith("attn_implementation='multihead' cannot run inkling2 (Module, layer 1): it uses "
+                              "attention sinks that are not one logit per query head (H,) = (2,)")
+    assert "attn_implementation='eager'" in message
 
 
 @pytest.mark.parametrize("name", sorted(mhf.UNSUPPORTED))
@@ -328,10 +320,18 @@ def test_options_are_checked_nest_and_restore():
     assert mhf.current() == mhf.Options()
 
 
-def test_a_selection_that_does_not_fit_the_call_says_so():
+def test_a_selection_that_does_not_fit_the_call_is_skipped_or_refused():
     q = k = v = torch.randn(1, 2, 3, 8)
-    with mhf.options(rows=[5]), pytest.raises(ValueError, match=r"options\(rows=\(5,\)\) is out of range for a "
-                                                                 r"call with 3 rows"):
+    with mhf.options(rows=[5, -1, -4]):  # rows index each call's queries: those it does not have are skipped
+        _, weights = mhf.multihead_attention(_module(), q, k, v, None, output_attentions=True)
+    assert weights.shape == (1, 2, 1, 3)
+    with mhf.options(rows=slice(None, None, -2)):
+        _, weights = mhf.multihead_attention(_module(), q, k, v, None, output_attentions=True)
+    _, every = mhf.multihead_attention(_module(), q, k, v, None, output_attentions=True)
+    assert torch.equal(weights, every[:, :, [2, 0]])
+    # heads are the model's: a head it does not have is refused (here at the call: this module built no mask)
+    with mhf.options(heads=[5]), pytest.raises(ValueError, match=r"options\(heads=\(5,\)\) is out of range for "
+                                                                  r"llama: it has 2 query heads"):
         mhf.multihead_attention(_module(), q, k, v, None, output_attentions=True)
     module = _module()
     module.layer_idx = None
@@ -398,7 +398,7 @@ def test_the_readme_example_runs_as_written(tmp_path):
     section = readme[readme.index('## Hugging Face models: attn_implementation="multihead"'):]
     start = section.index("```python\n") + len("```python\n")
     code = section[start:section.index("\n```", start)]
-    assert len(code.splitlines()) == 5
+    assert len(code.splitlines()) == 6
     sizes = {**H._DECODER, "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 8}
     config = transformers.LlamaConfig(**sizes, num_key_value_heads=2)  # 4 layers, 8 heads: the example picks layer 3, head 5
     torch.manual_seed(0)
@@ -409,3 +409,26 @@ def test_the_readme_example_runs_as_written(tmp_path):
         exec(code, scope)
     assert [a.shape for a in scope["out"].attentions] == [(2, 0, 1, 7)] * 3 + [(2, 2, 1, 7)]
     assert scope["model"].config._attn_implementation == "multihead"
+    assert len(str(scope["multihead"].hf.report(scope["model"], **batch)).splitlines()) == 1 + 4  # a line a layer
+
+
+def test_falcon_returns_the_weights_it_is_asked_for():
+    """Falcon's attention takes output_attentions by name and keeps it: the hook reads what the layer received."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=H.VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       attention_dropout=0.0, hidden_dropout=0.0)
+    eager = transformers.FalconForCausalLM(config).eval()
+    eager.set_attn_implementation("eager")
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation("multihead")
+    ids = torch.randint(3, H.VOCAB, (2, 7))
+    with torch.no_grad():
+        want = eager(ids, output_attentions=True).attentions
+        got = ours(ids, output_attentions=True).attentions
+        assert ours(ids).attentions is None and ours(ids, output_attentions=False).attentions is None
+        with mhf.options(heads=[3], rows=-1):
+            chosen = ours(ids, output_attentions=True).attentions
+    assert len(got) == 2 and all(w is not None for w in got)
+    for layer in range(2):
+        assert got[layer].shape == (2, 4, 7, 7) and max_err(got[layer], want[layer]) < 1e-6
+        assert max_err(chosen[layer], want[layer][:, 3:, -1:]) < 1e-6

@@ -66,3 +66,58 @@ def test_architecture_table_is_written_from_the_comparisons(tmp_path, monkeypatc
     (line,) = [row for row in text.splitlines() if row.startswith("| GPT-2 |")]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2].startswith("logits: ") and cells[6:] == ["yes", "yes", "yes"]
+
+
+def test_the_architecture_page_is_the_scripts_output_and_says_so(benchmarks_on_path):
+    """docs/hf-architectures.md names the run that wrote it and says how to refresh it; its rows are the
+    architectures the tests assert; and the transformers it names is one the project still supports.
+    A newer installed transformers fails none of this: the tests re-check the rows on it (the page says so)."""
+    import tomllib
+
+    import hf_architectures
+    import hf_cases
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    page = (ROOT / "docs" / "hf-architectures.md").read_text()
+    run = hf_architectures.written_with(page)
+    intro = hf_architectures.INTRO.format(**run, new=hf_cases.NEW_TOKENS)
+    assert page.startswith(intro), "the page's text is not the script's: run python benchmarks/hf_architectures.py"
+    assert "run the script to refresh it" in intro and "on the transformers it installs" in intro
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in page[len(intro):].splitlines()]
+    assert rows == [case.name for case in hf_cases.CASES], \
+        "the page's rows are not tests/hf_cases.py's cases: run python benchmarks/hf_architectures.py"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (floor,) = [Requirement(r).specifier for r in extras["hf"] if Requirement(r).name == "transformers"]
+    assert Version(run["transformers"]) in floor, \
+        f"the page was written with transformers {run['transformers']}, which pyproject.toml no longer allows ({floor})"
+    with pytest.raises(ValueError, match="names no run"):
+        hf_architectures.written_with("# a page typed by hand\n")
+
+
+def test_window_memory_benchmark_measures_the_window_against_the_dense_mask(tmp_path, monkeypatch, capsys,
+                                                                           benchmarks_on_path):
+    """--quick (T=512, window 32): the window reaches multihead with no T x S mask, the dense path hands one of
+    T x S bytes to multihead's backend, all three compute the same; the fresh-process measure is run once here
+    (the script runs it for every row)."""
+    script = load_script(ROOT / "benchmarks" / "hf_window_memory.py", "multihead_bench_hf_window_memory")
+    fresh = []
+    monkeypatch.setattr(script, "maxrss_in_a_fresh_process", lambda *args: fresh.append(args) or 1)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "Mistral-style layer, T=512, sliding window 32" in capsys.readouterr().out
+    (result,) = tmp_path.glob("hf-window-memory-*-quick.json")
+    rows = {(r["step"], r["candidate"]): r for r in json.loads(result.read_text())["rows"]}
+    assert set(rows) == {(s, c) for s in script.STEPS for c in script.CANDIDATES} and len(fresh) == 6
+    for step in script.STEPS:
+        window, dense, sdpa = (rows[step, c] for c in script.CANDIDATES)
+        assert window["mask_handed_bytes"] == window["mask_to_backend_bytes"] == 0
+        assert dense["mask_handed_bytes"] == dense["mask_to_backend_bytes"] == sdpa["mask_handed_bytes"] == 512 * 512
+        assert all(r["max_diff"] < 1e-4 and r["peak_extra_bytes"] > 0 and r["seconds"] > 0
+                   for r in (window, dense, sdpa))
+    script.child("multihead, window", "inference", 128, 16)  # the fresh process's own measure, in this one
+    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert measured["maxrss_extra_bytes"] >= 0 and isinstance(measured["high_water_mark"], bool)

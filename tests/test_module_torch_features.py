@@ -411,6 +411,68 @@ def test_jit_trace_of_the_module(G):
     assert max_err(traced(other), mha(other).output) < 1e-6
 
 
+def _traceable_modules():
+    from multihead import MultiHeadLatentAttention, RotaryEmbedding
+
+    yield "mha", MultiHeadAttention(C, H)
+    yield "gqa-rope", MultiHeadAttention(C, H, num_kv_heads=2, causal=True, rope=RotaryEmbedding(C // H))
+    for absorb in (False, True):
+        yield f"latent-absorb={absorb}", MultiHeadLatentAttention(C, H, head_dim=4, rope_dim=4, kv_latent_dim=8,
+                                                                  absorb=absorb)
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _traceable_modules()])
+def test_jit_trace_of_the_module_itself(name):
+    """Once failed: torch.jit.trace(MultiHeadAttention(...), x) raised torch's "Only tensors, lists, tuples of
+    tensors, or dictionary of tensors can be output from traced functions": the result held weights=None (only a
+    wrapper returning .output traced). MultiHeadLatentAttention failed the same way, and a module with rope
+    failed trace's own check ("Graphs differed across invocations": the first trace computed the frequencies,
+    the check read them from the memo). The traced module now returns the tuple (output, weights), an empty
+    weights tensor standing for None, with the eager module's numbers; the eager module still returns None."""
+    torch.manual_seed(0)
+    m = dict(_traceable_modules())[name].eval()
+    x, other = torch.randn(2, 5, C), torch.randn(2, 5, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, (x,))
+    out, weights = traced(other)
+    eager = m(other)
+    assert max_err(out, eager.output) < 1e-6 and max_err(out, m(x).output) > 1e-2
+    assert weights.numel() == 0 and eager.weights is None
+
+
+def test_torch_export_of_the_module_keeps_its_result():
+    """What the jit.script refusal recommends first: torch.export gives the eager numbers and the typed result."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(C, H, causal=True).eval()
+    x, other = torch.randn(2, 5, C), torch.randn(2, 5, C)
+    result = torch.export.export(m, (x,)).module()(other)
+    assert type(result).__name__ == "MultiHeadAttentionOutput" and result.weights is None
+    assert max_err(result.output, m(other).output) < 1e-6 and max_err(result.output, m(x).output) > 1e-2
+
+
+def test_jit_trace_of_compat_without_weights():
+    """compat with need_weights=False traces too (torch's own module does not: the same None), weights empty."""
+    from multihead.compat import MultiheadAttention
+
+    class NoWeights(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x, x, x, need_weights=False)
+
+    torch.manual_seed(0)
+    m = NoWeights(MultiheadAttention(C, H).eval())
+    x, other = torch.randn(5, 2, C), torch.randn(5, 2, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, (x,))
+    out, weights = traced(other)
+    assert max_err(out, m(other)[0]) < 1e-6 and weights.numel() == 0 and m(other)[1] is None
+
+
 def test_jit_trace_with_a_row_count_that_once_stacked():
     """Once failed (fused_linear.py:81, no torch.jit.is_tracing() guard): torch.jit.trace of the module failed its
     own sanity check ("Tracing failed sanity checks! Graphs differed across invocations") for any input with 1-3
@@ -469,10 +531,13 @@ def test_jit_trace_of_compat_under_no_grad():
 
 
 def test_jit_script_is_refused_in_one_line():
+    from multihead import MultiHeadLatentAttention
     from multihead.compat import MultiheadAttention
 
     with pytest.raises(TypeError, match="MultiHeadAttention does not support torch.jit.script; use torch.compile"):
         torch.jit.script(MultiHeadAttention(8, 2))
+    with pytest.raises(TypeError, match=r"MultiHeadLatentAttention does not support torch.jit.script; .*torch.jit.trace"):
+        torch.jit.script(MultiHeadLatentAttention(8, 2, head_dim=4, rope_dim=2, kv_latent_dim=4))
     with pytest.raises(TypeError, match="compat.MultiheadAttention does not support torch.jit.script"):
         torch.jit.script(torch.nn.Sequential(MultiheadAttention(8, 2)))
 

@@ -210,3 +210,21 @@ def test_rotate_checks_its_positions_against_x():
         rope.rotate(x, torch.arange(5).expand(3, 5))
     with pytest.raises(ValueError, match="positions must be >= 0"):
         rope.rotate(x, torch.arange(-1, 4))
+
+
+@pytest.mark.parametrize("name, value", [("base", 500000.0), ("head_dim", 4)])
+def test_the_config_the_frequencies_were_made_from_is_read_only(name, value):
+    """Once failed (silent): `rope.base = 500000.0` after a first call was accepted and ignored: the memoised
+    inverse frequencies of the old base were reused, and the output was bit-identical to the old base's.
+    base and head_dim are now read-only: setting either raises and changes nothing, and a new
+    RotaryEmbedding with the new base gives that base's rotation."""
+    rope = RotaryEmbedding(D)
+    x, positions = randn(1, 2, 5, D, seed=5), torch.arange(5)
+    before = rope.rotate(x, positions)  # memoises the frequencies of base 10000
+    with pytest.raises(AttributeError, match=rf"RotaryEmbedding.{name} is read-only .*Build a new RotaryEmbedding"):
+        setattr(rope, name, value)
+    assert (rope.base, rope.head_dim) == (10000.0, D)
+    assert torch.equal(rope.rotate(x, positions), before)
+    other = RotaryEmbedding(D, base=500000.0)
+    assert max_err(other.rotate(x, positions), by_complex_numbers(x, positions, 500000.0)) < TIGHT
+    assert max_err(other.rotate(x, positions), before) > 1e-3, "another base must give another rotation"

@@ -6,6 +6,9 @@ A test whose docstring starts "Once failed" failed before its fix, and says what
 
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
 import time
 
 import pytest
@@ -58,3 +61,86 @@ def test_run_local_names_a_bad_timeout():
     'unsupported operand' TypeError."""
     with pytest.raises((TypeError, ValueError), match="timeout"):
         run_local(cases.rank, 2, timeout="5")
+
+
+# -- functions the children cannot import by name: a notebook's, `python -`'s, lambdas ---------------------
+
+
+NOTEBOOK = [  # a notebook's cells, as a user writes them: the function, and a helper it calls, in the notebook
+    "import torch\nimport torch.distributed as dist\nfrom multihead.distributed.local import run_local\nSCALE = 10",
+    "def scaled(x):\n    return x * SCALE\n\n\ndef work(x):\n    total = torch.tensor([dist.get_rank() + 1.0])\n"
+    "    dist.all_reduce(total)  # 1 + 2 on two ranks\n    return scaled(x) + total.item()",
+    "print(run_local(work, 2, (1,), timeout=60))",
+]
+
+
+def test_run_local_runs_a_function_defined_in_a_notebook(tmp_path):
+    """Once failed: the children could not unpickle the notebook's __main__.work: 'RankFailed: rank 0 failed: the
+    process exited with code 1 without answering'. The notebook runs in a real kernel (nbclient)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell) for cell in NOTEBOOK])
+    nbclient.NotebookClient(notebook, timeout=PROMPT_TIMEOUT * 2, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    printed = "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
+    assert printed.strip() == "[13.0, 13.0]", notebook.cells[-1].outputs
+
+
+STDIN_SCRIPT = """
+import threading
+import types
+import torch.distributed as dist
+from multihead.distributed.local import run_local
+
+lock = threading.Lock()                             # cannot be pickled: named below only as an attribute
+
+def factorial(n):
+    return 1 if n <= 1 else n * factorial(n - 1)    # a function that reaches itself through the globals
+
+def work(x, *, offset=100):
+    add = lambda y: y + offset                      # a closure over a keyword default
+    return add(factorial(x)) + dist.get_world_size() + types.SimpleNamespace(lock=0).lock
+
+class Point:
+    pass
+
+def makes_a_point():
+    return Point()
+
+print(run_local(work, 1, (4,), timeout=60))
+try:
+    run_local(makes_a_point, 1)
+except TypeError as exc:
+    print(exc)
+"""
+
+
+def test_run_local_runs_a_function_from_python_stdin_and_refuses_a_class_from_there_up_front(tmp_path):
+    """Once failed: under `python -` each child died before running anything (spawn re-ran __main__'s file,
+    '<stdin>', which does not exist), reported as 'exited with code 1 without answering'. A class defined
+    there cannot be sent: refused in the parent, saying where to define it."""
+    done = subprocess.run([sys.executable, "-"], input=STDIN_SCRIPT, capture_output=True, text=True, cwd=tmp_path,
+                          timeout=PROMPT_TIMEOUT * 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = done.stdout.strip().splitlines()
+    assert first == "[125]", done.stdout  # 4! + 100 + 1 rank
+    assert "class Point is defined in __main__" in second and "define it in a module" in second, second
+
+
+def test_functions_that_cannot_go_by_name_go_by_value_with_their_closure_defaults_and_recursion():
+    """What shipping.dumps sends for a nested function (by its code) comes back whole: closure, defaults,
+    keyword defaults, attributes, and a recursive reference to itself through its closure."""
+    from multihead.distributed.shipping import dumps
+
+    base = 3
+
+    def countdown(n, step=1, *, stop=0):
+        return [] if n <= stop else [n * base] + countdown(n - step, step, stop=stop)
+
+    countdown.note = "kept"
+    again = pickle.loads(dumps(countdown))
+    assert again is not countdown and again(4, stop=1) == countdown(4, stop=1) == [12, 9, 6]
+    assert again.note == "kept" and again.__qualname__ == countdown.__qualname__
+    with pytest.raises(TypeError, match="args must be a tuple"):
+        run_local(cases.rank, 2, args=5)

@@ -198,6 +198,43 @@ def test_a_score_mod_passes_gradients_to_what_it_captures():
     assert grads["chunked"][3].abs().sum() > 0
 
 
+def test_a_score_mod_closing_over_a_module_passes_gradients_to_its_parameters():
+    """A score_mod made in a module's forward reads `self.bias` through the closure cell `self`: the chunked
+    backward found only tensors in the cells, and the parameter got no gradient at all (None)."""
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.linspace(-0.3, 0.3, H, dtype=torch.float64))
+
+        def forward(self, q, k, v, backend):
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + self.bias[h] * (q_idx - kv_idx).to(score.dtype)
+            return multihead.attention(q, k, v, score_mod=score_mod, causal=True, backend=backend)
+
+    module = Biased()
+    q, k, v = make_qkv(B, H, G, 13, 13, D, dtype=torch.float64)
+    grads = {}
+    for backend in ("reference", "chunked"):
+        (grads[backend],) = torch.autograd.grad(module(q, k, v, backend).square().sum(), module.bias,
+                                                allow_unused=True)
+    assert grads["chunked"] is not None and grads["reference"].abs().sum() > 0
+    assert max_err(grads["chunked"], grads["reference"]) < 1e-10
+
+
+@pytest.mark.parametrize("variant", [dict(window=(3, 1)), dict(causal=True), dict(window=(4, None), causal=True)])
+def test_a_nan_or_inf_key_reaches_only_the_rows_that_see_it_on_the_chunked_backend(variant):
+    """Outside a window or the causal band a key is written over with -inf (the chunked backend clears the tile
+    there and adds a 0 / -inf bias, not a bool masked_fill): +inf, -inf or NaN in such a key must not reach a row
+    that cannot see it, exactly as the reference's masked_fill keeps it out."""
+    q, k, v = make_qkv(1, 2, 2, 19, 19, 8, dtype=torch.float64, seed=4)
+    k = k.clone()
+    k[:, 0, 9], k[:, 1, 9], k[:, 0, 14] = float("nan"), float("inf"), float("-inf")
+    chunked = ChunkedBackend(block_q=4, block_k=8).forward(make_call(q, k, v, **variant)).out
+    reference = multihead.attention(q, k, v, backend="reference", **variant)
+    assert reference[:, :, :3].isfinite().all() and reference.isnan().any()  # rows 0-2 see none of keys 9, 14
+    torch.testing.assert_close(chunked, reference, equal_nan=True, rtol=0, atol=1e-12)
+
+
 def test_sinks_weights_sum_to_less_than_one_and_lse_holds_the_sink():
     q, k, v = make_qkv(1, H, H, 9, 9, D, dtype=torch.float64)
     sinks = torch.tensor([0.0, 2.0, -3.0, 10.0], dtype=torch.float64)

@@ -32,6 +32,7 @@ uses.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, NamedTuple
 
 import torch
@@ -89,12 +90,19 @@ def _disjoint(query_ranges: list, key_ranges: list) -> bool:
     return all(q_hi < k_lo or k_hi < q_lo for (q_lo, q_hi), (k_lo, k_hi) in zip(query_ranges, key_ranges))
 
 
-def _key_tiles(t0: int, t1: int, block: int, walk: Walk, block_k: int) -> Iterator[tuple[int, int, int]]:
-    """For the query block [t0, t1), number `block`: (s0, s1, r0) per key tile [s0, s1) that any of its rows may see.
+def _same_document(query_ranges: list, key_ranges: list) -> bool:
+    """Whether in every batch row the queries and the keys all hold one and the same document id."""
+    return all(q_lo == q_hi == k_lo == k_hi for (q_lo, q_hi), (k_lo, k_hi) in zip(query_ranges, key_ranges))
+
+
+def _key_tiles(t0: int, t1: int, block: int, walk: Walk, block_k: int) -> Iterator[tuple[int, int, int, bool]]:
+    """For the query block [t0, t1), number `block`: (s0, s1, r0, whole) per key tile [s0, s1) that any of its rows
+    may see.
 
     Rows r0..t1 are the queries of the block that see at least one key of the
     tile (with causal, the earlier rows see none of it and are skipped). Tiles
-    wholly left of the window, right of it, or of other documents are skipped.
+    wholly left of the window, right of it, or of other documents are skipped;
+    whole: the documents let every row see every key of the tile (no documents mask).
     """
     offset = walk.S - walk.T  # bottom-right: query i sits at i' = i + offset
     left, right = walk.window if walk.window is not None else (None, None)
@@ -107,7 +115,8 @@ def _key_tiles(t0: int, t1: int, block: int, walk: Walk, block_k: int) -> Iterat
             continue  # older than every row's window
         if walk.documents is not None and _disjoint(walk.documents[0][block], walk.documents[1][index]):
             continue
-        yield s0, s1, r0
+        yield s0, s1, r0, walk.documents is not None and _same_document(walk.documents[0][block],
+                                                                        walk.documents[1][index])
 
 
 def _blocks(walk: Walk, block_q: int, block_k: int):
@@ -115,6 +124,30 @@ def _blocks(walk: Walk, block_q: int, block_k: int):
     for block, t0 in enumerate(range(0, walk.T, block_q)):
         t1 = min(t0 + block_q, walk.T)
         yield t0, t1, _key_tiles(t0, t1, block, walk, block_k)
+
+
+# torch's vectorised exp takes a slow path where its result would be below the smallest normal number:
+# 13-40x slower (AMD EPYC, torch 2.13) for inputs under -87.3 (float32; -708 in float64), 3.5x for -inf. Masks,
+# ALiBi's bias and softcap's range put many scores there. `_exp_` lifts such inputs to a floor where exp is fast,
+# then takes away twice the floor's exp and clips at 0: everything that was at or below the floor (a masked -inf
+# too) becomes exactly 0, a weight above 1e-30 is unchanged to the last bit, and a NaN stays NaN.
+_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -700.0}
+
+
+def _far_below(tiles: _Tiles) -> bool:
+    """Whether a tile's scores may be -inf or far below their row's largest: masks, causal, and every variant
+    but sinks (which change no score). Decided from flags alone."""
+    v = tiles.variants
+    return (tiles.mask5 is not None or tiles.causal or v is not None and any(
+        x is not None for x in (v.window, v.softcap, v.alibi_slopes, v.q_documents, v.score_mod)))
+
+
+def _exp_(x: Tensor, lift: bool) -> Tensor:
+    """exp(x) in place; with lift, without exp's slow path (above): the weights below ~1e-38 (1e-304) are 0."""
+    if not lift:
+        return x.exp_()
+    floor = _EXP_FLOOR[x.dtype]
+    return x.clamp_(min=floor).exp_().sub_(2.0 * math.exp(floor)).clamp_(min=0.0)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -149,14 +182,26 @@ class _Tiles(NamedTuple):
         """scale · q kᵀ of queries [r0, r1) and keys [s0, s1): (B, G, R, rows, keys)."""
         return self.q5[..., r0:r1, :] @ self.k5[..., s0:s1, :].transpose(-2, -1)  # (B, G, R, rows, keys)
 
-    def modified(self, raw: Tensor, r0: int, r1: int, s0: int, s1: int) -> Tensor:
-        """The variants on a tile of raw scores (a new tensor; the raw ones when there are none)."""
+    def modified(self, raw: Tensor, r0: int, r1: int, s0: int, s1: int, in_place: bool = False,
+                 whole: bool = False) -> Tensor:
+        """The variants on a tile of raw scores: a new tensor, or with in_place raw's buffer where it can
+        (raw is not needed afterwards and autograd does not record it); the raw ones when there are none.
+        whole: the walk found no documents mask needed on this tile. In place, the window is `_band_`'s."""
         if self.variants is None:
             return raw
         B, G, R, rows, keys = raw.shape
         T, S = self.q5.shape[-2], self.k5.shape[-2]
+        variants = self.variants
+        band = in_place and variants.window is not None and variants.positions is None
+        if band or whole:
+            variants = variants._replace(window=None if band else variants.window,
+                                         q_documents=None if whole else variants.q_documents,
+                                         kv_documents=None if whole else variants.kv_documents)
         tile = Tile(torch.arange(r0, r1, device=raw.device), torch.arange(s0, s1, device=raw.device), None)
-        scores = modify(raw.reshape(B, G * R, rows, keys), self.variants, tile, T, S)  # (B, H, rows, keys)
+        scores = modify(raw.reshape(B, G * R, rows, keys), variants, tile, T, S,
+                        in_place=in_place)  # (B, H, rows, keys)
+        if band:
+            scores = _band_(scores, r0, s0, S - T, *self.variants.window)
         return scores.reshape(B, G, R, rows, keys)  # (B, H, rows, keys) -> (B, G, R, rows, keys)
 
     def masked(self, scores: Tensor, r0: int, r1: int, s0: int, s1: int) -> Tensor:
@@ -165,16 +210,35 @@ class _Tiles(NamedTuple):
         if self.mask5 is not None:
             rows = self.mask5[..., r0:r1, s0:s1] if self.mask5.shape[-2] > 1 else self.mask5[..., s0:s1]
             masks.apply(scores, rows, in_place=True)
-        if self.causal and s1 - 1 > r0 + (S - T):  # the diagonal crosses this tile
-            seen = masks.causal_allowed(torch.arange(r0, r1, device=scores.device),
-                                        torch.arange(s0, s1, device=scores.device), T, S)  # (rows, keys)
-            masks.apply(scores, seen, in_place=True)
+        if self.causal:  # keys j <= i' (`_band_` leaves a tile the diagonal does not cross as it is)
+            _band_(scores, r0, s0, S - T, None, 0)
         return scores
 
-    def scores(self, r0: int, r1: int, s0: int, s1: int) -> Tensor:
+    def scores(self, r0: int, r1: int, s0: int, s1: int, whole: bool = False) -> Tensor:
         """The tile's final scores: (B, G, R, rows, keys), a buffer of its own."""
-        raw = self.raw(r0, r1, s0, s1)
-        return self.masked(self.modified(raw, r0, r1, s0, s1), r0, r1, s0, s1)
+        raw = self.raw(r0, r1, s0, s1)  # a fresh buffer, needed for nothing else
+        return self.masked(self.modified(raw, r0, r1, s0, s1, in_place=True, whole=whole), r0, r1, s0, s1)
+
+
+def _band_(scores: Tensor, r0: int, s0: int, offset: int, left: int | None, right: int | None) -> Tensor:
+    """scores (..., rows, keys) of queries r0.. and keys s0.. with -inf, in place, where key j is outside
+    i' - left <= j <= i' + right (i' = i + offset; None: no limit), as masked_fill_ would put it (over a NaN
+    too): tril_/triu_ clear those entries and a (rows, keys) bias of 0 / -inf is added. A bool mask's
+    masked_fill_ on a (8, 256, 256) tile costs 0.8-2 ms on an AMD EPYC core (torch 2.13), these 0.1 ms."""
+    rows, keys = scores.shape[-2], scores.shape[-1]
+    shift = s0 - r0 - offset  # key b of row a sits at j - i' = b - a + shift
+    upper = None if right is None or right - shift >= keys - 1 else right - shift  # keep b - a <= upper
+    lower = None if left is None or -left - shift <= 1 - rows else -left - shift  # keep b - a >= lower
+    if upper is None and lower is None:
+        return scores  # every row sees every key of this tile
+    bias = scores.new_zeros(rows, keys)  # (rows, keys)
+    if upper is not None:
+        scores.tril_(upper)
+        bias.add_(torch.full_like(bias, float("-inf")).triu_(upper + 1))
+    if lower is not None:
+        scores.triu_(lower)
+        bias.add_(torch.full_like(bias, float("-inf")).tril_(lower - 1))
+    return scores.add_(bias)
 
 
 def _keep_mask(shape: torch.Size, dropout_p: float, generator: torch.Generator | None,
@@ -205,21 +269,21 @@ def _forward(tiles: _Tiles, walk: Walk, dropout_p, seed, block_q, block_k):
     lse5 = torch.full((*q5.shape[:-1], 1), float("-inf"), dtype=q5.dtype, device=q5.device)  # (B, G, R, T, 1)
     gen = _generator(seed, q5.device)
     inv_keep = 1.0 / (1.0 - dropout_p)
-    may_skip = tiles.mask5 is not None or tiles.variants is not None  # scores of -inf everywhere in a row
+    may_skip = _far_below(tiles)  # a row may be all -inf so far, and exp's slow range is near
 
     for t0, t1, key_tiles in _blocks(walk, block_q, block_k):
         row_max = lse5[..., t0:t1, :]  # (B, G, R, rows, 1), starts at -inf
         row_sum = torch.zeros_like(row_max)
         acc_out = out5[..., t0:t1, :]  # (B, G, R, rows, Dv), starts at 0
-        for s0, s1, r0 in key_tiles:
+        for s0, s1, r0, whole in key_tiles:
             a = r0 - t0  # the block's first row that sees this tile
-            scores = tiles.scores(r0, t1, s0, s1)
+            scores = tiles.scores(r0, t1, s0, s1, whole)
             new_max = torch.maximum(row_max[..., a:, :], scores.amax(dim=-1, keepdim=True))
             safe_max = new_max
             if may_skip:
                 # a row masked out so far keeps max -inf; exp(-inf - 0) = 0 instead of NaN
                 safe_max = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
-            probs = scores.sub_(safe_max).exp_()  # (B, G, R, rows, keys)
+            probs = _exp_(scores.sub_(safe_max), may_skip)  # (B, G, R, rows, keys)
             rescale = (row_max[..., a:, :] - safe_max).exp_()  # (B, G, R, rows, 1)
             row_sum[..., a:, :].mul_(rescale).add_(probs.sum(dim=-1, keepdim=True))
             keep = _keep_mask(probs.shape, dropout_p, gen, q5.device)
@@ -264,13 +328,17 @@ def _backward(grad_out, out, lse, tiles: _Tiles, walk: Walk, dropout_p, seed, bl
     gen = _generator(seed, q5.device)  # replays the forward's draws: same walk, same shapes
     inv_keep = 1.0 / (1.0 - dropout_p)
 
+    by_autograd = _by_autograd(tiles.variants, captured)
+    lift = _far_below(tiles)
     for t0, t1, key_tiles in _blocks(walk, block_q, block_k):
-        for s0, s1, r0 in key_tiles:
+        for s0, s1, r0, whole in key_tiles:
             raw = tiles.raw(r0, t1, s0, s1)  # (B, G, R, rows, keys)
-            modified = _track(tiles, raw, r0, t1, s0, s1)
-            scores = tiles.masked(modified.detach().clone() if tiles.variants is not None else modified,
-                                  r0, t1, s0, s1)
-            probs = scores.sub_(lse5[..., r0:t1, :]).exp_()  # (B, G, R, rows, keys)
+            if by_autograd:
+                modified, tanh = _track(tiles, raw, r0, t1, s0, s1), None
+                scores = tiles.masked(modified.detach().clone(), r0, t1, s0, s1)
+            else:
+                scores, tanh = _tile_scores(tiles, raw, r0, t1, s0, s1, whole)
+            probs = _exp_(scores.sub_(lse5[..., r0:t1, :]), lift)  # (B, G, R, rows, keys)
             dout_rows = dout5[..., r0:t1, :]  # (B, G, R, rows, Dv)
             grad_probs = dout_rows @ v5[..., s0:s1, :].transpose(-2, -1)  # (B, G, R, rows, keys)
             keep = _keep_mask(probs.shape, dropout_p, gen, q5.device)
@@ -281,14 +349,42 @@ def _backward(grad_out, out, lse, tiles: _Tiles, walk: Walk, dropout_p, seed, bl
             # the R query heads that share a kv head add up their contributions
             dv[..., s0:s1, :] += (used.transpose(-2, -1) @ dout_rows).sum(dim=2)  # (B, G, keys, Dv)
             grad_scores = probs.mul_(grad_probs.sub_(delta[..., r0:t1, :]))  # (B, G, R, rows, keys)
-            if tiles.variants is not None:
+            if by_autograd:
                 grad_scores = _through_variants(modified, raw, grad_scores, captured, extra)
+            elif tanh is not None:  # d/ds c·tanh(s/c) = 1 - tanh²(s/c)
+                grad_scores = grad_scores.mul_(tanh.mul_(tanh).neg_().add_(1.0))
             dq5[..., r0:t1, :] += grad_scores @ k5[..., s0:s1, :]  # (B, G, R, rows, D)
             dk[..., s0:s1, :] += (grad_scores.transpose(-2, -1) @ q5[..., r0:t1, :]).sum(dim=2)  # (B, G, keys, D)
 
     if tiles.variants is not None and tiles.variants.sinks is not None:
         _sink_gradient(tiles.variants.sinks, lse5, delta, captured, extra)
     return dq5, dk, dv, extra
+
+
+def _by_autograd(variants: Variants | None, captured) -> bool:
+    """Whether a tile's gradient goes back through the variants by autograd: only for a score_mod, or ALiBi
+    slopes that need a gradient. The rest is by hand (softcap's derivative; ALiBi's bias and the masks pass the
+    gradient through as it is): no autograd graph per tile, and a backward that torch.compile can trace
+    (dynamo refuses `torch.autograd.grad` inside an autograd.Function's backward)."""
+    if variants is None:
+        return False
+    slopes = variants.alibi_slopes
+    return variants.score_mod is not None or (slopes is not None and any(x is slopes and x.requires_grad
+                                                                         for x in captured))
+
+
+def _tile_scores(tiles: _Tiles, raw: Tensor, r0: int, r1: int, s0: int, s1: int,
+                 whole: bool) -> tuple[Tensor, Tensor | None]:
+    """A tile's final scores from its raw ones (in raw's buffer), and with softcap tanh(raw / c), which the
+    backward's softcap step reads again (kept rather than computed twice: tanh costs about three exps)."""
+    variants = tiles.variants
+    if variants is None or variants.softcap is None:
+        scores = tiles.modified(raw, r0, r1, s0, s1, in_place=True, whole=whole)
+        return tiles.masked(scores, r0, r1, s0, s1), None
+    tanh = torch.tanh(raw.div_(variants.softcap))  # (B, G, R, rows, keys)
+    uncapped = tiles._replace(variants=variants._replace(softcap=None))  # the rest of the variants
+    scores = uncapped.modified(tanh * variants.softcap, r0, r1, s0, s1, in_place=True, whole=whole)
+    return tiles.masked(scores, r0, r1, s0, s1), tanh
 
 
 def _track(tiles: _Tiles, raw: Tensor, r0: int, r1: int, s0: int, s1: int) -> Tensor:
@@ -382,7 +478,7 @@ def dropout_keep_mask(
     gen = _generator(seed, torch.device(device))
     keep = torch.zeros(B, H, T, S, dtype=torch.bool, device=device)
     for t0, t1, tiles in _blocks(Walk(T, S, causal), block_q, block_k):
-        for s0, s1, r0 in tiles:
+        for s0, s1, r0, _ in tiles:
             shape = torch.Size((B, H, t1 - r0, s1 - s0))
             keep[:, :, r0:t1, s0:s1] = _keep_mask(shape, dropout_p, gen, torch.device(device))
     return keep
@@ -419,6 +515,12 @@ class ChunkedBackend:
     def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None:
         if call.attn_mask is not None and call.attn_mask.requires_grad:
             return "a float mask that requires grad needs its T x S gradient"
+        if (call.variants is not None and call.variants.score_mod is not None and torch.is_grad_enabled()
+                and torch.compiler.is_compiling()):
+            # its backward would need the tensors the score_mod captures (unseen under dynamo) and
+            # torch.autograd.grad per tile (not traced): a gradient would fail, or be lost at a graph break
+            return "a score_mod with grad enabled under torch.compile (compile's own autograd differentiates " \
+                   "the reference; or run under torch.no_grad())"
         return None
 
     def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:

@@ -15,7 +15,7 @@ import torch
 
 from ..core import masks
 from ..core.call import AttentionCall
-from ..core.variants import Variants, allowed_keys, full_tile
+from ..core.variants import Variants, allowed_keys, full_tile, modify
 
 # The largest mask written out for a fused kernel: 16M elements (64 MB as float32), the size of one
 # 4096 x 4096 head's scores; a bigger call runs on the chunked backend, which never holds a T x S mask.
@@ -49,25 +49,22 @@ def _per_batch_alibi(variants: Variants) -> bool:
 
 
 def as_mask(call: AttentionCall) -> AttentionCall:
-    """The call with its window, documents and ALiBi folded into attn_mask, and no variants (`mask_reason` None)."""
+    """The call with its window, documents and ALiBi folded into attn_mask, and no variants (`mask_reason` None).
+
+    The mask is `modify`'s own answer on zero scores: -inf where the window or the documents rule a key out,
+    -slope · |i' - j| elsewhere (at a context-parallel shard's global positions when it has them); a bool
+    mask where there is no ALiBi.
+    """
     variants, T, S = call.variants, call.q_len, call.kv_len
     tile = full_tile(T, S, call.q.device)
-    mask = allowed_keys(variants, tile, T, S)  # (T, S) or (B, 1, T, S) bool, or None
-    if mask is not None and mask.dim() == 2:
-        mask = mask[None, None]  # (T, S) -> (1, 1, T, S)
-    if variants.alibi_slopes is not None:
-        mask = masks.combine(mask, _alibi_bias(call), _float_dtype(call))
-    mask = masks.combine(call.attn_mask, mask, _float_dtype(call))
-    return call._replace(attn_mask=mask, variants=None)
-
-
-def _alibi_bias(call: AttentionCall) -> torch.Tensor:
-    """-slope · |i' - j| as a (B|1, H, T, S) float bias."""
-    T, S = call.q_len, call.kv_len
-    aligned = torch.arange(T, device=call.q.device) + (S - T)  # (T,) i'
-    distance = (aligned[:, None] - torch.arange(S, device=call.q.device)[None, :]).abs()  # (T, S)
-    slopes = call.variants.alibi_slopes  # (B|1, H)
-    return -slopes[:, :, None, None] * distance.to(slopes.dtype)  # (B|1, H, T, S)
+    if variants.alibi_slopes is None:
+        mask = allowed_keys(variants, tile, T, S)  # (T, S) or (B, 1, T, S) bool
+        mask = mask[None, None] if mask.dim() == 2 else mask  # (T, S) -> (1, 1, T, S)
+    else:
+        batch = call.batch if variants.q_documents is not None else variants.alibi_slopes.shape[0]
+        zeros = torch.zeros((batch, call.heads, T, S), dtype=variants.alibi_slopes.dtype, device=call.q.device)
+        mask = modify(zeros, variants, tile, T, S)  # (B|1, H, T, S): the bias, -inf where ruled out
+    return call._replace(attn_mask=masks.combine(call.attn_mask, mask, _float_dtype(call)), variants=None)
 
 
 def _float_dtype(call: AttentionCall) -> torch.dtype:

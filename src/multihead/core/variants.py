@@ -29,7 +29,9 @@ positions (`Positions`).
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from typing import Callable, NamedTuple
 
 import torch
@@ -73,18 +75,41 @@ class Variants(NamedTuple):
         return tuple(found) + captured_tensors(self.score_mod)
 
 
-def captured_tensors(fn) -> tuple[Tensor, ...]:
+def captured_tensors(fn, depth: int = 0) -> tuple[Tensor, ...]:
     """The tensors a score_mod reads besides its arguments: closure cells, globals it names, defaults,
-    partial arguments, a module's parameters. Gradients reach these (the chunked backend's backward)."""
-    if fn is None:
+    partial arguments, a module's parameters and buffers, and those of the modules and functions it holds
+    (`self` in a closure, a score_mod built from others), up to `_DEPTH` levels down. Gradients reach these
+    (the chunked backend's backward).
+
+    Under torch.compile none are looked for (empty): dynamo cannot read closure cells (reading one breaks
+    its later call of the function, and a function made inside the compiled code hides them), and it
+    differentiates what the traced score_mod reads itself, where the chunked backend does not run it
+    (`ChunkedBackend.supports`)."""
+    if fn is None or torch.compiler.is_compiling():
         return ()
+    unique: dict[int, Tensor] = {}
+    for value in _read_by(fn):
+        if isinstance(value, Tensor):
+            unique.setdefault(id(value), value)
+        elif depth < _DEPTH and isinstance(value, (torch.nn.Module, *_FUNCTIONS)):
+            for x in captured_tensors(value, depth + 1):
+                unique.setdefault(id(x), x)
+    return tuple(unique.values())
+
+
+_DEPTH = 3  # how far down the functions and modules a score_mod holds are searched (and a recursion stops)
+_FUNCTIONS = (types.FunctionType, types.MethodType, functools.partial)  # what is searched for tensors in turn
+
+
+def _read_by(fn) -> list:
+    """What fn holds, one level down: closure cells, defaults, the globals its code names, a partial's
+    function and arguments, a module's parameters and buffers, a bound method's module."""
     values: list = []
     if isinstance(fn, torch.nn.Module):
         values += list(fn.parameters()) + list(fn.buffers())
     inner = getattr(fn, "func", None)  # functools.partial
     if inner is not None:
-        values += list(getattr(fn, "args", ())) + list(getattr(fn, "keywords", {}).values())
-        values += list(captured_tensors(inner))
+        values += list(getattr(fn, "args", ())) + list(getattr(fn, "keywords", {}).values()) + [inner]
     code_owner = getattr(fn, "__func__", fn)  # a bound method's function
     values += [cell.cell_contents for cell in (getattr(code_owner, "__closure__", None) or ())
                if _cell_filled(cell)]
@@ -94,12 +119,8 @@ def captured_tensors(fn) -> tuple[Tensor, ...]:
         values += [names[name] for name in code.co_names if name in names]
     owner = getattr(fn, "__self__", None)
     if isinstance(owner, torch.nn.Module):
-        values += list(owner.parameters()) + list(owner.buffers())
-    unique: dict[int, Tensor] = {}
-    for value in values:
-        if isinstance(value, Tensor):
-            unique.setdefault(id(value), value)
-    return tuple(unique.values())
+        values.append(owner)
+    return values
 
 
 def _cell_filled(cell) -> bool:
@@ -108,6 +129,16 @@ def _cell_filled(cell) -> bool:
     except ValueError:  # an empty cell (a name assigned after the closure was made)
         return False
     return True
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's fixed slopes (H,) float32: the geometric sequence 2^(-8 i / n), i = 1..n, for the n = 2^k <= H
+    heads, then every other term of the sequence for 2n for the rest (Press et al.'s recipe, as BLOOM builds it).
+    """
+    n = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+    slopes += [2.0 ** (-4.0 * i / n) for i in range(1, 2 * (num_heads - n), 2)]  # odd terms of the 2n sequence
+    return torch.tensor(slopes, dtype=torch.float32)
 
 
 # ---- the checks, once, where the call is made
@@ -220,26 +251,35 @@ class Tile(NamedTuple):
     heads: Tensor | None  # (h,) int64 query heads of the tile's dim 1; None = all H in order
 
 
-def modify(scores: Tensor, variants: Variants, tile: Tile, T: int, S: int) -> Tensor:
+def modify(scores: Tensor, variants: Variants, tile: Tile, T: int, S: int, *, in_place: bool = False) -> Tensor:
     """scores (B, h, t, s) after softcap, ALiBi, score_mod and the window/documents masks (-inf).
 
     The scores are already multiplied by the scale; a new tensor is returned
-    (autograd can go back through it to the raw scores and what score_mod captures).
+    (autograd can go back through it to the raw scores and what score_mod captures),
+    or, with in_place, the scores' own buffer is worked in where it can be (the
+    same numbers without a new (B, h, t, s) tensor per step; only where autograd
+    does not record the scores).
     """
     q_pos, k_pos, offset = _global(variants.positions, tile, T, S)
     aligned = q_pos + offset  # (t,) i' = i + S - T
     if variants.softcap is not None:
-        scores = torch.tanh(scores / variants.softcap) * variants.softcap
+        c = variants.softcap
+        scores = scores.div_(c).tanh_().mul_(c) if in_place else torch.tanh(scores / c) * c
     if variants.alibi_slopes is not None:
         slopes = variants.alibi_slopes if tile.heads is None else variants.alibi_slopes[:, tile.heads]  # (B|1, h)
-        slopes = slopes.to(scores.dtype)  # the compute dtype: float64 scores get a float64 bias
+        slopes = slopes.to(scores.dtype)[:, :, None, None]  # (B|1, h, 1, 1) in the compute dtype
         distance = (aligned[:, None] - k_pos[None, :]).abs().to(scores.dtype)  # (t, s)
-        scores = scores - slopes[:, :, None, None] * distance  # (B|1, h, 1, 1) * (t, s) -> (B, h, t, s)
+        if in_place:  # scores - slope · distance in one pass, no (B, h, t, s) bias
+            scores = torch.addcmul(scores, slopes, distance, value=-1.0, out=scores)
+        else:
+            scores = scores - slopes * distance  # (B|1, h, 1, 1) * (t, s) -> (B, h, t, s)
     if variants.score_mod is not None:
         scores = _score_mod(scores, variants.score_mod, tile, q_pos, k_pos)
     allowed = allowed_keys(variants, tile, T, S)
     if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        # not into what a score_mod returned: it may be a view of something else, or an expanded one
+        fill = scores.masked_fill_ if in_place and variants.score_mod is None else scores.masked_fill
+        scores = fill(allowed.logical_not(), float("-inf"))
     return scores
 
 
@@ -248,17 +288,27 @@ def allowed_keys(variants: Variants, tile: Tile, T: int, S: int) -> Tensor | Non
     q_pos, k_pos, offset = _global(variants.positions, tile, T, S)
     allowed = None
     if variants.window is not None:
-        left, right = variants.window
-        delta = k_pos[None, :] - (q_pos + offset)[:, None]  # (t, s): j - i'
-        allowed = torch.ones_like(delta, dtype=torch.bool)
-        if left is not None:
-            allowed = allowed & (delta >= -left)
-        if right is not None:
-            allowed = allowed & (delta <= right)
+        allowed = window_allowed(variants.window, q_pos + offset, k_pos)  # (t, s), around i' = i + offset
     if variants.q_documents is not None:
         same = (variants.q_documents[:, tile.rows, None] == variants.kv_documents[:, None, tile.keys])  # (B, t, s)
         same = same[:, None]  # (B, t, s) -> (B, 1, t, s)
         allowed = same if allowed is None else same & allowed
+    return allowed
+
+
+def window_allowed(window: tuple[int | None, int | None], query_positions: Tensor, key_positions: Tensor) -> Tensor:
+    """Where a window lets queries at absolute positions (..., t) see keys at positions (s,): (..., t, s) bool.
+
+    For callers whose queries sit at positions of their own per sequence (a KV cache's, where slot j holds
+    position j), folded into the mask they already hold instead of aligned bottom-right.
+    """
+    left, right = window
+    delta = key_positions - query_positions[..., None]  # (..., t, s): j - p
+    allowed = torch.ones_like(delta, dtype=torch.bool)
+    if left is not None:
+        allowed = allowed & (delta >= -left)
+    if right is not None:
+        allowed = allowed & (delta <= right)
     return allowed
 
 
@@ -295,5 +345,5 @@ def full_tile(T: int, S: int, device: torch.device) -> Tile:
     return Tile(torch.arange(T, device=device), torch.arange(S, device=device), None)
 
 
-__all__ = ["Positions", "ScoreMod", "Tile", "Variants", "allowed_keys", "captured_tensors", "check_variants",
-           "full_tile", "modify", "with_sinks"]
+__all__ = ["Positions", "ScoreMod", "Tile", "Variants", "alibi_slopes", "allowed_keys", "captured_tensors", "check_variants",
+           "full_tile", "modify", "window_allowed", "with_sinks"]

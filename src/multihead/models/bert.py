@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checks import check_token_ids, flag, int_at_least, positive_int, positive_number
-from ..nn.mha import MultiHeadAttention
+from ..nn.mha import MultiHeadAttention, head_masks_per_layer
 from .checkpoint_map import CheckpointError, CheckpointMap, Rule, check_hf_config, load_model
 
 _ACTIVATIONS = {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}
@@ -131,8 +131,9 @@ class BertLayer(nn.Module):
         self.ffn_down = nn.Linear(config.ffn_dim, C)
         self.ffn_norm = nn.LayerNorm(C, eps=eps)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool) -> LayerOutput:
-        attended = self.attention(x, key_mask=key_mask, need_weights=need_weights)
+    def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool,
+                head_mask: Tensor | None = None) -> LayerOutput:
+        attended = self.attention(x, key_mask=key_mask, need_weights=need_weights, head_mask=head_mask)
         x = self.attention_norm(x + attended.output)
         x = self.ffn_norm(x + self.ffn_down(self.activation(self.ffn_up(x))))
         return LayerOutput(x, attended.weights)
@@ -160,20 +161,26 @@ class Bert(nn.Module):
         key_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         need_weights: bool = False,
+        head_mask: Tensor | None = None,
     ) -> EncoderOutput:
         """input_ids (B, T) int; key_mask (B, T) bool, True = a real token; segment_ids (B, T) int.
 
         need_weights: also return every layer's per-head attention weights (B, H, T, T).
+        head_mask: (H,) for every layer or (num_layers, H); 1 keeps a head, 0 sets
+            its output to 0 before W^O (`MultiHeadAttention.forward`). Hugging
+            Face's shapes; a mask of ones changes nothing, bit for bit.
         """
         B, T = check_token_ids(input_ids, self.config.vocab_size, self.config.max_positions)
         flag("need_weights", need_weights)
+        layer_masks = head_masks_per_layer(head_mask, self.config.num_layers, self.config.num_heads,
+                                           self.token_embedding.weight.device)
         segment_ids = _segments(segment_ids, input_ids, self.config.type_vocab_size)
         positions = torch.arange(T, device=input_ids.device)  # (T,)
         x = self.token_embedding(input_ids) + self.position_embedding(positions) + self.segment_embedding(segment_ids)
         x = self.embedding_norm(x)  # (B, T, C)
         attentions = []
-        for layer in self.layers:
-            x, weights = layer(x, key_mask, need_weights)
+        for layer, layer_mask in zip(self.layers, layer_masks):
+            x, weights = layer(x, key_mask, need_weights, layer_mask)
             attentions.append(weights)
         return EncoderOutput(x, tuple(attentions) if need_weights else None)
 

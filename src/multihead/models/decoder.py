@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..core.checks import flag, positive_int
 from ..nn.cache import ChunkLayout, DynamicCache, KVCache, LayerCache, StaticCache
+from ..nn.mha import head_masks_per_layer
 from ..nn.rope import Rotary
 from ..core.checks import check_token_ids
 
@@ -72,12 +73,12 @@ class PreNormBlock(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool, cache=None,
-                positions: Tensor | None = None, context_parallel=None) -> BlockOutput:
+                positions: Tensor | None = None, context_parallel=None, head_mask: Tensor | None = None) -> BlockOutput:
         rotary = {} if positions is None else {"positions": positions}  # only rotary attention takes positions
         if context_parallel is not None:
             rotary["context_parallel"] = context_parallel
         attended = self.attention(self.attention_norm(x), key_mask=key_mask, need_weights=need_weights,
-                                  cache=cache, **rotary)
+                                  cache=cache, head_mask=head_mask, **rotary)
         x = x + attended.output
         x = x + self.mlp(self.mlp_norm(x))
         return BlockOutput(x, attended.weights)
@@ -131,7 +132,7 @@ class Decoder(nn.Module):
 
     def forward(
         self, input_ids: Tensor, *, key_mask: Tensor | None = None, cache: KVCache | None = None,
-        need_weights: bool = False, context_parallel=None,
+        need_weights: bool = False, context_parallel=None, head_mask: Tensor | None = None,
     ) -> DecoderOutput:
         """input_ids (B, T) int64 token ids at positions 0..T-1 (or after the cache's tokens).
 
@@ -149,15 +150,19 @@ class Decoder(nn.Module):
             dim=1)`), the tokens take their global positions, attention runs
             across the group, and the logits are this rank's part. No cache or
             weights.
+        head_mask: (H,) for every layer or (num_layers, H); 1 keeps a head, 0 sets
+            its output to 0 before W^O (`MultiHeadAttention.forward`). Hugging
+            Face's shapes; a mask of ones changes nothing, bit for bit.
         Every argument is checked before the first layer runs: a refused call
         leaves the cache as it was.
         """
         positions = self._check_call(input_ids, key_mask, cache, need_weights, context_parallel)
+        layer_masks = self._head_masks(head_mask, context_parallel)
         x, rotary_positions = self.embed(input_ids, positions, key_mask)  # (B, T) -> (B, T, C)
         attentions = []
         for i, block in enumerate(self.blocks):
             x, weights = block(x, key_mask, need_weights, None if cache is None else cache[i], rotary_positions,
-                               context_parallel)
+                               context_parallel, layer_masks[i])
             attentions.append(weights)
         logits = self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
         return DecoderOutput(logits, tuple(attentions) if need_weights else None)
@@ -182,6 +187,15 @@ class Decoder(nn.Module):
                 rotation = rope(rotary_positions, dtype=x.dtype)  # cos, sin (B, 1, T, D)
             x = block.decode(x, layer, layout, rotation)
         return self.lm_head(self.final_norm(x))  # (B, T, C) -> (B, T, V)
+
+    def _head_masks(self, head_mask, context_parallel) -> list:
+        """head_mask checked once, as one (H,) mask or None per layer; under context_parallel a refusal is
+        told to every rank (they wait in the attention's agreement), as the other checks' are."""
+        device = self.token_embedding.weight.device
+        if context_parallel is None or head_mask is None:
+            return head_masks_per_layer(head_mask, self.config.num_layers, self.config.num_heads, device)
+        with context_parallel.refusals_heard(type(self).__name__):
+            return head_masks_per_layer(head_mask, self.config.num_layers, self.config.num_heads, device)
 
     def _check_call(self, input_ids, key_mask, cache, need_weights, context_parallel=None) -> Tensor:
         """Every check of a forward call; the chunk's positions: (T,) without a cache, (B, T) with one."""
@@ -225,6 +239,7 @@ class Decoder(nn.Module):
                 raise ValueError(f"input_ids has {T} tokens; under context_parallel it must be this rank's part, "
                                  f"{cp.part()} tokens of length={cp.length} (cut it with "
                                  f"shard_sequence(ids, dim=1, layout={cp.layout!r}))")
+            cp.check_part("input_ids", input_ids)  # cut with another layout or length: refused, not wrong
             if key_mask is not None:
                 check_key_mask(key_mask, input_ids)  # a right-padded mask stays right-padded in every part
         return cp.positions(input_ids.device)  # (part,)

@@ -42,15 +42,28 @@ model's checked `forward`; every later token goes through `decode_step`
 once: see `multihead.models.decoder`). compile=True compiles that step,
 gpt-fast style: a static cache sized for the longest prompt +
 max_new_tokens (rounded up to a power of two, so that calls of similar
-lengths share one compiled step) and torch.compile(fullgraph=True,
-dynamic=False), with CUDA graphs (mode "reduce-overhead") on CUDA. The
-step is compiled once per model, compile settings and shapes, kept in a
-table that does not keep the model alive; the prompt runs eagerly. The
-compiled step computes what the eager one does, so it chooses the same
-tokens (up to float rounding deciding a near tie). Which one is faster
-depends on the machine and the model: benchmarks/decode.py measures both
-(on the project's 2-core CPU the eager step is mostly Python and dispatch,
-which the compiled one removes).
+lengths share one compiled step) and torch.compile(fullgraph=True), with
+CUDA graphs (mode "reduce-overhead") on CUDA. The step is kept per model
+and compile settings in a table that does not keep the model alive; the
+prompt runs eagerly. The compiled step computes what the eager one does,
+so it chooses the same tokens (up to float rounding deciding a near tie).
+Which one is faster depends on the machine and the model:
+benchmarks/decode.py measures both (on the project's 2-core CPU the eager
+step is mostly Python and dispatch, which the compiled one removes).
+
+Many shapes, few compiles. A serving loop meets every batch size, prompt
+length, max_new_tokens and stop setting; none of them fails, and few of
+them compile. The batch dimension is dynamic (one graph for every B >= 2;
+torch gives B = 1 its own), every step is fed a mask (one graph with or
+without stop tokens), and the cache lengths are powers of two, so a model
+compiles one graph per (B = 1 or not, cache length, dtype, device): 4 for
+a float32 model that decodes at most 128 tokens. (With CUDA graphs each
+batch size still records a CUDA graph of its own: a recording, not a
+compile.) At most CompileConfig.max_compiles graphs (8) are compiled per
+model; a call whose shape would need one more, or that torch.compile
+refuses (its own recompile limit), decodes eagerly, with the same tokens,
+and the first such call warns once per model (RuntimeWarning); nothing
+raises.
 
 Text. `generate` works on token ids. To print new tokens, decode them with
 the prompt (`TextTokenizer.continuation`): a SentencePiece tokenizer writes
@@ -61,6 +74,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -104,16 +118,20 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """How `generate(..., compile=...)` compiles the decoding step: torch.compile(fullgraph=True, dynamic=False)."""
+    """How `generate(..., compile=...)` compiles the decoding step: torch.compile(fullgraph=True), B dynamic."""
 
     mode: str | None = None  # torch.compile's mode; None: "reduce-overhead" (CUDA graphs) on CUDA, else "default"
     backend: str = "inductor"  # torch.compile's backend; "aot_eager" and "eager" trace without generating code
+    # compiled graphs per model (and mode, backend) at most; a call that would need one more decodes
+    # eagerly (the same tokens), with one warning per model: a serving loop never fails on a new shape
+    max_compiles: int = 8
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in COMPILE_MODES:
             raise ValueError(f"CompileConfig mode must be None or one of {COMPILE_MODES}, got {self.mode!r}")
         if not isinstance(self.backend, str) or not self.backend:
             raise TypeError(f"CompileConfig backend must be a torch.compile backend name (str), got {self.backend!r}")
+        int_at_least("CompileConfig max_compiles", self.max_compiles, 1)
 
     def resolved_mode(self, device: torch.device) -> str:
         """The mode used on `device`: CUDA graphs on CUDA unless a mode was given."""
@@ -154,9 +172,13 @@ def generate(
     static_cache: preallocate the cache to the longest prompt + max_new_tokens.
     pad_token_id: what fills the rows after their real tokens.
     compile: False (eager); True, a torch.compile mode ("default",
-        "reduce-overhead", ...) or a CompileConfig(mode=, backend=): decode
-        with a static cache and a step compiled once (fullgraph=True,
-        dynamic=False); True uses CUDA graphs on CUDA. Needs use_cache=True.
+        "reduce-overhead", ...) or a CompileConfig(mode=, backend=,
+        max_compiles=): decode with a static cache and a compiled step
+        (fullgraph=True); True uses CUDA graphs on CUDA. Needs use_cache=True.
+        Any shape works: one graph serves every batch size >= 2 and every
+        stop setting, cache lengths round up to powers of two, and beyond
+        max_compiles graphs per model (8) a call decodes eagerly, with the
+        same tokens and one RuntimeWarning per model (see "Many shapes").
     """
     B, T = _batch_shape(input_ids)
     steps = stream(model, input_ids, key_mask=key_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -214,8 +236,8 @@ def stream(
     if not use_cache:
         source = _Recomputed(model, ids, real, padded, longest, max_new_tokens, pad_token_id)
     else:
-        source = _Cached(model, _make_cache(model, ids.shape[0], longest + max_new_tokens, static_cache, compiled),
-                         ids, real if padded else None, _step_function(model, compiled, ids.device))
+        cache = _make_cache(model, ids.shape[0], longest + max_new_tokens, static_cache, compiled)
+        source = _Cached(model, cache, ids, real if padded else None, _step_function(model, compiled, cache, ids))
     return _decode(source, prompt_lengths, max_new_tokens, settings, generator, pad_token_id)
 
 
@@ -312,7 +334,7 @@ class _Recomputed:
         return logits[self.rows, self.lengths - 1]  # (B, width, V) -> (B, V)
 
 
-# model -> {(mode, backend): its compiled step}; weak keys: a model that is gone takes its steps with it
+# model -> {(mode, backend, max_compiles): its _CompiledStep}; weak keys: a model that is gone takes its steps
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -360,20 +382,118 @@ def _make_cache(model, batch_size: int, needed: int, static_cache: bool, compile
     return model.make_cache(batch_size=batch_size)
 
 
-def _step_function(model, compiled: CompileConfig | None, device: torch.device) -> Callable:
-    """The decoding step: `_last_logits`, or its compiled form for this model (compiled once, then reused)."""
+def _step_function(model, compiled: CompileConfig | None, cache, input_ids: Tensor) -> Callable:
+    """One call's decoding step: `_last_logits`, or the model's compiled step (one graph per shape, reused)."""
     if compiled is None:
         return _last_logits
+    device = input_ids.device
     mode = compiled.resolved_mode(device)
     steps = _COMPILED.setdefault(model, {})
-    key = (mode, compiled.backend)
+    key = (mode, compiled.backend, compiled.max_compiles)
     if key not in steps:
-        options = {"mode": mode} if compiled.backend == "inductor" and mode != "default" else {}
-        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:  # torch >= 2.13
-            options["isolate_recompiles"] = True  # this model's compiles count against no other model's limit
-        step = torch.compile(_last_logits, fullgraph=True, dynamic=False, backend=compiled.backend, **options)
-        steps[key] = _with_step_marks(step) if mode == "reduce-overhead" else step
-    return steps[key]
+        steps[key] = _CompiledStep(_compile(compiled, mode), compiled.max_compiles)
+    B = input_ids.shape[0]
+    # what takes a graph of its own: torch specialises a batch of 1; B >= 2 share one (dynamic B)
+    shape = _Shape(B == 1, getattr(cache, "max_length", None), next(model.parameters()).dtype, device)
+    return _CallStep(steps[key], shape, torch.ones(B, 1, dtype=torch.bool, device=device))  # (B, 1)
+
+
+def _compile(config: CompileConfig, mode: str) -> Callable:
+    """`_last_logits` under torch.compile(fullgraph=True): static shapes but the batch, which the calls mark."""
+    options = {"mode": mode} if config.backend == "inductor" and mode != "default" else {}
+    parameters = inspect.signature(torch.compile).parameters
+    if "isolate_recompiles" in parameters:  # torch >= 2.13
+        options["isolate_recompiles"] = True  # this model's compiles count against no other model's limit
+    if "recompile_limit" in parameters:  # torch >= 2.13: dynamo's limit is ours (else its global one)
+        options["recompile_limit"] = config.max_compiles
+    step = torch.compile(_last_logits, fullgraph=True, dynamic=False, backend=config.backend, **options)
+    return _with_step_marks(step) if mode == "reduce-overhead" else step
+
+
+class _Shape(NamedTuple):
+    """What a compiled step's graph is specialised to (every other size or setting it shares)."""
+
+    single: bool  # B == 1 (torch specialises a size of 1); every B >= 2 shares one graph
+    cache_length: int | None  # the static cache's max_length: prompt + new tokens rounded up (static_length)
+    dtype: torch.dtype  # the model's
+    device: torch.device
+
+
+class _CompiledStep:
+    """A model's compiled step, shared by every call: the shapes it has graphs for, and the eager fall-back."""
+
+    def __init__(self, step: Callable, max_compiles: int) -> None:
+        self.step, self.max_compiles = step, max_compiles
+        self.shapes: set[_Shape] = set()  # shapes with a graph
+        self.refused: set[_Shape] = set()  # shapes torch.compile refused (its own limit): eager from then on
+        self.warned = False  # the fall-back's one warning was given
+
+    def takes(self, shape: _Shape) -> bool:
+        if shape in self.refused:
+            return False
+        return shape in self.shapes or len(self.shapes) < self.max_compiles
+
+    def fall_back(self, shape: _Shape, refused: bool) -> None:
+        """A call of `shape` decodes eagerly: say so once per model (a serving loop would repeat it every call)."""
+        if refused:
+            self.refused.add(shape)
+        if self.warned:
+            return
+        self.warned = True
+        why = (f"torch.compile refused one more graph (its recompile limit; TORCH_LOGS=recompiles says what changed)"
+               if refused else f"its limit of {self.max_compiles} compiled shapes was reached (CompileConfig "
+                               f"max_compiles)")
+        warnings.warn(
+            f"generate(compile=...): this model's decode step decodes eagerly, with the same tokens, for the shapes "
+            f"it has no graph for: {why}; first one: batch {'1' if shape.single else '>= 2'}, cache length "
+            f"{shape.cache_length}, {shape.dtype}. This warning is given once per model.", RuntimeWarning, stacklevel=6)
+
+
+class _CallStep:
+    """One call's decoding step: the model's compiled step, or the eager one where it has no room for the shape."""
+
+    def __init__(self, compiled: _CompiledStep, shape: _Shape, all_real: Tensor) -> None:
+        self.compiled, self.shape, self.all_real = compiled, shape, all_real
+        self.eager: bool | None = None  # decided at the first step
+
+    def __call__(self, model, input_ids: Tensor, cache, key_mask: Tensor | None) -> Tensor:
+        # every step gets a mask (all True without stop tokens): one graph with or without them
+        key_mask = self.all_real if key_mask is None else key_mask  # (B, 1)
+        if self.eager is None:
+            self.eager = not self.compiled.takes(self.shape)
+            if self.eager:
+                self.compiled.fall_back(self.shape, refused=False)
+            elif not self.shape.single:  # read when a graph is traced: one for every B >= 2
+                _mark_batch_dynamic(input_ids, key_mask, cache)
+        if self.eager:
+            return _last_logits(model, input_ids, cache, key_mask)  # (B, V)
+        try:
+            logits = self.compiled.step(model, input_ids, cache, key_mask)  # (B, V)
+        except Exception as error:
+            if not _recompile_limit_hit(error):
+                raise
+            # dynamo's own limit (one shared by every model before torch 2.13, or a change the shape above does
+            # not see, such as requires_grad): refused before anything ran, so the cache is as it was
+            self.eager = True
+            self.compiled.fall_back(self.shape, refused=True)
+            return _last_logits(model, input_ids, cache, key_mask)  # (B, V)
+        self.compiled.shapes.add(self.shape)
+        return logits
+
+
+def _mark_batch_dynamic(input_ids: Tensor, key_mask: Tensor, cache) -> None:
+    """Dim 0 (B) of every tensor the step reads marked dynamic: a graph traced now serves every B >= 2."""
+    tensors = [input_ids, key_mask, cache.lengths]
+    for layer in cache:
+        tensors.extend(layer.storage())  # keys (B, G, L + 1, D), values (B, G, L + 1, Dv)
+    for tensor in tensors:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)  # "maybe": torch may still specialise it, then recompiles
+
+
+def _recompile_limit_hit(error: Exception) -> bool:
+    """Whether dynamo refused to compile one more graph for its recompile limit (raised before tracing)."""
+    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")  # torch >= 2.6, and its name before
+    return isinstance(error, tuple(getattr(torch._dynamo.exc, n) for n in names if hasattr(torch._dynamo.exc, n)))
 
 
 def _with_step_marks(step: Callable) -> Callable:

@@ -22,7 +22,7 @@ report need its encodings); a model whose attention layers do not call
 transformers' AttentionInterface (BLOOM, DeBERTa, ...), which would ignore
 multihead: a probe under `multihead.hf.options(heads=())` must come back with
 zero heads in every layer, which only multihead's function returns; and a
-model that multihead.hf refuses (Gemma-2's logit softcapping), which fails
+model that multihead.hf refuses (DeepSeek-V3.2's sparse attention), which fails
 in that probe with multihead.hf's own message.
 """
 

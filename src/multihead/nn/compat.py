@@ -8,6 +8,10 @@ the attention itself runs through `multihead.attention` /
 `multihead.ops.run`, the one path every multihead module takes, so it gets
 multihead's backends and its weights on demand.
 
+`from_torch(m)` turns an existing torch module into this drop-in (the same
+call gives the same numbers); `to_multihead(m)` into multihead's own
+`MultiHeadAttention` (batch-first, True = may attend); `to_torch` goes back.
+
 This is the only place in multihead that speaks torch's inverted mask
 convention, and it converts at the edge:
 
@@ -67,15 +71,26 @@ __all__ = [
     "from_torch",
     "fuse_in_proj",
     "split_in_proj",
+    "to_multihead",
     "to_torch",
 ]
 
 
 class CompatAttentionOutput(NamedTuple):
-    """torch's (attn_output, attn_output_weights) pair; a tuple, so it unpacks as torch's does."""
+    """torch's (attn_output, attn_output_weights) pair; a tuple, so it unpacks as torch's does.
+
+    Under torch.jit.trace weights not asked for come back as an empty tensor (0 elements), where
+    torch's own module fails to trace: a traced graph cannot return None."""
 
     attn_output: Tensor  # (T, B, C), (B, T, C) when batch_first, (T, C) unbatched
     attn_output_weights: Tensor | None  # (B, T, S) averaged, (B, H, T, S) per head; no B unbatched; None
+
+    @classmethod
+    def returned(cls, attn_output: Tensor, attn_output_weights: Tensor | None) -> CompatAttentionOutput:
+        """What forward returns: weights None stays None, except under torch.jit.trace."""
+        if attn_output_weights is None and torch.jit.is_tracing():  # a graph's outputs are tensors, never None
+            attn_output_weights = attn_output.new_empty(0)  # (0,): no weights
+        return cls(attn_output, attn_output_weights)
 
 
 class InProjection(NamedTuple):
@@ -275,11 +290,12 @@ class MultiheadAttention(nn.Module):
             weights = weights.mean(dim=1)  # (B, H, T, S') -> (B, T, S')
         if not batched and weights is not None:
             weights = weights.squeeze(0)  # (1, ...) -> (...)
-        return CompatAttentionOutput(self._from_batch_first(out, batched), weights)
+        return CompatAttentionOutput.returned(self._from_batch_first(out, batched), weights)
 
     def __prepare_scriptable__(self):
         raise TypeError("multihead.compat.MultiheadAttention does not support torch.jit.script; "
-                        "use torch.compile, or torch.jit.trace for a fixed-shape graph")
+                        "use torch.compile, or torch.export.export(module, (query, key, value)) for a graph "
+                        "(torch.jit.trace works too)")
 
     def _check_flags(self, need_weights, average_attn_weights, is_causal, attn_mask) -> float:
         """The flags, and the dropout probability as a float."""
@@ -449,7 +465,7 @@ def _attention_with_dropped_weights(call: AttentionCall):
 
 
 # ---------------------------------------------------------------------------
-# Converters between torch's layouts and multihead.MultiHeadAttention
+# Converters: torch's packed layout, torch's module <-> compat's drop-in and multihead.MultiHeadAttention
 # ---------------------------------------------------------------------------
 
 def _check_tensor(name: str, x, dims: str, ndim: int) -> None:
@@ -510,34 +526,69 @@ def fuse_in_proj(
     return FusedInProjection(weight, torch.cat([q_bias, k_bias, v_bias]))  # 3 x (C,) -> (3C,)
 
 
-def from_torch(module: nn.MultiheadAttention | MultiheadAttention, *, backend: str = "auto") -> MultiHeadAttention:
-    """A multihead.MultiHeadAttention with the same weights as a torch (or compat) MultiheadAttention.
-
-    The result speaks multihead's conventions: batch-first (B, T, C) input
-    whatever the source's batch_first, masks with True = may attend, and a
-    (output, weights) result with per-head weights. add_bias_kv and
-    add_zero_attn have no counterpart in MultiHeadAttention and are refused.
-    """
+def _check_source(module) -> bool:
+    """module is a torch or compat MultiheadAttention whose biases are torch's bias flag; returns that flag."""
     if not isinstance(module, (nn.MultiheadAttention, MultiheadAttention)):
         raise TypeError(
             f"module must be a torch.nn.MultiheadAttention or multihead.compat.MultiheadAttention, "
             f"got {type(module).__name__}"
-        )
-    if module.bias_k is not None or module.bias_v is not None:
-        raise ValueError(
-            "module has add_bias_kv=True (bias_k, bias_v); multihead.MultiHeadAttention has no "
-            "learned extra key/value, use multihead.compat.MultiheadAttention for it instead"
-        )
-    if module.add_zero_attn:
-        raise ValueError(
-            "module has add_zero_attn=True; multihead.MultiHeadAttention has no zero key/value, "
-            "use multihead.compat.MultiheadAttention for it instead"
         )
     has_bias = module.in_proj_bias is not None
     if has_bias != (module.out_proj.bias is not None):
         raise ValueError(
             f"module must have both in_proj_bias and out_proj.bias or neither (torch's bias flag), "
             f"got in_proj_bias={'set' if has_bias else None}, out_proj.bias={'set' if not has_bias else None}"
+        )
+    return has_bias
+
+
+def from_torch(module: nn.MultiheadAttention | MultiheadAttention) -> MultiheadAttention:
+    """The drop-in for a torch (or compat) MultiheadAttention: a multihead.compat.MultiheadAttention that
+    answers the same calls with the same numbers, its attention on multihead's backends.
+
+    Everything the call depends on is the source's: batch_first (so torch's default (T, B, C) stays
+    (T, B, C)), the forward's arguments and their order, torch's mask polarity, the
+    (attn_output, attn_output_weights) result with weights averaged over heads by default, kdim,
+    vdim, bias, add_bias_kv, add_zero_attn, dropout, the device, the dtype and the training mode.
+    The parameters are copies (the source is not shared), with the source's requires_grad. For
+    multihead's own module (batch-first, True = may attend, per-head weights) use `to_multihead`.
+    """
+    has_bias = _check_source(module)
+    ref = module.out_proj.weight
+    # Built on the meta device and filled from the source: no initialisation, so the global RNG is not drawn.
+    result = MultiheadAttention(
+        module.embed_dim, module.num_heads, dropout=module.dropout, bias=has_bias,
+        add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
+        vdim=module.vdim, batch_first=module.batch_first, device="meta", dtype=ref.dtype,
+    ).to_empty(device=ref.device)
+    with torch.no_grad():
+        result.load_state_dict(module.state_dict())
+    sources = dict(module.named_parameters())
+    for name, parameter in result.named_parameters():
+        parameter.requires_grad_(sources[name].requires_grad)
+    return result.train(module.training)
+
+
+def to_multihead(module: nn.MultiheadAttention | MultiheadAttention, *, backend: str = "auto") -> MultiHeadAttention:
+    """A multihead.MultiHeadAttention with the same weights as a torch (or compat) MultiheadAttention.
+
+    The result speaks multihead's conventions, not the source's: batch-first
+    (B, T, C) input whatever the source's batch_first, masks with True = may
+    attend (key_mask, True = a real token), and a MultiHeadAttentionOutput
+    (output, per-head weights) result; it answers other calls than the
+    source (`from_torch` gives the one that answers the same). add_bias_kv
+    and add_zero_attn have no counterpart in MultiHeadAttention and are refused.
+    """
+    has_bias = _check_source(module)
+    if module.bias_k is not None or module.bias_v is not None:
+        raise ValueError(
+            "module has add_bias_kv=True (bias_k, bias_v); multihead.MultiHeadAttention has no "
+            "learned extra key/value, use multihead.compat.from_torch (a compat.MultiheadAttention) for it instead"
+        )
+    if module.add_zero_attn:
+        raise ValueError(
+            "module has add_zero_attn=True; multihead.MultiHeadAttention has no zero key/value, "
+            "use multihead.compat.from_torch (a compat.MultiheadAttention) for it instead"
         )
     w = MultiheadAttention.in_projection(module)  # reads only torch's attribute names: serves torch's module too
     ref = module.out_proj.weight
@@ -562,8 +613,9 @@ def to_torch(module: MultiHeadAttention, *, batch_first: bool = True) -> nn.Mult
     num_heads, head_dim == v_head_dim == d_model / num_heads, and no built-in
     causal mask. batch_first defaults to True because MultiHeadAttention is
     batch-first; the torch module then takes the same (B, T, C) tensors (with
-    torch's mask polarity). Load the result's state_dict into
-    multihead.compat.MultiheadAttention for the same module on multihead's attention.
+    torch's mask polarity). `from_torch` of the result is the same module on
+    multihead's attention (a compat.MultiheadAttention); `to_multihead` gives
+    back a MultiHeadAttention with module's weights.
     """
     if not isinstance(module, MultiHeadAttention):
         raise TypeError(f"module must be a multihead.MultiHeadAttention, got {type(module).__name__}")

@@ -186,6 +186,11 @@ class MultiHeadLatentAttention(nn.Module):
                 f"rope_dim={c.rope_dim}, v_head_dim={c.v_head_dim}, kv_latent_dim={c.kv_latent_dim}, "
                 f"q_latent_dim={c.q_latent_dim}, latent_norm={c.latent_norm}, absorb={self.absorb}")
 
+    def __prepare_scriptable__(self):
+        raise TypeError(f"{type(self).__name__} does not support torch.jit.script; use torch.compile, or "
+                        f"torch.export.export(module, (x,)) for a graph (torch.jit.trace(module, x) works too, and "
+                        f"returns the tuple (output, weights))")
+
     @property
     def scale(self) -> float:
         """1 / sqrt(D + d_rope): a head's score is a dot product over [q^C; q^R], D + d_rope dims."""
@@ -290,7 +295,7 @@ class MultiHeadLatentAttention(nn.Module):
         out = self._values_up(attended.out) if absorb else attended.out  # (B, H, T, Dv)
         B, H, T, Dv = out.shape
         out = out.transpose(1, 2).reshape(B, T, H * Dv)  # (B, H, T, Dv) -> (B, T, H·Dv): concat heads
-        return MultiHeadAttentionOutput(self.out_proj(out), attended.weights)
+        return MultiHeadAttentionOutput.returned(self.out_proj(out), attended.weights)
 
     def _check_call(self, x, key_mask, cache, positions, need_weights, absorb) -> bool:
         """Every argument of forward checked before anything is computed or cached; returns absorb."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from .. import backends
@@ -24,6 +25,7 @@ from ..core import masks
 from ..core.call import DTYPES, AttentionCall, check_mask, check_scale
 from ..core.checks import check_like_parameters, flag, positive_int, probability
 from ..core.checks import key_mask as check_key_mask
+from ..core.variants import Variants, alibi_slopes, check_softcap, check_window, window_allowed
 from ..ops.run import choose, run
 from .cache import ChunkLayout, LayerCache, check_layer_cache, chunk_lengths_from_key_mask, token_positions
 from .linear_call import call_linear
@@ -43,12 +45,17 @@ class MultiHeadAttentionConfig:
     dropout: float  # dropout on the attention weights, in training only
     causal: bool  # bottom-right aligned causal mask on every call
     backend: str  # "auto" or a registered backend name
+    window: tuple[int | None, int | None] | None = None  # (left, right) keys around each query; None: all
+    softcap: float | None = None  # scores -> softcap · tanh(scores / softcap) (Gemma-2); None: off
+    alibi: bool = False  # ALiBi's fixed per-head slopes (`multihead.core.variants.alibi_slopes`)
+    sinks: bool = False  # a learned sink logit per head in the softmax's denominator (gpt-oss)
 
 
 def make_config(
     d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
     v_head_dim: int | None = None, kdim: int | None = None, vdim: int | None = None,
     bias: bool = True, dropout: float = 0.0, causal: bool = False, backend: str = "auto",
+    window=None, softcap: float | None = None, alibi: bool = False, sinks: bool = False,
 ) -> MultiHeadAttentionConfig:
     """Check the constructor's arguments and fill in the textbook defaults (d_k = d_v = d_model / h)."""
     positive_int("d_model", d_model)
@@ -75,12 +82,24 @@ def make_config(
     return MultiHeadAttentionConfig(
         d_model, num_heads, num_kv_heads, head_dim, v_head_dim, kdim, vdim,
         flag("bias", bias), float(dropout), flag("causal", causal), backend,
+        check_window(window), check_softcap(softcap), flag("alibi", alibi), flag("sinks", sinks),
     )
 
 
 class MultiHeadAttentionOutput(NamedTuple):
+    """What the modules return. Under torch.jit.trace the traced module returns the plain tuple
+    (output, weights), with an empty tensor (0 elements) for weights not asked for: a traced graph
+    cannot return None."""
+
     output: Tensor  # (B, T, C)
     weights: Tensor | None  # (B, H, T, S) softmax weights per head when need_weights, else None
+
+    @classmethod
+    def returned(cls, output: Tensor, weights: Tensor | None) -> MultiHeadAttentionOutput:
+        """The result a module's forward returns: weights None stays None, except under torch.jit.trace."""
+        if weights is None and torch.jit.is_tracing():  # a graph's outputs are tensors: None cannot leave it
+            weights = output.new_empty(0)  # (0,): no weights
+        return cls(output, weights)
 
 
 @dataclass(frozen=True)
@@ -120,13 +139,14 @@ class MultiHeadAttention(nn.Module):
         self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
         head_dim: int | None = None, v_head_dim: int | None = None, kdim: int | None = None,
         vdim: int | None = None, bias: bool = True, dropout: float = 0.0, causal: bool = False,
-        backend: str = "auto", rope: RotaryEmbedding | None = None, device=None, dtype=None,
+        backend: str = "auto", rope: RotaryEmbedding | None = None, window=None, softcap: float | None = None,
+        alibi: bool = False, sinks: bool = False, device=None, dtype=None,
     ) -> None:
         super().__init__()
         cfg = make_config(
             d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             v_head_dim=v_head_dim, kdim=kdim, vdim=vdim, bias=bias, dropout=dropout,
-            causal=causal, backend=backend,
+            causal=causal, backend=backend, window=window, softcap=softcap, alibi=alibi, sinks=sinks,
         )
         self.config = cfg
         if rope is not None and not isinstance(rope, RotaryEmbedding):
@@ -142,16 +162,25 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.vdim, G * Dv, bias=cfg.bias, **factory)
         self.out_proj = nn.Linear(H * Dv, cfg.d_model, bias=cfg.bias, **factory)
         self._scale = check_scale(None, cfg.head_dim, self.out_proj.weight.dtype)  # 1/sqrt(D), the textbook's
+        # The attention family's configuration: the slopes are fixed (a buffer outside the state dict),
+        # the sinks are learned (a parameter, 0 at the start: each head's sink weighs like one key of score 0).
+        slopes = alibi_slopes(H).to(device) if cfg.alibi else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        self.sinks = nn.Parameter(torch.zeros(H, **factory)) if cfg.sinks else None
 
     def extra_repr(self) -> str:
         c = self.config
+        family = "".join(f", {name}={value!r}" for name, value in
+                         (("window", c.window), ("softcap", c.softcap), ("alibi", c.alibi), ("sinks", c.sinks))
+                         if value not in (None, False))
         return (f"d_model={c.d_model}, num_heads={c.num_heads}, num_kv_heads={c.num_kv_heads}, "
                 f"head_dim={c.head_dim}, v_head_dim={c.v_head_dim}, causal={c.causal}, "
-                f"backend={c.backend!r}")
+                f"backend={c.backend!r}{family}")
 
     def __prepare_scriptable__(self):
-        raise TypeError(f"{type(self).__name__} does not support torch.jit.script; "
-                        f"use torch.compile, or torch.jit.trace for a fixed-shape graph")
+        raise TypeError(f"{type(self).__name__} does not support torch.jit.script; use torch.compile, or "
+                        f"torch.export.export(module, (x,)) for a graph (torch.jit.trace(module, x) works too, and "
+                        f"returns the tuple (output, weights))")
 
     def forward(
         self,
@@ -165,6 +194,7 @@ class MultiHeadAttention(nn.Module):
         cache: LayerCache | None = None,
         positions: Tensor | None = None,
         context_parallel=None,
+        head_mask: Tensor | None = None,
     ) -> MultiHeadAttentionOutput:
         """query (B, T, C); key (B, S, kdim) and value (B, S, vdim), both default to query.
 
@@ -195,12 +225,14 @@ class MultiHeadAttention(nn.Module):
             part of the mask, and attention runs over the whole sequence across
             the group (ring or all-to-all); RoPE rotates by global positions.
             Self-attention only, without cache, attn_mask, weights or dropout.
+        head_mask: (H,): 1 keeps head i, 0 sets its output Z_i to 0 before W^O (`merge` says more).
         """
         if context_parallel is not None:
             return self._context_parallel(query, key, value, attn_mask, need_weights, cache, context_parallel,
-                                          key_mask=key_mask, positions=positions)
+                                          key_mask=key_mask, positions=positions, head_mask=head_mask)
         query, key, value = self._check_inputs(query, key, value, cache, positions)
         flag("need_weights", need_weights)
+        gate = self._head_gate(head_mask)  # (1, H, 1, 1) or None; checked before a cache is written
         q, k, v = self.project(query, key, value)  # (B, H, T, D), (B, G, S, D), (B, G, S, Dv)
         if self.rope is not None:
             q, k = self.rotate(q, k, token_positions(positions, cache, q.shape[0], q.shape[2], q.device))
@@ -209,7 +241,7 @@ class MultiHeadAttention(nn.Module):
         else:  # every check, the backend's answer included, before the chunk is written
             call = self._cached_call(q, k, v, attn_mask, key_mask, cache, need_weights)
         attended = run(call, self.config.backend, need_weights=need_weights)  # (B, H, T, Dv)
-        return MultiHeadAttentionOutput(self.merge(attended.out), attended.weights)
+        return MultiHeadAttentionOutput.returned(self.merge(attended.out, gate), attended.weights)
 
     def decode(self, x: Tensor, cache: LayerCache, layout: ChunkLayout, rotation: Rotary | None = None) -> Tensor:
         """forward(x, cache=cache).output for a chunk x (B, T, C) whose place in the cache is `layout`: unchecked.
@@ -229,7 +261,8 @@ class MultiHeadAttention(nn.Module):
             cos, sin = self.rope(layout.positions, dtype=q.dtype) if rotation is None else rotation  # (B, 1, T, D)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         cached = cache.update(k, v, layout=layout)  # (B, G, S, D), (B, G, S, Dv), mask (B, 1, T, S)
-        call = self._call(q, cached.k, cached.v, cached.attn_mask, causal=False)  # causal: in the cache's mask
+        mask = self._cache_mask(cached.attn_mask, layout)  # causal, the window, ALiBi: in the cache's mask
+        call = self._call(q, cached.k, cached.v, mask, causal=False, cached=True)
         return self.merge(run(call, self.config.backend).out)  # (B, H, T, Dv) -> (B, T, C)
 
     # -- the stages ------------------------------------------------------------------
@@ -251,14 +284,26 @@ class MultiHeadAttention(nn.Module):
         cos, sin = self.rope(positions, dtype=q.dtype)  # (B|1, 1, T, D) each
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-    def merge(self, out: Tensor) -> Tensor:
-        """Concatenate the heads and apply W^O: (B, H, T, Dv) -> (B, T, C)."""
+    def merge(self, out: Tensor, gate: Tensor | None = None) -> Tensor:
+        """Concatenate the heads and apply W^O: (B, H, T, Dv) -> (B, T, C).
+
+        gate: head_mask as `_head_gate` made it, (1, H, 1, 1): head i's output
+        is multiplied by its factor first. 1 (True) keeps the head, 0 (False)
+        sets its Z_i to 0, so the layer computes concat(Z_1, .., 0, ..) W^O
+        (+ the bias of W^O); other values scale Z_i, and a float mask that
+        requires grad gives each head's gradient (an importance score). x * 1
+        is exact, so a mask of ones changes nothing, bit for bit. The weights
+        a forward returns are the heads' softmax probabilities, which the mask
+        leaves as they were.
+        """
+        if gate is not None:  # decided by an argument, never by a tensor's value
+            out = out * gate  # (B, H, T, Dv) * (1, H, 1, 1)
         B, H, T, Dv = out.shape
         concatenated = out.transpose(1, 2).reshape(B, T, H * Dv)  # (B, H, T, Dv) -> (B, T, H·Dv)
         return call_linear(self.out_proj, concatenated)  # (B, T, H·Dv) -> (B, T, C)
 
     def _context_parallel(self, query, key, value, attn_mask, need_weights, cache, cp, *, key_mask,
-                          positions) -> MultiHeadAttentionOutput:
+                          positions, head_mask=None) -> MultiHeadAttentionOutput:
         """forward with the sequence split across cp's group: per-token stages on the part, attention across.
 
         A check that fails on one rank is told to every rank (each raises, naming it) before it raises here.
@@ -269,12 +314,15 @@ class MultiHeadAttention(nn.Module):
                             f"got {type(cp).__name__}")
         with cp.refusals_heard("MultiHeadAttention"):
             self._check_context_parallel(query, key, value, attn_mask, need_weights, cache, cp, positions)
+            gate = self._head_gate(head_mask)  # (1, H, 1, 1) or None
         q, k, v = self.project(query, query, query)  # (B, H, part, D), (B, G, part, D), (B, G, part, Dv)
         if self.rope is not None:
             q, k = self.rotate(q, k, cp.positions(q.device) if positions is None else positions)
-        out = cp.attention(q, k, v, key_mask=key_mask, causal=self.config.causal, scale=self._scale,
-                           backend=self.config.backend)  # (B, H, part, Dv)
-        return MultiHeadAttentionOutput(self.merge(out), None)
+        cfg = self.config  # the module's attention family, over global positions across the group
+        out = cp.attention(q, k, v, key_mask=key_mask, causal=cfg.causal, scale=self._scale, backend=cfg.backend,
+                           window=cfg.window, softcap=cfg.softcap, alibi_slopes=self.alibi_slopes,
+                           sinks=self.sinks)  # (B, H, part, Dv)
+        return MultiHeadAttentionOutput.returned(self.merge(out, gate), None)
 
     def _check_context_parallel(self, query, key, value, attn_mask, need_weights, cache, cp, positions) -> None:
         refused = {"key/value other than the query": key is not None and key is not query
@@ -292,6 +340,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"query has {query.shape[1]} tokens; under context_parallel it must be this rank's "
                              f"part, {part} tokens of length={cp.length} (cut it with "
                              f"shard_sequence(x, dim=1, layout={cp.layout!r}))")
+        cp.check_part("query", query)  # a part cut with another layout or length: refused, not silently wrong
 
     # -- checks and the cache ---------------------------------------------------------
 
@@ -344,10 +393,33 @@ class MultiHeadAttention(nn.Module):
         if positions is not None:
             check_positions(positions, batch_size=query.shape[0], length=query.shape[1], device=query.device)
 
-    def _call(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> AttentionCall:
+    def _head_gate(self, head_mask) -> Tensor | None:
+        """head_mask (H,) checked where it enters, as the factor (1, H, 1, 1) on the heads' outputs; None: none."""
+        if head_mask is None:
+            return None
+        check_head_mask(head_mask, self.config.num_heads, self.out_proj.weight.device)
+        # In the outputs' dtype: a float64 mask must not promote a float32 layer (1.0 is exact in every dtype).
+        return head_mask.to(self.out_proj.weight.dtype).view(1, -1, 1, 1)  # (H,) -> (1, H, 1, 1)
+
+    def _call(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, *,
+              cached: bool = False) -> AttentionCall:
         """The attention call, built here once and not checked again: q, k, v are this module's own projections
-        of checked inputs, the mask is checked, the scale and dropout are the module's."""
-        return AttentionCall(q, k, v, mask, causal, self._scale, self.config.dropout if self.training else 0.0)
+        of checked inputs, the mask is checked, the scale, dropout and variants are the module's.
+
+        cached: the keys are a cache's slots, whose window and ALiBi are in the cache's mask (`_cache_mask`),
+        so the variants carry neither (a cache's S is its capacity, not the aligned length).
+        """
+        return AttentionCall(q, k, v, mask, causal, self._scale, self.config.dropout if self.training else 0.0,
+                             self._variants(cached))
+
+    def _variants(self, cached: bool) -> Variants | None:
+        """The module's variants for a call; None for a plain module (the common case costs one comparison)."""
+        cfg = self.config
+        window = None if cached else cfg.window
+        slopes = None if self.alibi_slopes is None or cached else self.alibi_slopes[None]  # (H,) -> (1, H)
+        if window is None and cfg.softcap is None and slopes is None and self.sinks is None:
+            return None
+        return Variants(window, cfg.softcap, slopes, self.sinks, None, None, None)
 
     def _mask(self, q, k, attn_mask, key_mask) -> Tensor | None:
         """Without a cache: attn_mask and key_mask checked and combined over the S keys."""
@@ -370,12 +442,32 @@ class MultiHeadAttention(nn.Module):
         chunk_lengths = None if key_mask is None else chunk_lengths_from_key_mask(key_mask, B, T, q.device)
         layout = cache.plan(k, v, chunk_lengths)  # checked; nothing written
         S = layout.kv_len
-        mask = masks.combine(check_mask(attn_mask, q, S), layout.attn_mask)  # (B|1, H|1, T, S)
+        mask = masks.combine(check_mask(attn_mask, q, S), self._cache_mask(layout.attn_mask, layout))  # (B|1, H|1, T, S)
         keys, values = stand_in(k, B, G, S, k.shape[3]), stand_in(v, B, G, S, v.shape[3])  # (B, G, S, D), (.., Dv)
-        planned = self._call(q, keys, values, mask, causal=False)
+        planned = self._call(q, keys, values, mask, causal=False, cached=True)
         choose(planned, self.config.backend, need_weights=need_weights)  # raises before the cache is written
         cached = cache.update(k, v, layout=layout)  # (B, G, S, D), (B, G, S, Dv): the keys the stand-ins stood for
         return planned._replace(k=cached.k, v=cached.v)
+
+    def _cache_mask(self, cache_mask: Tensor, layout: ChunkLayout) -> Tensor:
+        """The cache's mask (B, 1, T, S) with the window and ALiBi at each query's own position.
+
+        A cache's sequences have lengths of their own and its S is its capacity, so the bottom-right
+        alignment of a call does not place their queries: slot j holds position j, and the queries sit at
+        layout.positions (B, T). ALiBi becomes a float bias (B, H, T, S), exact also beside the sinks.
+        """
+        cfg = self.config
+        if cfg.window is None and self.alibi_slopes is None:
+            return cache_mask
+        slots = torch.arange(cache_mask.shape[-1], device=cache_mask.device)  # (S,): slot j holds position j
+        if cfg.window is not None:
+            cache_mask = cache_mask & window_allowed(cfg.window, layout.positions, slots)[:, None]  # (B, 1, T, S)
+        if self.alibi_slopes is None:
+            return cache_mask
+        distance = (layout.positions[..., None] - slots).abs()[:, None]  # (B, T, S) -> (B, 1, T, S)
+        slopes = self.alibi_slopes.to(torch.promote_types(self.out_proj.weight.dtype, torch.float32))
+        bias = -slopes.view(1, -1, 1, 1) * distance  # (1, H, 1, 1) * (B, 1, T, S) -> (B, H, T, S)
+        return bias.masked_fill(~cache_mask, float("-inf"))
 
     def head(self, i: int) -> HeadProjections:
         """Head i's W_i^Q, W_i^K, W_i^V and its rows of W^O, cut out of the fused projections."""
@@ -405,6 +497,39 @@ def stand_in(like: Tensor, *shape: int) -> Tensor:
     backend's `supports` reads shapes, dtypes, devices and flags, never values.
     """
     return like.new_empty(()).expand(*shape)  # () -> shape, no copy
+
+
+def check_head_mask(head_mask, num_heads: int, device: torch.device, *, num_layers: int | None = None) -> Tensor:
+    """head_mask as it enters a module (H,) or a model ((H,) or (L, H)): checked, returned unchanged.
+
+    One factor per head on its output before W^O: 1 or True keeps the head, 0
+    or False sets its output to 0. The shapes are Hugging Face's head_mask
+    shapes; only the meaning differs (transformers multiplies the softmax
+    probabilities, which changes the same head output).
+    """
+    shapes = f"({num_heads},)" if num_layers is None else f"({num_heads},) or ({num_layers}, {num_heads})"
+    what = "(H,)" if num_layers is None else "(H,) for every layer or (L, H)"
+    if not isinstance(head_mask, Tensor):
+        raise TypeError(f"head_mask must be a tensor {what}, 1 = keep a head and 0 = remove it, "
+                        f"got {type(head_mask).__name__}")
+    if head_mask.is_complex() or head_mask.is_quantized:
+        raise TypeError(f"head_mask must be a bool, integer or floating tensor, got {head_mask.dtype}")
+    allowed = [(num_heads,)] + ([] if num_layers is None else [(num_layers, num_heads)])
+    if tuple(head_mask.shape) not in allowed:
+        raise ValueError(f"head_mask must have shape {what} = {shapes}, got {tuple(head_mask.shape)}")
+    if head_mask.device != torch.device(device):
+        raise ValueError(f"head_mask is on {head_mask.device} but the parameters are on {device}")
+    return head_mask
+
+
+def head_masks_per_layer(head_mask, num_layers: int, num_heads: int, device: torch.device) -> list:
+    """A model's head_mask (None, (H,) or (L, H)) checked once, as one (H,) mask (or None) per layer."""
+    if head_mask is None:
+        return [None] * num_layers
+    check_head_mask(head_mask, num_heads, device, num_layers=num_layers)
+    if head_mask.dim() == 1:
+        return [head_mask] * num_layers  # (H,): the same heads removed in every layer
+    return list(head_mask.unbind(0))  # (L, H) -> L x (H,)
 
 
 def _check_input(name: str, x, width: int, width_name: str) -> None:

@@ -78,6 +78,11 @@ class RotaryEmbedding(nn.Module):
     lazily, once per device and precision. The angles are computed in float32
     (exactly Hugging Face Llama's arithmetic, so its checkpoints give the same
     numbers) or in float64 when float64 is asked for.
+
+    head_dim and base are read-only: the memoised frequencies (and a model's
+    config, such as MultiHeadLatentAttention's rope_base) were made from them,
+    so setting either raises AttributeError instead of leaving stale angles.
+    For another base, build a new RotaryEmbedding.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
@@ -87,10 +92,29 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"head_dim must be even (RoPE rotates pairs of dims), got {head_dim}")
         if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 1:
             raise ValueError(f"base must be a finite number > 1 (10000.0 in Llama), got {base!r}")
-        self.head_dim = head_dim
-        self.base = float(base)
+        self._head_dim = head_dim
+        self._base = float(base)
         # Not a buffer: module.half() would round the frequencies to fp16; these stay exact per precision.
         self._inv_freq: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    # Read-only: the frequencies memoised in _inv_freq (and compiled graphs) hold these values.
+    @property
+    def head_dim(self) -> int:
+        """D, the width this embedding rotates (fixed at construction)."""
+        return self._head_dim
+
+    @head_dim.setter
+    def head_dim(self, value) -> None:
+        _read_only("head_dim", self._head_dim, value)
+
+    @property
+    def base(self) -> float:
+        """The base of θ_i = base^(-2i/D) (fixed at construction)."""
+        return self._base
+
+    @base.setter
+    def base(self, value) -> None:
+        _read_only("base", self._base, value)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}, convention='half-split (HF Llama)'"
@@ -98,7 +122,9 @@ class RotaryEmbedding(nn.Module):
     def inv_freq(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """θ_i = base^(-2i/D) for i < D/2, (D/2,), computed as Hugging Face does in float32."""
         device = torch.device("cpu") if device is None else torch.device(device)
-        if torch.compiler.is_compiling():  # computed in the graph (a constant there): a memo would add a guard
+        # Computed in the graph: under torch.compile a memo would add a guard; under torch.jit.trace a first
+        # trace would record the ops and trace's re-run check the memo's constant, "Graphs differed".
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self._frequencies(device, dtype)
         key = (device, dtype)
         if key not in self._inv_freq:
@@ -156,6 +182,14 @@ def check_positions(positions, batch_size: int | None = None, length: int | None
     if not torch.compiler.is_compiling() and positions.numel() and bool((positions < 0).any()):
         raise ValueError(f"positions must be >= 0 (absolute token positions), got min {int(positions.min())}")
     return positions
+
+
+def _read_only(name: str, current, value) -> None:
+    raise AttributeError(
+        f"RotaryEmbedding.{name} is read-only (it is {current!r}; got {value!r}): the frequencies made from it "
+        f"are memoised per device and precision, so a new value would be silently ignored. Build a new "
+        f"RotaryEmbedding(head_dim, base=...) instead (and give it to the module as its rope)"
+    )
 
 
 def _check_kind(positions) -> Tensor:

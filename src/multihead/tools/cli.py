@@ -7,6 +7,10 @@
                       (PATH: bert/gpt2/llama on multihead's modules, any other model_type through transformers)
     multihead generate "PROMPT" --model PATH [--max-new-tokens N] [--temperature T]
                       [--top-k K] [--top-p P] [--seed S]
+    multihead heads "TEXT" [--ablate] [--model minilm|PATH] [--layer L] [--top N] [--out DIR]
+                      (--ablate: remove each head in turn, table + heads-importance.png; a sentence encoder)
+    multihead tiny-model [--out DIR] [--seed S]
+                      (a random GPT-2 and Llama folder in DIR, to try --model offline)
     multihead --version
 
 Each subcommand is a function `_cmd_<name>(args, console) -> int` registered in
@@ -451,6 +455,18 @@ def resolve_token(spec: str, batch) -> TokenChoice:
     return TokenChoice(i, tuple(notes))
 
 
+def _default_token_note(batch, i: int) -> str | None:
+    """With no --token the report takes the last token that is part of a word: when that word has several
+    pieces, say which one (--token WORD would take its first)."""
+    tokens, word_ids, word = batch.tokens[0], batch.word_ids[0], batch.words[0][i]
+    pieces = [j for j in range(len(tokens)) if word_ids[i] is not None and word_ids[j] == word_ids[i]]
+    if len(pieces) < 2:
+        return None
+    which = "its last piece" if i == pieces[-1] else "its piece"
+    return (f"{word!r} is the tokens {' '.join(tokens[j].strip() for j in pieces)}; with no --token the table is "
+            f"about {which}, {_label(tokens, i)!r} (--token {word} picks its first)")
+
+
 def _occurrence(spec: str, name: str, i: int, tokens: Sequence[str], words: Sequence[str | None]) -> TokenChoice:
     """--token WORD@I: token I, when WORD is that token or the word it is a piece of."""
     if not 0 <= i < len(tokens):
@@ -471,6 +487,9 @@ def _text_part(console, steps: _Steps, model, text: str, token, layer, out_dir) 
         query = choice.index
     report = steps.run(f"attention weights and pictures of {text!r}",
                        lambda: text_report(model, text, token=query, layer=layer, out_dir=out_dir))
+    note = _default_token_note(model.tokenize([text]), report.query) if token is None else None
+    if note is not None:
+        console.print(note, soft_wrap=True)
     print_report(console, report)
     console.print()
     console.print(f"Wrote into {report.files['html'].parent}/:")
@@ -481,14 +500,14 @@ def _text_part(console, steps: _Steps, model, text: str, token, layer, out_dir) 
                   f"hover {report.tokens[report.query].strip()!r}")
 
 
-def _check_out(out: str) -> None:
+def _check_out(out: str, what: str = "the pictures") -> None:
     """--out must be a folder, or not exist yet (it is made), with no file on the way to it."""
     path = Path(out)
     for part in (path, *path.parents):
         if part.exists():
             if not part.is_dir():
-                what = "is a file" if part == path else f"lies under {str(part)!r}, which is a file"
-                raise UsageError(f"--out {out!r} {what}; give a folder for the pictures (it is made if missing)")
+                where = "is a file" if part == path else f"lies under {str(part)!r}, which is a file"
+                raise UsageError(f"--out {out!r} {where}; give a folder for {what} (it is made if missing)")
             return
 
 
@@ -576,23 +595,63 @@ def _cmd_generate(args, console) -> int:
     steps = stream(model.network, prompt.input_ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
                    temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_tokens=stop)
-    _stream_text(console.file, args.prompt, model.tokenizer, prompt.input_ids[0].tolist(), steps)
+    written = _stream_text(console.file, args.prompt, model.tokenizer, prompt.input_ids[0].tolist(), steps, stop)
+    if written.stop is not None:  # on stderr: stdout stays the model's text alone
+        print(_stop_note(model.tokenizer.tokenizer.id_to_token(written.stop), written.stop, len(written.tokens),
+                         args.max_new_tokens), file=sys.stderr)
     return 0
 
 
-def _stream_text(out, prompt: str, tokenizer, prompt_ids: list[int], steps) -> None:
+def _cmd_tiny_model(args, console) -> int:
+    """Write a tiny random GPT-2 and Llama folder (multihead.tools.tiny_model) and say how to try them."""
+    _check_out(args.out, "the models")
+    from .tiny_model import ARCHITECTURES, check_target, write_tiny_models
+
+    for arch in ARCHITECTURES:  # before the slow imports: a folder of someone else's files is refused at once
+        check_target(Path(args.out) / arch)
+    folders = _Steps(console).run(f"training two byte-level BPE tokenizers and writing random weights into "
+                                  f"{args.out}", lambda: write_tiny_models(args.out, seed=args.seed))
+    for folder in folders:
+        console.print(folder.describe(), soft_wrap=True)
+    gpt2, llama = (str(folder.path) for folder in folders)
+    console.print("Random weights: the text they write is noise, the path through multihead is real. Try:")
+    console.print(f'  {PROG} generate "The cat sat on the" --model {gpt2}', soft_wrap=True)
+    console.print(f'  {PROG} visualize "A dog ate the food because it was hungry" --model {llama}', soft_wrap=True)
+    return 0
+
+
+def _stop_note(name: str, token: int, written: int, limit: int) -> str:
+    """Why generate wrote fewer than --max-new-tokens tokens: the model gave its end token (kept off the text)."""
+    what = f"the end token {name!r} (eos_token_id {token} in config.json)"
+    if written == 0:
+        return f"{PROG} generate: nothing written: the model's first new token is {what}"
+    return f"{PROG} generate: stopped at {what} after {written} new tokens (of at most {limit})"
+
+
+class Streamed(NamedTuple):
+    tokens: list[int]  # the new tokens whose text was written (the stop token not among them)
+    stop: int | None  # the stop token that ended the text, or None when it ran its course
+
+
+def _stream_text(out, prompt: str, tokenizer, prompt_ids: list[int], steps, stop: Sequence[int] = ()) -> Streamed:
     """Write the prompt, then the text each new token adds, decoded with the prompt's tokens before it.
 
     Decoded alone, a SentencePiece token loses its leading space ("on" +
     "▁ohiun" would print "onohiun"), so each step decodes prompt + new
-    tokens and writes what goes beyond the text already written.
+    tokens and writes what goes beyond the text already written. A stop token
+    ends the text unwritten: it marks the end, it is no text of its own.
     """
     out.write(prompt)
     out.flush()
     tokens: list[int] = []
     shown = ""
+    ended = None
     for step in steps:
-        tokens.append(int(step.tokens[0]))
+        token = int(step.tokens[0])
+        if token in stop:
+            ended = token
+            break
+        tokens.append(token)
         text = tokenizer.continuation(prompt_ids, tokens)
         if text.endswith("\ufffd"):  # a character cut between byte-level tokens: wait for its other bytes
             continue
@@ -601,6 +660,121 @@ def _stream_text(out, prompt: str, tokenizer, prompt_ids: list[int], steps) -> N
         shown = text
     out.write(tokenizer.continuation(prompt_ids, tokens)[len(shown):] + "\n")
     out.flush()
+    return Streamed(tokens, ended)
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def _importance_table(importance: np.ndarray, scale: float):
+    """The layer x head grid of 1 - cos as a rich Table, in units of `scale`; each layer's largest in bold."""
+    from rich import box
+    from rich.table import Table
+
+    L, H = importance.shape
+    table = Table(title=f"1 - cos(embedding, embedding without the head), x {scale:.0e}", box=box.SIMPLE_HEAD,
+                  title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("layer", justify="right", style="bold")
+    for h in range(H):
+        table.add_column(f"h{h}", justify="right")
+    for layer in range(L):
+        row = importance[layer] / scale
+        best = int(row.argmax())
+        table.add_row(str(layer), *[(f"[bold]{v:.1f}[/bold]" if h == best else f"{v:.1f}") for h, v in enumerate(row)])
+    return table
+
+
+def _top_heads_table(importance: np.ndarray, view, count: int):
+    """The `count` heads whose removal moves the embedding most, with what each does on the text."""
+    from rich import box
+    from rich.table import Table
+
+    from .ablation import strongest_link, top_heads
+    from .viz import head_stats
+
+    stats = head_stats(view.weights, view.special)
+    table = Table(title=f"The {count} heads that matter most on this text, and what they attend",
+                  box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False)
+    for name in ("layer", "head", "1 - cos", "entropy", "on [CLS]/[SEP]", "on previous", "strongest link"):
+        table.add_column(name, justify="left" if name == "strongest link" else "right")
+    for layer, head in top_heads(importance, count):
+        link = strongest_link(view.weights[layer, head], view.special)
+        shown = "-" if link is None else (f"{view.tokens[link.query].strip()} -> {view.tokens[link.key].strip()} "
+                                          f"({link.weight:.2f})")
+        table.add_row(str(layer), str(head), f"{importance[layer, head]:.2e}", f"{stats.entropy[layer, head]:.2f}",
+                      f"{stats.special_share[layer, head]:.0%}", f"{stats.previous_share[layer, head]:.0%}", shown)
+    return table
+
+
+def _ablate(console, steps: _Steps, model, text: str, out_dir: str, count: int) -> None:
+    """heads --ablate: the importance grid, the heads that matter most, and the picture."""
+    import numpy as np
+
+    from ..models.text import SentenceEncoder
+    from .ablation import ablate_heads, importance_figure
+    from .viz import save_png
+
+    if not isinstance(model, SentenceEncoder):
+        raise UsageError(f"--ablate measures the sentence embedding, so it needs a sentence encoder ('minilm' or "
+                         f"a BERT folder); {model.name} is a {getattr(model, 'kind', type(model).__name__)}")
+    L, H = model.num_layers, model.num_heads
+    ablation = steps.run(f"removing each of the {L} x {H} heads in turn (its layer and those above run again)",
+                         lambda: ablate_heads(model, [text]))
+    importance = ablation.shift()[:, :, 0]  # (L, H, 1) -> (L, H)
+    largest = float(importance.max())
+    scale = 10.0 ** (np.floor(np.log10(largest)) - 1) if largest > 0 else 1.0
+    console.print("Each head's output is set to 0 before W^O (head_mask), one head at a time; the number is how far "
+                  "the sentence embedding turns: 1 - cos(with every head, without that head).", soft_wrap=True)
+    console.print(_importance_table(importance, scale), markup=True)
+    console.print(_top_heads_table(importance, model.attention(text), min(count, L * H)))
+    short = text if len(text) <= 40 else text[:37] + "..."
+    title = f"Which heads matter for {short!r}\nhow far the sentence embedding turns without the head"
+    path = save_png(importance_figure(importance, title=title, label="1 - cos", scale=scale),
+                    Path(out_dir) / "heads-importance.png")
+    console.print(f"Wrote {path}: the layer x head grid, the {min(3, L * H)} largest outlined")
+
+
+def _cmd_heads(args, console) -> int:
+    """What each head of a model does on TEXT; with --ablate, which heads the sentence embedding needs."""
+    from .viz import head_stats, stats_table
+
+    if not args.text.strip():
+        raise UsageError("TEXT is empty; give the sentence to look at")
+    if args.ablate and args.layer is not None:
+        raise UsageError("--layer picks the statistics' layer; --ablate removes every head of every layer "
+                         "(drop one of the two)")
+    _check_out(args.out)
+    steps = _Steps(console)
+    model = steps.run(f"loading {args.model}", lambda: _load_model(args.model))
+    console.print(_describe_model(model))
+    if args.ablate:
+        _ablate(console, steps, model, args.text, args.out, args.top)
+        return 0
+    view = model.attention(args.text)
+    if args.layer is not None and not 0 <= args.layer < view.weights.shape[0]:
+        raise UsageError(f"--layer must be in 0..{view.weights.shape[0] - 1}, got {args.layer}")
+    console.print(stats_table(head_stats(view.weights, view.special), args.layer))
+    return 0
+
+
+def _add_heads_parser(sub) -> None:
+    heads = sub.add_parser("heads", help="what each head does on your text; --ablate: which heads matter",
+                           description="Per-head statistics of a model on TEXT (entropy, distance, share on "
+                                       "[CLS]/[SEP] and on the previous token). With --ablate: remove each head "
+                                       "in turn (its output set to 0 before W^O), print how far the sentence "
+                                       "embedding moves as a layer x head table with the heads that matter "
+                                       "most, and write heads-importance.png. Nothing is downloaded.")
+    heads.add_argument("text", metavar="TEXT", help="the text to look at")
+    heads.add_argument("--ablate", action="store_true",
+                       help="remove one head at a time and measure the sentence embedding's change "
+                            "(a sentence encoder: 'minilm' or a BERT folder)")
+    heads.add_argument("--model", default="minilm",
+                       help="'minilm' (packaged) or a local Hugging Face folder, as for visualize (default minilm)")
+    heads.add_argument("--layer", type=int, default=None, help="only this layer's heads in the statistics")
+    heads.add_argument("--top", type=_positive, default=5, help="heads listed under --ablate (default 5)")
+    heads.add_argument("--out", default="multihead-heads",
+                       help="folder for heads-importance.png under --ablate (default ./multihead-heads)")
+    heads.set_defaults(func=_cmd_heads)
 
 
 # --------------------------------------------------------------------------- parser and main
@@ -616,6 +790,17 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-causal", action="store_true", help="let every token see every token")
     p.add_argument("--bias", action="store_true", help="give the projections biases")
     p.add_argument("--text", default=SENTENCE, help="the sentence; whitespace-separated tokens label the rows")
+
+
+def _add_tiny_model_parser(sub) -> None:
+    tiny = sub.add_parser("tiny-model", help="write a tiny random GPT-2 and Llama folder to try --model offline",
+                          description="Write OUT/gpt2 and OUT/llama: Hugging Face folders (config.json, "
+                                      "model.safetensors, a byte-level BPE tokenizer.json trained here) with "
+                                      "random weights, 2 layers x 4 heads, for `generate --model` and "
+                                      "`visualize --model`. Nothing is downloaded; needs transformers.")
+    tiny.add_argument("--out", default="multihead-tiny", help="folder for the two models (default ./multihead-tiny)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    tiny.set_defaults(func=_cmd_tiny_model)
 
 
 def _positive(text: str) -> int:
@@ -661,7 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_argument("--token", default=None,
                            help="the word whose heads are tabled: a word of TEXT (its first piece when the "
                                 "tokenizer cuts it), a token as printed, or WORD@I for the token at index I as "
-                                "the report labels repeated words (default: the last word)")
+                                "the report labels repeated words (default: the text's last token that is part "
+                                "of a word, so the last piece of the last word when the tokenizer cuts it; "
+                                "a note says so)")
     visualize.add_argument("--out", default="multihead-visualize",
                            help="folder for the pictures (default ./multihead-visualize)")
     visualize.set_defaults(func=_cmd_visualize)
@@ -679,6 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sample among the most likely tokens holding mass P, 0 < P <= 1")
     generate.add_argument("--seed", type=int, default=None, help="seed of the sampling: same seed, same text")
     generate.set_defaults(func=_cmd_generate)
+    _add_heads_parser(sub)
+    _add_tiny_model_parser(sub)
     return parser
 
 

@@ -12,6 +12,8 @@ q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) -> out (B, H, T, Dv), lse (B, H,
 - backward.py: the probabilities recomputed from the logsumexp, dq, dk, dv,
   without atomics (deterministic); it follows either forward;
 - keys.py: key lengths or a key-padding mask as (lo, hi, mask) on the device;
+- variants.py: window, softcap, ALiBi, sinks and documents as the kernels' arguments
+  and constexpr flags (a plain call compiles to the code it had without them);
 - configs.py: the autotuners' tiles, checked for sm_90a;
 - here: one torch.autograd.Function joining them, the public
   `triton_attention`, and the registry's `TritonBackend`, whose `backward`
@@ -26,9 +28,12 @@ masks (bool (B|1, 1, 1, S)) and per-sequence key lengths (a query sees keys
 j < key_lengths[b]),
 grouped-query attention (kv head h // R, never copied), head dims up to 256
 (padded inside the kernel to a power of two), any T and S, fp16, bf16 and
-fp32. A query row with no key (causal with T > S, key length 0) gives
-output 0, gradient 0 and lse -inf. What they do not take (a dense mask,
-dropout) the backend refuses with a reason, so `auto` moves on.
+fp32, and the attention variants window, softcap, ALiBi, sinks (with their
+gradient) and documents, a context-parallel shard's global positions included.
+A query row with no key (causal with T > S, key length 0) gives output 0,
+gradient 0 and lse -inf (the sink, with sinks). What they do not take (a dense
+mask, dropout, a score_mod, the gradient of ALiBi slopes) the backend refuses
+with a reason, so `auto` moves on.
 
     causal, key_lengths = [4]:  T = 3, S = 6 (offset 3)
          keys 0 1 2 3 4 5
@@ -61,7 +66,7 @@ from torch import Tensor
 
 from ...core.call import AttentionCall, AttentionOutput, make_call
 from ...core.call import Gradients, check_backward  # for TritonBackend.backward
-from . import keys
+from . import keys, variants
 from .keys import KeyRange
 
 MAX_HEAD_DIM = 256  # q, k, v tiles of a wider head no longer fit on chip
@@ -73,7 +78,9 @@ class TritonOutput(NamedTuple):
     lse: Tensor  # (B, H, T) float32, natural log; -inf for rows with no key
 
 
-_installed: bool | None = None
+# Read at import (find_spec imports nothing): filled lazily inside a first torch.compile'd call, the memo
+# made dynamo guard on it and the second call recompile (tests/test_variants_compile.py).
+_installed: bool | None = importlib.util.find_spec("triton") is not None
 
 
 def triton_installed() -> bool:
@@ -208,7 +215,7 @@ class Launch(NamedTuple):
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_range, causal, scale, options):
+    def forward(ctx, q, k, v, key_range, causal, scale, options, kv, sinks):
         kernels = kernel_modules()
         interpret = kernels.interpreted
         q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
@@ -216,35 +223,41 @@ class _TritonAttention(torch.autograd.Function):
         S = k.shape[2]
         precision = _precision(q.dtype, interpret)
         split_kv = kernels.decode.applies(T, S) if options.decode is None else options.decode  # from shapes
-        if T == 0 or S == 0 or B * H == 0:  # nothing to attend: output 0, lse -inf
+        if T == 0 or S == 0 or B * H == 0:  # nothing to attend: output 0, lse -inf (the sink's, with sinks)
             out = q.new_zeros((B, H, T, v.shape[-1]))
             lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
+            if kv is not None and kv.sinks is not None:
+                lse = kv.sinks[None, :, None].expand(B, H, T).contiguous()  # (H,) -> (B, H, T)
         elif split_kv:
             with _on_device(q):
                 out, lse = kernels.decode.attention_decode(q, k, v, key_range, causal, scale, precision,
-                                                           options.block_n, options.num_splits)
+                                                           options.block_n, options.num_splits, kv)
         else:
             with _on_device(q):
                 out, lse = kernels.forward.attention_forward(q, k, v, key_range, causal, scale, precision,
-                                                             options.block_m, options.block_n)
+                                                             options.block_m, options.block_n, kv)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call = (key_range, causal, scale, options, interpret)
+        ctx.call = (key_range, causal, scale, options, interpret, kv, sinks)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        key_range, causal, scale, options, interpret = ctx.call
+        key_range, causal, scale, options, interpret, kv, sinks = ctx.call
         B, H, T, _ = q.shape
         S = k.shape[2]
+        grad_sinks = None
+        if grad_out is not None and sinks is not None and ctx.needs_input_grad[8]:
+            grad_sinks = variants.sink_gradient(sinks, lse, grad_out, out)  # (H,), outside the kernels
         if grad_out is None or T == 0 or S == 0 or B * H == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None,
+                    grad_sinks)
         with _on_device(q):
             dq, dk, dv = kernel_modules().backward.attention_backward(
                 _contiguous_last(grad_out.to(q.dtype)), q, k, v, out, lse, key_range, causal, scale,
-                _precision(q.dtype, interpret), options.block_m, options.block_n)
-        return dq, dk, dv, None, None, None, None
+                _precision(q.dtype, interpret), options.block_m, options.block_n, kv)
+        return dq, dk, dv, None, None, None, None, None, grad_sinks
 
 
 class _on_device:
@@ -296,6 +309,11 @@ def triton_attention(
     causal: bool = False,
     scale: float | None = None,
     key_lengths: Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    documents=None,
     block_m: int | None = None,
     block_n: int | None = None,
     decode: bool | None = None,
@@ -308,16 +326,21 @@ def triton_attention(
     key_lengths: (B,) ints; sequence b attends only its first key_lengths[b] keys (a
         key-padding mask, or a cache's fill level). None: all S. The values stay on the
         device (no host sync): a length below 0 or above S counts as 0 or S.
+    window, softcap, alibi_slopes, sinks, documents: the attention variants, as
+        `multihead.attention` takes them (`multihead.core.variants`); ALiBi slopes get no gradient.
     block_m, block_n: query rows and keys per tile in the interpreter (the GPU autotunes);
         block_n also sets the decode path's tile.
     decode: the split-KV path for a few queries (T <= 16) against a long cache; None
         picks it from the shapes. num_splits: its number of key slices (None: from the shapes).
 
-    Differentiable in q, k, v. lse[b, h, t] = log sum_j exp(score) over the keys the
-    query sees (-inf when none), so the weights are exp(score - lse).
+    Differentiable in q, k, v (and sinks). lse[b, h, t] = log of the softmax's denominator:
+    sum_j exp(score) over the keys the query sees, plus exp(sink_h) with sinks (-inf when
+    there is no term), so the weights are exp(score - lse).
     """
-    call = make_call(q, k, v, causal=causal, scale=scale)
-    reason = _where_it_runs(q) or _kernel_limits(q, v)
+    call = make_call(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                     alibi_slopes=alibi_slopes, sinks=sinks, documents=documents)
+    reason = _where_it_runs(q) or _kernel_limits(q, v) or (
+        None if call.variants is None else variants.refusal(call.variants, torch.is_grad_enabled()))
     if reason is not None:
         raise ValueError(f"triton_attention cannot run this call: {reason}")
     _check_option("block_m", block_m, 16, True)
@@ -326,11 +349,14 @@ def triton_attention(
     if decode is not None and not isinstance(decode, bool):
         raise TypeError(f"decode must be a bool or None, got {type(decode).__name__} {decode!r}")
     key_range = _check_key_lengths(key_lengths, q.shape[0], q.device)
-    return _apply(q, k, v, key_range, call.causal, call.scale, Launch(block_m, block_n, decode, num_splits))
+    return _apply(q, k, v, key_range, call.causal, call.scale, Launch(block_m, block_n, decode, num_splits),
+                  call.variants)
 
 
-def _apply(q, k, v, key_range, causal, scale, options=Launch()) -> TritonOutput:
-    out, lse = _TritonAttention.apply(q, k, v, key_range, causal, scale, options)
+def _apply(q, k, v, key_range, causal, scale, options=Launch(), checked=None) -> TritonOutput:
+    """The autograd Function on checked arguments; `checked`: the call's `Variants` or None."""
+    sinks = None if checked is None else checked.sinks
+    out, lse = _TritonAttention.apply(q, k, v, key_range, causal, scale, options, variants.prepare(checked), sinks)
     return TritonOutput(out, lse)
 
 
@@ -340,8 +366,8 @@ class TritonBackend:
     # backward at T 1k-16k, and SDPA decodes 10x faster; above cpu_flash (15) and chunked (10), so
     # calls that need the logsumexp on CUDA come here.
     priority = 17
-    summary = ("fused Triton kernels (forward, backward, split-KV decode) on CUDA; key-padding masks, "
-               "no dropout; gives the lse")
+    summary = ("fused Triton kernels (forward, backward, split-KV decode) on CUDA; key-padding masks, window, "
+               "softcap, ALiBi, sinks, documents; no dropout, no score_mod; gives the lse")
 
     def supports(self, call: AttentionCall, *, need_lse: bool = False) -> str | None:
         """Decided from devices, dtypes, shapes and flags: no tensor's value is read (no host sync)."""
@@ -350,16 +376,23 @@ class TritonBackend:
             return reason
         if call.dropout_p > 0.0:
             return "dropout is not implemented in the triton kernels"
+        if call.variants is not None:
+            reason = variants.refusal(call.variants, torch.is_grad_enabled())
+            if reason is not None:
+                return reason
         if call.attn_mask is not None:
             return keys.refusal(call.attn_mask)
         return None
 
     def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
-        out, lse = _apply(call.q, call.k, call.v, _key_range(call), call.causal, call.scale)
+        out, lse = _apply(call.q, call.k, call.v, _key_range(call), call.causal, call.scale, Launch(), call.variants)
         return AttentionOutput(out, lse if need_lse else None)
 
     def backward(self, call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor) -> Gradients:
-        """backward.py's kernels from a given out and lse (B, H, T): the rows whose lse is -inf give 0."""
+        """backward.py's kernels from a given out and lse (B, H, T): the rows whose lse is -inf give 0.
+
+        With variants the lse is the whole denominator's (sinks included); the sinks' gradient is the
+        caller's (`variants.sink_gradient`), as for every backend's `backward`."""
         check_backward(call, grad_out, out, lse)
         key_range = _key_range(call)
         q, k, v = _contiguous_last(call.q), _contiguous_last(call.k), _contiguous_last(call.v)
@@ -372,7 +405,8 @@ class TritonBackend:
         lse = lse.to(torch.float32).contiguous()  # (B, H, T): the kernels read it as one float32 row per head
         with torch.no_grad(), _on_device(q):
             dq, dk, dv = kernels.backward.attention_backward(
-                grad_out, q, k, v, out, lse, key_range, call.causal, call.scale, _precision(q.dtype, interpret))
+                grad_out, q, k, v, out, lse, key_range, call.causal, call.scale, _precision(q.dtype, interpret),
+                kv=variants.prepare(call.variants))
         return Gradients(dq, dk, dv)
 
 
@@ -387,4 +421,4 @@ def _key_range(call: AttentionCall) -> KeyRange | None:
 
 
 __all__ = ["KeyRange", "Kernels", "Launch", "TritonBackend", "TritonOutput", "interpreting", "kernel_modules",
-           "keys", "triton_attention", "triton_installed"]
+           "keys", "triton_attention", "triton_installed", "variants"]

@@ -19,6 +19,14 @@ of the pair sees whole need no mask; the ones the causal diagonal or the key
 range (`keys.KeyRange`: lo, hi, a key-padding mask) cuts are masked element
 by element, and keys from hi on are never read. Pointer offsets built from a
 row or key index times a stride are int64, as in the forward.
+
+The variants (variants.py) recompute the forward's scores with the same
+pieces (`forward.variant_scores`, `variant_allowed`); a window skips the tiles
+(dq) and the query blocks (dk/dv, `query_runs`) it rules out, as the forward
+does. The softcap's backward is dS · (1 - tanh²(s / c)) on the raw scores.
+Sinks need nothing here: the saved lse holds their term, so P = exp(s - lse)
+is already each key's probability; their gradient is computed in torch from
+the lse and delta (`variants.sink_gradient`).
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
-from .forward import kv_bounds  # a sequence's key bounds
+from . import configs, variants
+# a sequence's key bounds, the forward's key runs, and the variants' pieces (the same formula as the forward's)
+from .forward import key_runs, key_side, kv_bounds, query_side, variant_allowed, variant_scores
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e)
 
@@ -70,6 +79,9 @@ def _dkdv_step(
     offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, offset, qk_scale2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    kp, k_doc, qdoc_base, QPos, pos_offset, slope2, win_left, win_right, cap_in, cap_out2,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DOCS: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     rows = m0 + offs_m  # (BLOCK_M,)
     rows64 = rows.to(tl.int64)
@@ -77,12 +89,20 @@ def _dkdv_step(
                 mask=(rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_M, BLOCK_D)
     # rows past T load lse2 = +inf: their P is 0 without a mask
     lse2 = tl.load(lse_base + rows64, mask=rows < T, other=float("inf"))
-    qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2  # (BLOCK_N, BLOCK_M)
+    if SOFTCAP or HAS_ALIBI or HAS_LEFT or HAS_RIGHT or HAS_DOCS:
+        qa, q_doc = query_side(rows, T, offset, qdoc_base, QPos, pos_offset, HAS_DOCS, HAS_POS)
+        qk_t, tanh_t = variant_scores(tl.dot(k, tl.trans(q), input_precision=PRECISION), qk_scale2, qa[None, :],
+                                      kp[:, None], slope2, cap_in, cap_out2, SOFTCAP, HAS_ALIBI)  # (BLOCK_N, BLOCK_M)
+    else:
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2  # (BLOCK_N, BLOCK_M)
     p_t = tl.exp2(qk_t - lse2[None, :])
     if MASKED:
         allowed = key_ok[:, None]
         if CAUSAL:
             allowed = allowed & (cols[:, None] <= rows[None, :] + offset)
+        if HAS_LEFT or HAS_RIGHT or HAS_DOCS:
+            allowed = variant_allowed(allowed, qa[None, :], kp[:, None], q_doc[None, :], k_doc[:, None],
+                                      win_left, win_right, HAS_LEFT, HAS_RIGHT, HAS_DOCS)
         p_t = tl.where(allowed, p_t, 0.0)
     do = tl.load(do_base + (rows64[:, None] * stride_dt + offs_dv[None, :]),
                  mask=(rows[:, None] < T) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BLOCK_M, BLOCK_DV)
@@ -90,8 +110,48 @@ def _dkdv_step(
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     delta = tl.load(delta_base + rows64, mask=rows < T, other=0.0)
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:  # through c · tanh(s / c): d raw = dS · (1 - tanh²)
+        ds_t = ds_t * (1.0 - tanh_t * tanh_t)
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
+
+
+@triton.jit
+def query_runs(n0, T, kv_lo, kv_hi, offset, win_left, win_right,
+               CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALL_MASKED: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query blocks that see keys [n0, n0 + BLOCK_N), in three runs: (m_lo, m_full, m_whole, m_hi), blocks
+    [m_lo, m_full) masked, [m_full, m_whole) seeing the tile whole (no mask), [m_whole, m_hi) masked; the
+    others see none of it. Without a window's left side m_whole = m_hi (the last run is empty).
+
+    The causal diagonal and a window's right side start the rows (row i sees key j from i' + right >= j),
+    a window's left side ends them (i' - left <= j). ALL_MASKED (documents, global positions) masks all."""
+    m_end = tl.cdiv(T, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # rows below (n0 - offset) see none of the tile; rows from (n0 + BLOCK_N - 1 - offset) on see it whole
+        m_lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+        m_full = 0
+    if HAS_RIGHT:
+        m_lo = tl.maximum(m_lo, (tl.maximum(n0 - offset - win_right, 0) // BLOCK_M) * BLOCK_M)
+        m_full = tl.maximum(m_full, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset - win_right, 0), BLOCK_M) * BLOCK_M)
+    m_hi = m_end
+    if HAS_LEFT:  # rows past (n0 + BLOCK_N - 1 - offset + left) see none of the tile
+        m_hi = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - offset + win_left, 0), BLOCK_M) * BLOCK_M, m_end)
+    m_lo = tl.minimum(m_lo, m_hi)
+    m_full = tl.minimum(m_full, m_hi)
+    m_full = tl.where(n0 + BLOCK_N > kv_lo, m_hi, m_full)  # the key range cuts this tile: mask it all
+    if ALL_MASKED:
+        m_full = m_hi
+    m_lo = tl.where(n0 >= kv_hi, m_hi, m_lo)  # no key of the tile is attended: dk = dv = 0
+    m_full = tl.maximum(m_full, m_lo)
+    m_whole = m_hi
+    if HAS_LEFT:  # rows up to (n0 - offset + left) see the tile whole from the left
+        m_whole = tl.maximum(tl.minimum((tl.maximum(n0 - offset + win_left + 1, 0) // BLOCK_M) * BLOCK_M, m_hi),
+                             m_full)
+    return m_lo, m_full, m_whole, m_hi
 
 
 @triton.jit
@@ -105,9 +165,14 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_mb,
     H, G, T, S, R, qk_scale2, scale,
     T_BUCKET, S_BUCKET,  # read by the autotuner's key only: a tile per length bucket
+    # the variants (variants.launch_args): read only where their flag is on
+    QDoc, KDoc, stride_qdb, stride_kdb, Slopes, stride_ab, Sinks, QPos, KPos, pos_offset,
+    win_left, win_right, cap_in, cap_out2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_POS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -132,19 +197,15 @@ def _bwd_dkdv_kernel(
                 mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BLOCK_N, BLOCK_DV)
 
     offset = S - T  # query i sees keys j <= i + offset
-    m_end = tl.cdiv(T, BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        # rows below (n0 - offset) see none of the tile; rows from (n0 + BLOCK_N - 1 - offset) on see it whole
-        m_lo = (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M
-        m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
+    if HAS_POS:  # a shard's global positions: the window bounds no block, every block is masked
+        m_lo, m_full, m_whole, m_hi = query_runs(n0, T, kv_lo, kv_hi, offset, win_left, win_right, CAUSAL,
+                                                 False, False, True, BLOCK_M, BLOCK_N)
     else:
-        m_lo = 0
-        m_full = 0
-    m_lo = tl.minimum(m_lo, m_end)
-    m_full = tl.minimum(m_full, m_end)
-    m_full = tl.where(n0 + BLOCK_N > kv_lo, m_end, m_full)  # the key range cuts this tile: mask it all
-    m_lo = tl.where(n0 >= kv_hi, m_end, m_lo)  # no key of the tile is attended: dk = dv = 0
-    m_full = tl.maximum(m_full, m_lo)
+        m_lo, m_full, m_whole, m_hi = query_runs(n0, T, kv_lo, kv_hi, offset, win_left, win_right, CAUSAL,
+                                                 HAS_LEFT, HAS_RIGHT, HAS_DOCS, BLOCK_M, BLOCK_N)
+    kp, k_doc = key_side(n0, tl.arange(0, BLOCK_N), kv_hi, KDoc + b.to(tl.int64) * stride_kdb, KPos,
+                         HAS_DOCS, HAS_POS)
+    qdoc_base = QDoc + b.to(tl.int64) * stride_qdb
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
@@ -153,14 +214,28 @@ def _bwd_dkdv_kernel(
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
         row_base = (b * H + h).to(tl.int64) * T
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Slopes + b.to(tl.int64) * stride_ab + h) * 1.4426950408889634  # base 2
         for m0 in range(m_lo, m_full, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, m0, cols, key_ok,
                                 offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, offset, qk_scale2,
-                                HEAD_DIM, HEAD_DIM_V, True, CAUSAL, PRECISION)
-        for m0 in range(m_full, m_end, BLOCK_M):
+                                HEAD_DIM, HEAD_DIM_V, True, CAUSAL, PRECISION,
+                                kp, k_doc, qdoc_base, QPos, pos_offset, slope2, win_left, win_right, cap_in,
+                                cap_out2, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DOCS, HAS_POS)
+        for m0 in range(m_full, m_whole, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, m0, cols, key_ok,
                                 offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, offset, qk_scale2,
-                                HEAD_DIM, HEAD_DIM_V, False, CAUSAL, PRECISION)
+                                HEAD_DIM, HEAD_DIM_V, False, CAUSAL, PRECISION,
+                                kp, k_doc, qdoc_base, QPos, pos_offset, slope2, win_left, win_right, cap_in,
+                                cap_out2, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DOCS, HAS_POS)
+        if HAS_LEFT:
+            for m0 in range(m_whole, m_hi, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, m0, cols,
+                                    key_ok, offs_m, offs_d, offs_dv, stride_qt, stride_dt, T, offset, qk_scale2,
+                                    HEAD_DIM, HEAD_DIM_V, True, CAUSAL, PRECISION,
+                                    kp, k_doc, qdoc_base, QPos, pos_offset, slope2, win_left, win_right, cap_in,
+                                    cap_out2, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DOCS, HAS_POS)
     dk = dk * scale  # the scores were scale * q·k
 
     tl.store(DK + b.to(tl.int64) * stride_dkb + g.to(tl.int64) * stride_dkh
@@ -177,6 +252,9 @@ def _dq_step(
     offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
+    qa, q_doc, kdoc_base, kpos_base, slope2, win_left, win_right, cap_in, cap_out2,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DOCS: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     cols = start_n + offs_n
     cols64 = cols.to(tl.int64)
@@ -194,15 +272,25 @@ def _dq_step(
     k = tl.load(k_base + (cols64[:, None] * stride_ks + offs_d[None, :]), mask=k_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(v_base + (cols64[:, None] * stride_vs + offs_dv[None, :]), mask=v_mask,
                 other=0.0)  # (BLOCK_N, BLOCK_DV)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
+    if SOFTCAP or HAS_ALIBI or HAS_LEFT or HAS_RIGHT or HAS_DOCS:
+        kp, k_doc = key_side(start_n, offs_n, kv_hi, kdoc_base, kpos_base, HAS_DOCS, HAS_POS)
+        qk, tanh_s = variant_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), qk_scale2, qa[:, None],
+                                    kp[None, :], slope2, cap_in, cap_out2, SOFTCAP, HAS_ALIBI)  # (BLOCK_M, BLOCK_N)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
     p = tl.exp2(qk - lse2[:, None])
     if MASKED:
         allowed = key_ok[None, :]
         if CAUSAL:
             allowed = allowed & (cols[None, :] <= offs_m[:, None] + offset)
+        if HAS_LEFT or HAS_RIGHT or HAS_DOCS:
+            allowed = variant_allowed(allowed, qa[:, None], kp[None, :], q_doc[:, None], k_doc[None, :],
+                                      win_left, win_right, HAS_LEFT, HAS_RIGHT, HAS_DOCS)
         p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:  # through c · tanh(s / c): d raw = dS · (1 - tanh²)
+        ds = ds * (1.0 - tanh_s * tanh_s)
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
@@ -217,9 +305,14 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt, stride_mb,
     H, T, S, R, qk_scale2, scale,
     T_BUCKET, S_BUCKET,  # read by the autotuner's key only: a tile per length bucket
+    # the variants (variants.launch_args): read only where their flag is on
+    QDoc, KDoc, stride_qdb, stride_kdb, Slopes, stride_ab, Sinks, QPos, KPos, pos_offset,
+    win_left, win_right, cap_in, cap_out2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_POS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -249,24 +342,39 @@ def _bwd_dq_kernel(
 
     kv_lo, kv_hi = kv_bounds(KeyLo, KeyHi, b, S, HAS_LENGTHS)  # sequence b's keys [kv_lo, kv_hi)
     offset = S - T
-    if CAUSAL:
-        hi = tl.minimum(kv_hi, tl.minimum(m0 + BLOCK_M, T) + offset)
-        full = tl.minimum(kv_lo, m0 + offset + 1)
+    if HAS_POS:  # a shard's global positions: the window bounds no tile, every tile is masked
+        lo, whole, full, hi = key_runs(m0, T, kv_lo, kv_hi, offset, win_left, win_right, CAUSAL, False, False,
+                                       True, BLOCK_M, BLOCK_N)
     else:
-        hi = kv_hi
-        full = kv_lo
-    hi = tl.maximum(hi, 0)
-    full = (tl.maximum(full, 0) // BLOCK_N) * BLOCK_N
+        lo, whole, full, hi = key_runs(m0, T, kv_lo, kv_hi, offset, win_left, win_right, CAUSAL, HAS_LEFT,
+                                       HAS_RIGHT, HAS_DOCS, BLOCK_M, BLOCK_N)
+    qa, q_doc = query_side(offs_m, T, offset, QDoc + b.to(tl.int64) * stride_qdb, QPos, pos_offset,
+                           HAS_DOCS, HAS_POS)
+    kdoc_base = KDoc + b.to(tl.int64) * stride_kdb
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + b.to(tl.int64) * stride_ab + h) * 1.4426950408889634  # base 2
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, full, BLOCK_N):
+    if HAS_LEFT:
+        for start_n in range(lo, whole, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n,
+                          offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
+                          HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION,
+                          qa, q_doc, kdoc_base, KPos, slope2, win_left, win_right, cap_in, cap_out2,
+                          HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DOCS, HAS_POS)
+    for start_n in range(whole, full, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n,
                       offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
-                      HEAD_DIM, HEAD_DIM_V, False, CAUSAL, HAS_KEYMASK, PRECISION)
+                      HEAD_DIM, HEAD_DIM_V, False, CAUSAL, HAS_KEYMASK, PRECISION,
+                      qa, q_doc, kdoc_base, KPos, slope2, win_left, win_right, cap_in, cap_out2,
+                      HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DOCS, HAS_POS)
     for start_n in range(full, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n,
                       offs_m, offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
-                      HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION)
+                      HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION,
+                      qa, q_doc, kdoc_base, KPos, slope2, win_left, win_right, cap_in, cap_out2,
+                      HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DOCS, HAS_POS)
     dq = dq * scale
 
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -288,7 +396,7 @@ def _pruner(kernel: str):
         """The tiles `configs.tiles` keeps for this head dim (compiled for sm_90a without spills)."""
         named_args = {**named_args, **kwargs}  # constexprs come as keyword arguments
         wanted = configs.tiles(kernel, named_args["BLOCK_D"], itemsize=_itemsize(named_args),
-                               block_dv=named_args["BLOCK_DV"])
+                               block_dv=named_args["BLOCK_DV"], variants=configs.has_variants(named_args))
         return [c for c in candidates if _tile(c) in wanted] or candidates[:1]
     return prune
 
@@ -303,7 +411,7 @@ def _autotuned(kernel: str, fn):
 
 # What changes the best tile; T_BUCKET and S_BUCKET are powers of two (`configs.length_bucket`).
 AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_LENGTHS", "HAS_KEYMASK", "PRECISION",
-                "T_BUCKET", "S_BUCKET"]
+                "T_BUCKET", "S_BUCKET", *variants.FLAGS]
 # The compiled launches (the interpreter launches the kernels with the caller's tiles). dk/dv hold a key tile
 # on chip and stream query blocks past it, dq the other way round.
 _dkdv_launch = _autotuned("dkdv", _bwd_dkdv_kernel)
@@ -317,9 +425,11 @@ def padded_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def kernel_args(grad_out, q, k, v, lse2, delta, dq, dk, dv, keys, causal: bool, scale: float, precision: str):
+def kernel_args(grad_out, q, k, v, lse2, delta, dq, dk, dv, keys, causal: bool, scale: float, precision: str,
+                kv=None):
     """((dkdv args, dq args), constexprs) without the tiles: what the launches pass, and what
-    benchmarks/triton_ptxas.py compiles ahead of time. keys: a `keys.KeyRange` or None."""
+    benchmarks/triton_ptxas.py compiles ahead of time. keys: a `keys.KeyRange` or None;
+    kv: the call's `variants.KernelVariants` or None (a plain call)."""
     B, H, T, D = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     lo, hi, mask = (delta, delta, None) if keys is None else keys
@@ -330,21 +440,25 @@ def kernel_args(grad_out, q, k, v, lse2, delta, dq, dk, dv, keys, causal: bool, 
               v.stride(0), v.stride(1), v.stride(2),
               grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
     buckets = (configs.length_bucket(T), configs.length_bucket(S))
+    extra = variants.launch_args(kv, scale, delta)
     dkdv = (q, k, v, grad_out, lse2, delta, dk, dv, *key_args, *common,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), stride_mb,
-            H, G, T, S, H // G, scale * LOG2E, scale, *buckets)
+            H, G, T, S, H // G, scale * LOG2E, scale, *buckets, *extra)
     dq_args = (q, k, v, grad_out, lse2, delta, dq, *key_args, *common,
-               dq.stride(0), dq.stride(1), dq.stride(2), stride_mb, H, T, S, H // G, scale * LOG2E, scale, *buckets)
+               dq.stride(0), dq.stride(1), dq.stride(2), stride_mb, H, T, S, H // G, scale * LOG2E, scale, *buckets,
+               *extra)
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(Dv), CAUSAL=causal,
-                HAS_LENGTHS=keys is not None, HAS_KEYMASK=mask is not None, PRECISION=precision)
+                HAS_LENGTHS=keys is not None, HAS_KEYMASK=mask is not None, PRECISION=precision,
+                **variants.flags(kv, sinks=False))  # the lse holds the sinks' term: sinks alone run the plain code
     return (dkdv, dq_args), meta
 
 
 def attention_backward(grad_out, q, k, v, out, lse, keys, causal: bool, scale: float, precision: str,
-                       block_m: int | None = None, block_n: int | None = None):
+                       block_m: int | None = None, block_n: int | None = None, kv=None):
     """dq, dk, dv for out = attention(q, k, v); all of them (B, ·, ·, ·) with contiguous last dims.
 
-    lse (B, H, T) float32 is the forward's; keys the forward's `keys.KeyRange` or None.
+    lse (B, H, T) float32 is the forward's (with sinks, their terms included: no sink is needed here);
+    keys the forward's `keys.KeyRange` or None; kv its `variants.KernelVariants` or None.
     block_m / block_n pick the tiles in the interpreter (on a GPU the autotuner does).
     """
     B, H, T, _ = q.shape
@@ -359,7 +473,7 @@ def attention_backward(grad_out, q, k, v, out, lse, keys, causal: bool, scale: f
         H, T, HEAD_DIM_V=Dv, BLOCK_DV=padded_dim(Dv), BLOCK_M=_PRE_BLOCK_M,
     )
     (dkdv_args, dq_args), meta = kernel_args(grad_out, q, k, v, lse2, delta, dq, dk, dv, keys, causal, scale,
-                                             precision)
+                                             precision, kv)
     if INTERPRET:
         bm, bn = block_m or 32, block_n or 32
         _bwd_dkdv_kernel[(triton.cdiv(S, bn), G, B)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn)

@@ -2,9 +2,9 @@
 
 Every tile kept here compiles for sm_90a without spilling and within its
 shared memory (227 KB; fp32 inputs need twice bf16's, and `tiles` drops what
-no longer fits): `benchmarks/triton_ptxas.py` compiles each one with
-ptxas and prints registers, spills and shared memory, and
-tests/test_triton_compile.py runs it. Tiles are listed per padded head dim
+no longer fits; a launch with the attention variants drops VARIANT_SPILLS
+too): `benchmarks/triton_ptxas.py` compiles each one with ptxas and prints
+registers, spills and shared memory, and tests/test_triton_compile.py runs it. Tiles are listed per padded head dim
 (the power of two D and Dv are padded to, the larger of the two): wider
 heads need smaller tiles to keep q, k, v and the accumulators on chip.
 
@@ -47,6 +47,18 @@ TILES: dict[str, dict[int, list[Tile]]] = {
 }
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on sm_90
 
+# The tiles that spill once the attention variants add their work per score (the window's and the documents'
+# masks, ALiBi's bias, the softcap's tanh), dropped for those launches only: compiled for sm_90a (bf16, causal,
+# ptxas 13.4) with documents alone and with every variant at once, int64 document ids, every tile of TILES
+# (the decode tiles spill in neither). A plain launch keeps every tile of TILES (its code is unchanged);
+# sinks alone add nothing per score.
+VARIANT_SPILLS: dict[str, dict[int, list[Tile]]] = {
+    "forward": {64: [(128, 64, 4, 3), (128, 128, 8, 3)], 128: [(128, 128, 8, 2), (128, 128, 8, 3)],
+                256: [(64, 32, 4, 2)]},
+    "dkdv": {64: [(64, 128, 8, 3)], 128: [(32, 64, 8, 3), (16, 128, 8, 2)]},
+    "dq": {256: [(128, 32, 8, 2)]},
+}
+
 # The decode kernel's tile is fixed, not autotuned: a split-KV step must stay capturable in a
 # CUDA graph, and its shape (few rows, a long key range) leaves one sensible choice per width.
 # BLOCK_M is chosen from the packed rows (R * T); this is (BLOCK_N, warps, stages).
@@ -76,15 +88,26 @@ def shared_bytes(kernel: str, tile: Tile, block_d: int, block_dv: int, itemsize:
 
 
 def tiles(kernel: str, block_d: int, only_first: bool | None = None, itemsize: int = 2,
-          block_dv: int | None = None) -> list[Tile]:
+          block_dv: int | None = None, variants: bool = False) -> list[Tile]:
     """The tiles `kernel` ("forward", "dkdv", "dq") may try at padded head dims block_d (and block_dv,
     default block_d) for inputs of `itemsize` bytes: the table's, less those past sm_90's shared memory
-    (fp32 doubles it), the first one alone with only_first (default: MULTIHEAD_TRITON_CONFIGS=few)."""
+    (fp32 doubles it) and, with variants that work on every score, less VARIANT_SPILLS; the first one
+    alone with only_first (default: MULTIHEAD_TRITON_CONFIGS=few)."""
     block_dv = block_d if block_dv is None else block_dv
-    kept = [t for t in TILES[kernel][width(max(block_d, block_dv))]
-            if shared_bytes(kernel, t, block_d, block_dv, itemsize) <= SHARED_LIMIT]
-    kept = kept or TILES[kernel][width(max(block_d, block_dv))][-1:]  # the smallest: let the compiler say
+    table = TILES[kernel][width(max(block_d, block_dv))]
+    spills = VARIANT_SPILLS[kernel].get(width(max(block_d, block_dv)), []) if variants else []
+    kept = [t for t in table if shared_bytes(kernel, t, block_d, block_dv, itemsize) <= SHARED_LIMIT
+            and t not in spills]
+    kept = kept or table[-1:]  # the smallest: let the compiler say
     return kept[:1] if (few() if only_first is None else only_first) else kept
+
+
+PER_SCORE_FLAGS = ("HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "HAS_DOCS", "HAS_POS")  # work on every score
+
+
+def has_variants(named_args: dict) -> bool:
+    """Whether a launch's constexprs switch on a variant that works on every score (a pruner's question)."""
+    return any(named_args.get(flag, False) for flag in PER_SCORE_FLAGS)
 
 
 def all_tiles(kernel: str) -> list[Tile]:
@@ -102,5 +125,5 @@ def decode_tile(block_d: int) -> Tile:
     return DECODE[width(block_d)]
 
 
-__all__ = ["DECODE", "DECODE_MAX_ROWS", "SHARED_LIMIT", "TILES", "all_tiles", "decode_tile", "few", "length_bucket",
-           "shared_bytes", "tiles", "width"]
+__all__ = ["DECODE", "DECODE_MAX_ROWS", "PER_SCORE_FLAGS", "SHARED_LIMIT", "TILES", "VARIANT_SPILLS", "all_tiles",
+           "decode_tile", "few", "has_variants", "length_bucket", "shared_bytes", "tiles", "width"]

@@ -21,6 +21,11 @@ so a decode step can be captured in a CUDA graph and replayed with new lengths. 
 bottom-right aligned as everywhere: query t sees keys j <= t + S - T. Offsets built from a row or
 key index times a stride are int64.
 
+The variants (variants.py) run in the split kernel as in the forward (a window bounds each slice's
+tiles from the first and last query's reach); the sinks join at the merge as one more slice per row
+whose lse is the sink and whose output is 0 (`slots`, written by the host), so the merge kernel is the
+plain one.
+
 Like forward.py, whose mode (compiled or interpreted) it shares, an ordinary module.
 """
 
@@ -33,10 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
-# The online-softmax step over one key tile and a sequence's key bounds. Here attend_tile's query
-# positions are t, each row's query within its head (row r * T + t).
-from .forward import attend_tile, kv_bounds
+from . import configs, variants
+# The online-softmax step over one key tile, a sequence's key bounds and the variants' query side. Here
+# attend_tile's query positions are t, each row's query within its head (row r * T + t).
+from .forward import attend_tile, kv_bounds, query_side
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e)
 MAX_T = 16  # the decode path takes up to this many queries per sequence
@@ -53,9 +58,15 @@ def _decode_split_kernel(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_mb,
     H, T, S, R, row_blocks, chunk, num_splits, qk_scale2,
+    # the variants (variants.launch_args): read only where their flag is on; the sinks join at the merge
+    # (`slots`), so HAS_SINKS is always False here
+    QDoc, KDoc, stride_qdb, stride_kdb, Slopes, stride_ab, Sinks, QPos, KPos, pos_offset,
+    win_left, win_right, cap_in, cap_out2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_POS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -85,22 +96,50 @@ def _decode_split_kernel(
     else:
         hi = kv_hi
         full = kv_lo
+    if HAS_RIGHT and not HAS_POS:  # the last query sees up to T - 1 + offset + right, the first whole to offset + right
+        hi = tl.minimum(hi, T + offset + win_right)
+        full = tl.minimum(full, offset + win_right + 1)
     start = split * chunk  # a multiple of BLOCK_N
     end = tl.maximum(tl.minimum(start + chunk, hi), start)
+    if HAS_LEFT and not HAS_POS:  # the first query sees from offset - left, the last whole from T - 1 + offset - left
+        lo = (tl.maximum(offset - win_left, 0) // BLOCK_N) * BLOCK_N
+        whole = tl.cdiv(tl.maximum(T - 1 + offset - win_left, 0), BLOCK_N) * BLOCK_N
+        masked_from = tl.minimum(tl.maximum(start, lo), end)
+        start = tl.minimum(tl.maximum(whole, masked_from), end)  # the slice's tiles before it are masked
     full_end = tl.minimum(tl.maximum(full, start), end)
     full_end = start + ((full_end - start) // BLOCK_N) * BLOCK_N  # whole tiles every row sees
+    if HAS_DOCS or HAS_POS:  # every tile masked
+        full_end = start
+
+    qa, q_doc = query_side(t, T, offset, QDoc + b.to(tl.int64) * stride_qdb, QPos, pos_offset, HAS_DOCS, HAS_POS)
+    kdoc_base = KDoc + b.to(tl.int64) * stride_kdb
+    slope2 = 0.0
+    if HAS_ALIBI:  # (BLOCK_M, 1): each packed row's head
+        slope2 = tl.load(Slopes + b.to(tl.int64) * stride_ab + h.to(tl.int64), mask=row_ok, other=0.0)
+        slope2 = (slope2 * 1.4426950408889634)[:, None]  # base 2
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    if HAS_LEFT and not HAS_POS:
+        for start_n in range(masked_from, start, BLOCK_N):
+            acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, t,
+                                         offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
+                                         HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION,
+                                         qa, q_doc, kdoc_base, KPos, slope2, win_left, win_right, cap_in, cap_out2,
+                                         HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DOCS, HAS_POS)
     for start_n in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, t,
                                      offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
-                                     HEAD_DIM, HEAD_DIM_V, False, CAUSAL, HAS_KEYMASK, PRECISION)
+                                     HEAD_DIM, HEAD_DIM_V, False, CAUSAL, HAS_KEYMASK, PRECISION,
+                                     qa, q_doc, kdoc_base, KPos, slope2, win_left, win_right, cap_in, cap_out2,
+                                     HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DOCS, HAS_POS)
     for start_n in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, t,
                                      offs_n, offs_d, offs_dv, stride_ks, stride_vs, kv_hi, offset, qk_scale2,
-                                     HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION)
+                                     HEAD_DIM, HEAD_DIM_V, True, CAUSAL, HAS_KEYMASK, PRECISION,
+                                     qa, q_doc, kdoc_base, KPos, slope2, win_left, win_right, cap_in, cap_out2,
+                                     HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DOCS, HAS_POS)
 
     no_key = l_i == 0.0  # no key of this slice: output 0 and lse -inf, so the merge gives it weight 0
     l_safe = tl.where(no_key, 1.0, l_i)
@@ -202,38 +241,51 @@ def plan(q, k, v, block_n: int | None = None, num_splits: int | None = None) -> 
     return Plan(block_m, block_n, warps, stages, row_blocks, chunk, triton.cdiv(S, chunk))
 
 
-def kernel_args(q, k, v, part_o, part_lse, keys, causal: bool, scale: float, precision: str, p: Plan):
-    """(args, constexprs) of `_decode_split_kernel`, as launched and as benchmarks/triton_ptxas.py compiles it."""
+def slots(p: Plan, kv) -> int:
+    """Partial results per query row: one per slice, and with sinks one more that holds the sink (lse = sink,
+    output 0), written by the host, so that the merge adds the sink's term once, as one more slice."""
+    return p.splits + (kv is not None and kv.sinks is not None)
+
+
+def kernel_args(q, k, v, part_o, part_lse, keys, causal: bool, scale: float, precision: str, p: Plan, kv=None):
+    """(args, constexprs) of `_decode_split_kernel`, as launched and as benchmarks/triton_ptxas.py compiles it;
+    kv: the call's `variants.KernelVariants` or None (a plain call)."""
     B, H, T, D = q.shape
     S, Dv = k.shape[2], v.shape[-1]
     lo, hi, mask = (part_lse, part_lse, None) if keys is None else keys
     args = (q, k, v, part_o, part_lse, lo, hi, mask if mask is not None else part_lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), mask.stride(0) if mask is not None else 0,
-            H, T, S, H // k.shape[1], p.row_blocks, p.chunk, p.splits, scale * LOG2E)
+            H, T, S, H // k.shape[1], p.row_blocks, p.chunk, slots(p, kv), scale * LOG2E,
+            *variants.launch_args(kv, scale, part_lse))
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_dim(D), BLOCK_DV=padded_dim(Dv), CAUSAL=causal,
                 HAS_LENGTHS=keys is not None, HAS_KEYMASK=mask is not None, PRECISION=precision,
-                BLOCK_M=p.block_m, BLOCK_N=p.block_n)
+                BLOCK_M=p.block_m, BLOCK_N=p.block_n,
+                **variants.flags(kv, sinks=False))  # the sinks join at the merge (`slots`)
     return args, meta
 
 
 def attention_decode(q, k, v, keys, causal: bool, scale: float, precision: str,
-                     block_n: int | None = None, num_splits: int | None = None):
+                     block_n: int | None = None, num_splits: int | None = None, kv=None):
     """Split-KV attention for T <= 16: q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv), last dims
-    contiguous, S > 0; keys a `keys.KeyRange` or None. -> out (B, H, T, Dv), lse (B, H, T) float32.
+    contiguous, S > 0; keys a `keys.KeyRange` or None; kv a `variants.KernelVariants` or None.
+    -> out (B, H, T, Dv), lse (B, H, T) float32 (with sinks, their terms included).
 
     block_n, num_splits: override the tile's keys and the number of slices (tests, tuning).
     """
     B, H, T, _ = q.shape
     G, Dv = k.shape[1], v.shape[-1]
     p = plan(q, k, v, block_n, num_splits)
-    splits = p.splits
+    splits = slots(p, kv)
     part_o = torch.empty((B, H, T, splits, Dv), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((B, H, T, splits), dtype=torch.float32, device=q.device)
+    if splits > p.splits:  # the sinks' slot: lse = sink (base 2), output 0
+        part_lse[..., p.splits] = (kv.sinks * LOG2E)[:, None]  # (H,) -> (H, 1) -> (B, H, T)
+        part_o[..., p.splits, :] = 0.0
     out = torch.empty((B, H, T, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    args, meta = kernel_args(q, k, v, part_o, part_lse, keys, causal, scale, precision, p)
-    _decode_split_kernel[(splits, G * p.row_blocks, B)](*args, **meta, num_warps=p.warps, num_stages=p.stages)
+    args, meta = kernel_args(q, k, v, part_o, part_lse, keys, causal, scale, precision, p, kv)
+    _decode_split_kernel[(p.splits, G * p.row_blocks, B)](*args, **meta, num_warps=p.warps, num_stages=p.stages)
     _decode_merge_kernel[(T, H, B)](
         part_o, part_lse, out, lse, out.stride(0), out.stride(1), out.stride(2), H, T, splits,
         HEAD_DIM_V=Dv, BLOCK_DV=padded_dim(Dv), SPLITS=triton.next_power_of_2(splits), BLOCK_S=16, num_warps=4,

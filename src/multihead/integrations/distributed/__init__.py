@@ -15,7 +15,13 @@
   positions (RoPE, learned) taken from the global sequence;
 - call.py and group.py: one check of every argument on every rank, and the ranks' agreement
   before anything is sent (a rank that refuses makes every rank raise, naming it), once per
-  new signature of a group, or on every call with check=True.
+  new signature of a group, or on every call with check=True; a part records how it was cut
+  (layout.py), and a call given another layout or length refuses it;
+- variants.py: the attention family (window, softcap, ALiBi, sinks, documents, score_mod) across
+  ranks: global positions in each ring step, the sinks once per row at the merge, the ring steps
+  a window or documents rule out skipped (`ring.ring_steps` counts them);
+- local.py and shipping.py: `run_local`, a function on N processes of this machine in one gloo
+  group (tests, notebooks, `python -`: a function the processes cannot import goes by its code).
 
 When to use which (docs/distributed.md has the numbers): the ring works for any
 number of heads, GQA included, and holds only T/N of the sequence per rank;

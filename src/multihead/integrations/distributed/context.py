@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...core.checks import flag
 from .group import check_group, refusal_heard
-from .layout import make_sharding
+from .layout import Cut, check_cut, make_sharding
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 
@@ -52,6 +52,14 @@ class ContextParallel:
         sharding = make_sharding(self.layout, self.length, g.world)
         return sharding.positions(g.rank, device).clamp(max=self.length - 1)  # (part,)
 
+    def check_part(self, name: str, x: Tensor, dim: int = 1) -> None:
+        """Refuse x when it records a cut (shard_sequence's) other than this one's layout, length and group.
+
+        A module's own check, so a refusal goes through `refusals_heard`; a plain tensor passes."""
+        g = check_group(self.group)
+        cut = Cut(make_sharding(self.layout, self.length, g.world), dim % x.dim(), g.rank)
+        check_cut(name, x, cut, "ContextParallel")
+
     def refusals_heard(self, what: str):
         """A context manager for a module's own checks: a TypeError/ValueError raised inside is told to every
         rank of the group first (they are waiting in the attention's agreement), so every rank raises.
@@ -61,8 +69,13 @@ class ContextParallel:
         return refusal_heard(what, check_group(self.group))
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, causal: bool = False,
-                  scale: float | None = None, backend: str = "auto") -> Tensor:
-        """q (B, H, part, D), k (B, G, part, D), v (B, G, part, Dv) -> (B, H, part, Dv), by `method`."""
+                  scale: float | None = None, backend: str = "auto", window=None, softcap: float | None = None,
+                  alibi_slopes: Tensor | None = None, sinks: Tensor | None = None, documents=None,
+                  score_mod=None) -> Tensor:
+        """q (B, H, part, D), k (B, G, part, D), v (B, G, part, Dv) -> (B, H, part, Dv), by `method`.
+
+        window ... score_mod: the attention family over global positions (`ring_attention`'s)."""
         attend = ring_attention if self.method == "ring" else ulysses_attention
-        return attend(q, k, v, key_mask=key_mask, causal=causal, scale=scale, layout=self.layout,
-                      length=self.length, backend=backend, group=self.group, check=self.check)
+        return attend(q, k, v, key_mask=key_mask, causal=causal, scale=scale, window=window, softcap=softcap,
+                      alibi_slopes=alibi_slopes, sinks=sinks, documents=documents, score_mod=score_mod,
+                      layout=self.layout, length=self.length, backend=backend, group=self.group, check=self.check)

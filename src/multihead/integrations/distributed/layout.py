@@ -18,6 +18,15 @@ output, and dropped by `gather_sequence`. Within a part the positions ascend,
 and two parts of one layout have the same chunk sizes, which is what lets the
 ring run a part against itself with an ordinary causal mask.
 
+A part knows how it was cut: `shard_sequence` records its layout, length,
+dim, world and rank on the tensor it returns (and `ring_attention` and
+`ulysses_attention` on theirs), and `ring_attention`, `ulysses_attention`,
+`gather_sequence` and `ContextParallel` refuse a part used with another
+layout, length or group, on every rank, instead of computing a wrong answer.
+The record is an attribute of that tensor object only: what is made from it
+(an op, `.detach()`, `.clone()`) is a plain tensor again, trusted to follow
+the arguments it is given, as every part was before.
+
 Gradients: a tensor every rank holds in full (the input of `shard_sequence`,
 the output of `gather_sequence`) has the same gradient on every rank, the
 gradient of one loss. So `gather_sequence`'s backward keeps this rank's part
@@ -30,7 +39,7 @@ gathered tensor counts once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -92,6 +101,46 @@ class Sharding:
         return [c * self.chunk + i for rank in range(self.world) for c in self.chunks(rank) for i in range(self.chunk)]
 
 
+@dataclass(frozen=True)
+class Cut:
+    """How a part was cut from its sequence: recorded on the part, compared where the part is used."""
+
+    sharding: Sharding  # the layout, the global length, the world size
+    dim: int  # the sequence's dimension in the part (non-negative)
+    rank: int  # whose part it is, in the group it was cut for
+    by: str = field(default="shard_sequence", compare=False)  # what made it, for the error message
+
+    def fields(self) -> dict:
+        s = self.sharding
+        return {"layout": s.layout, "length": s.length, "dim": self.dim, "world": s.world, "rank": self.rank}
+
+
+CUT = "_multihead_cut"  # the attribute that holds a part's Cut: on that tensor object only, never on its copies
+
+
+def record_cut(part: Tensor, cut: Cut) -> Tensor:
+    """part, knowing how it was cut (not under torch.compile, which traces no attributes of its own)."""
+    if not torch.compiler.is_compiling():
+        setattr(part, CUT, cut)
+    return part
+
+
+def check_cut(name: str, x, expected: Cut, what: str, note: str = "") -> None:
+    """Refuse a part that was cut otherwise than `what` was told (a plain tensor, with no record, passes).
+
+    Decided from the part's record and the arguments alone (ints and strings), never from its values."""
+    cut = None if torch.compiler.is_compiling() else getattr(x, CUT, None)
+    if not isinstance(cut, Cut) or cut == expected:
+        return
+    had, given = cut.fields(), expected.fields()
+    differ = [key for key in had if had[key] != given[key]]
+    listed = ", ".join(f"{key}={had[key]!r}" for key in differ)
+    asked = ", ".join(f"{key}={given[key]!r}" for key in differ)
+    note = note if "length" in differ else ""
+    raise ValueError(f"{name} was cut by {cut.by} with {listed}, but {what} was given {asked}{note}: pass the "
+                     f"layout, length and group it was cut with")
+
+
 def make_sharding(layout, length, world: int) -> Sharding:
     """A checked Sharding: layout one of LAYOUTS, length an int >= 1."""
     if layout not in LAYOUTS:
@@ -131,7 +180,8 @@ def assemble(parts: list[Tensor], dim: int, sharding: Sharding) -> Tensor:
     return full.narrow(dim, 0, sharding.length)  # (..., padded, ...) -> (..., length, ...)
 
 
-def _all_parts(part: Tensor, group: Group) -> list[Tensor]:
+def all_parts(part: Tensor, group: Group) -> list[Tensor]:
+    """Every rank's part, in rank order (no autograd): a collective, for calls whose ranks have agreed."""
     part = part.contiguous()  # all_gather writes dense tensors: empty_like keeps the strides it is given
     parts = [torch.empty_like(part) for _ in range(group.world)]
     dist.all_gather(parts, part, group=group.handle)
@@ -157,7 +207,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, part, dim, sharding, group):
         ctx.dim, ctx.sharding, ctx.group = dim, sharding, group
-        return assemble(_all_parts(part, group), dim, sharding)
+        return assemble(all_parts(part, group), dim, sharding)
 
     @staticmethod
     def backward(ctx, grad_full):
@@ -183,13 +233,15 @@ def shard_sequence(x: Tensor, dim: int = 2, layout: str = "zigzag", group=None) 
 
     x is the full tensor, the same on every rank; T = x.shape[dim] is the global
     length to pass on as `length=`. The part is padded with zeros (False) when
-    T does not divide into equal parts. Differentiable: x's gradient is gathered
+    T does not divide into equal parts. The part records how it was cut
+    (layout, length, dim, group), and the calls that take it refuse other
+    arguments (module docstring). Differentiable: x's gradient is gathered
     from every rank's part.
     """
     dim = _check_tensor("x", x, dim)
     g = check_group(group)
     sharding = make_sharding(layout, x.shape[dim], g.world)
-    return _Shard.apply(x, dim, sharding, g)
+    return record_cut(_Shard.apply(x, dim, sharding, g), Cut(sharding, dim, g.rank))
 
 
 def gather_sequence(part: Tensor, dim: int = 2, layout: str = "zigzag", length: int | None = None,
@@ -199,8 +251,10 @@ def gather_sequence(part: Tensor, dim: int = 2, layout: str = "zigzag", length: 
     Collective: every rank of the group calls it, alike (the ranks agree first, as
     ring_attention's do), and receives the full tensor.
     length: the global sequence length (default: the parts' total, when there
-    was no padding). Differentiable: the gradient of the full tensor (the same
-    on every rank) gives each rank its part's.
+    was no padding). A part that records its cut (from shard_sequence,
+    ring_attention, ulysses_attention) must have been cut with this layout,
+    length and dim, else every rank raises. Differentiable: the gradient of
+    the full tensor (the same on every rank) gives each rank its part's.
     """
     g = check_group(group)
     error, sharding = None, None
@@ -224,4 +278,5 @@ def _check_part(part, dim, layout, length, group: Group) -> tuple[int, Sharding]
     if part.shape[dim] != sharding.part:
         raise ValueError(f"part has {part.shape[dim]} tokens along dim {dim}; a {layout} part of length={length}"
                          f"{given} over {group.world} ranks has {sharding.part}")
+    check_cut("part", part, Cut(sharding, dim, group.rank), "gather_sequence", given)
     return dim, sharding

@@ -12,7 +12,13 @@ failure), every process is killed and RankFailed says which ranks never
 answered. The group's own timeout is set
 to the same bound, so a rank blocked on a peer gives up too.
 
-fn must be importable by the children (defined at a module's top level).
+fn and args are pickled once, in the parent, before any process starts. A
+function the children can import (a module's top level, a script's) goes by
+name; one they cannot (defined in a notebook, in `python -` or `python -c`, a
+lambda, a nested function) goes by its code, with the globals it names
+(shipping.py). A class defined in such a notebook or `python -` cannot be sent:
+run_local refuses it up front, saying where to define it. Tensors in args are
+copied to each process (pickled), not shared with the parent.
 On a GPU machine, torchrun and NCCL are the way (benchmarks/distributed_torchrun.py).
 """
 
@@ -32,15 +38,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ...core.checks import positive_int
+from .shipping import dumps, main_hidden
 
 
 class RankFailed(RuntimeError):
     """One or more ranks of a `run_local` job raised, died or did not finish in time."""
 
 
-def _rank_main(rank: int, world: int, rendezvous: str, timeout: float, threads: int, fn, args, results) -> None:
+def _rank_main(rank: int, world: int, rendezvous: str, timeout: float, threads: int, payload: bytes,
+               results) -> None:
     torch.set_num_threads(threads)  # N processes share the cores (OMP_NUM_THREADS is read before this runs)
     try:
+        fn, args = pickle.loads(payload)  # here, where a failure is reported with its traceback
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout))
         try:
@@ -67,15 +76,17 @@ def run_local(fn, world: int, args: tuple = (), *, timeout: float = 120.0, threa
     positive_int("world", world)
     positive_int("threads", threads)
     timeout = _check_timeout(timeout)
+    payload = _payload(fn, args)
     context = mp.get_context("spawn")
     results = context.Queue()
     with tempfile.TemporaryDirectory() as folder:
         rendezvous = os.path.join(folder, "rendezvous")
         processes = [context.Process(target=_rank_main, daemon=True,
-                                     args=(rank, world, rendezvous, timeout, threads, fn, args, results))
+                                     args=(rank, world, rendezvous, timeout, threads, payload, results))
                      for rank in range(world)]
-        for process in processes:
-            process.start()
+        with main_hidden():  # spawn would run a __main__ that has no file (`python -`) in each child
+            for process in processes:
+                process.start()
         answers = _collect(results, processes, time.monotonic() + timeout)
         for rank, process in enumerate(processes):
             if rank in answers:
@@ -83,6 +94,18 @@ def run_local(fn, world: int, args: tuple = (), *, timeout: float = 120.0, threa
             if process.is_alive():
                 process.kill()
     return _results(answers, world, timeout)
+
+
+def _payload(fn, args) -> bytes:
+    """fn and args as the children unpickle them, or a TypeError before any process starts."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple (fn's positional arguments), got {type(args).__name__}")
+    try:
+        return dumps((fn, tuple(args)))
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise TypeError(f"run_local cannot send fn and args to the processes: {exc}") from exc
 
 
 def _results(answers: dict, world: int, timeout: float) -> list:

@@ -18,7 +18,9 @@ and G divisible by N, and every rank holds the full sequence for its heads
 
 The parts arrive in rank order; they are put in global order (and the
 padding dropped) before the attention, so a causal mask and the key mask
-mean the same as on one device.
+mean the same as on one device, and so do the attention family's window,
+ALiBi, documents (their ids gathered) and score_mod (told the global head
+index); the rank's heads take their slice of the sinks and slopes.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ...core.variants import Variants
 from ...ops.run import run
-from .call import make_sharded_call
+from .call import ShardedCall, make_sharded_call
 from .group import Group
-from .layout import Sharding, gather_parts, pad
+from .layout import Sharding, gather_parts, pad, record_cut
+from .variants import for_heads
 
 
 def _all_to_all(x: Tensor, group: Group) -> Tensor:
@@ -100,6 +104,12 @@ def ulysses_attention(
     key_mask: Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    window=None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    documents=None,
+    score_mod=None,
     layout: str = "zigzag",
     length: int | None = None,
     backend: str = "auto",
@@ -110,14 +120,18 @@ def ulysses_attention(
 
     The same arguments and result as `ring_attention`: q (B, H, part, D),
     k (B, G, part, D), v (B, G, part, Dv), key_mask (B, part), cut by
-    `shard_sequence` with `layout`; -> (B, H, part, Dv). H and G must be
-    divisible by the world size. Any backend runs the local step, and its
-    backward gives the gradients. Collective: every rank calls it alike
-    (agreed as `ring_attention`'s, with `check` the same).
+    `shard_sequence` with `layout`; -> (B, H, part, Dv); the attention family
+    (window ... score_mod) as there. H and G must be divisible by the world
+    size. Any backend runs the local step, and its backward gives the
+    gradients (those of the sinks, slopes and what a score_mod captures are
+    this rank's heads' share). Collective: every rank calls it alike (agreed
+    as `ring_attention`'s, with `check` the same).
     """
+    family = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, documents=documents,
+                  score_mod=score_mod)
     sharded = make_sharded_call("ulysses_attention", q, k, v, key_mask=key_mask, causal=causal, scale=scale,
                                 layout=layout, length=length, backend=backend, group=group, check=check,
-                                need_lse=False, each_grad=True)
+                                need_lse=False, each_grad=True, variants=family)
     c, sharding, g = sharded.call, sharded.sharding, sharded.group
     _check_divisible(c.heads, c.kv_heads, g.world)  # from shapes every rank has agreed on: all raise alike
     order = _global_order(sharding, c.q.device)
@@ -127,9 +141,25 @@ def ulysses_attention(
     if sharded.key_mask is not None:
         real = gather_parts(sharded.key_mask, 1, sharding, g)  # (B, part) -> (B, length)
         mask = real[:, None, None, :]  # (B, length) -> (B, 1, 1, length)
-    heads = c._replace(q=q_all, k=k_all, v=v_all, attn_mask=mask)  # the checked call, for H/N heads over length
-    out = run(heads, sharded.backend).out  # (B, H/N, length, Dv)
+    heads = c._replace(q=q_all, k=k_all, v=v_all, attn_mask=mask, variants=_heads_variants(sharded))
+    out = run(heads, sharded.backend).out  # (B, H/N, length, Dv): the checked call, for H/N heads over length
     out = pad(out, 2, sharding)  # (B, H/N, length, Dv) -> (B, H/N, N·part, Dv), global order
     if order is not None:
         out = out.index_select(2, order)  # back to rank order
-    return _Exchange.apply(out, False, g)  # (B, H/N, N·part, Dv) -> (B, H, part, Dv)
+    out = _Exchange.apply(out, False, g)  # (B, H/N, N·part, Dv) -> (B, H, part, Dv)
+    return record_cut(out, sharded.output_cut("ulysses_attention"))
+
+
+def _heads_variants(sharded: ShardedCall) -> Variants | None:
+    """The variants of this rank's heads over the whole sequence: in global order, a query's index is its
+    position, and the document ids are gathered."""
+    c, sharding, g = sharded.call, sharded.sharding, sharded.group
+    if c.variants is None:
+        return None
+    q_ids = kv_ids = None
+    if c.variants.q_documents is not None:  # one all_gather for both, whether they are one tensor or two
+        both = torch.stack([c.variants.q_documents, c.variants.kv_documents], dim=-1)  # (B, part, 2)
+        both = gather_parts(both, 1, sharding, g)  # (B, part, 2) -> (B, length, 2)
+        q_ids, kv_ids = both[..., 0], both[..., 1]  # (B, length) each
+    first = g.rank * (c.heads // g.world)
+    return for_heads(c.variants, first, first + c.heads // g.world, q_ids, kv_ids)

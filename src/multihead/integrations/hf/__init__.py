@@ -12,8 +12,16 @@ Importing this package registers the name "multihead" twice in transformers:
 in `AttentionInterface` (`attention.multihead_attention`: every attention
 call of the model is checked once and enters `multihead.ops.run`, so the
 registry picks the backend and `which_backend` says why) and in `AttentionMaskInterface`
-(`mask.multihead_mask`: multihead's bool masks, True = may attend).
+(`mask.multihead_mask`: multihead's bool masks, True = may attend; a
+sliding window or a packed batch as a `mask.StructuredMask`, which reaches
+multihead as `window=` / `documents=` and is never written out as T x S).
+Gemma-2's softcap and gpt-oss's sinks reach it as `softcap=` and `sinks=`.
 `options(backend=...)` pins a backend for the calls in a block.
+`report(model, **inputs)` runs one forward and says, for each attention
+layer, what reached multihead, which backend ran and why (`which_backend` answers for one call
+whose q, k, v and mask you hold). Under `torch.compile` (fullgraph
+included) the hook traces whole; `options` then reads a process-wide
+setting (see `multihead.hf.options`).
 
 Needs transformers (`pip install multihead[hf]`). A model whose attention
 layers do not call the AttentionInterface ignores the name: transformers
@@ -29,11 +37,10 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("multihead.hf needs transformers >= 5: pip install 'multihead[hf]'") from error
 
-from .attention import UNSUPPORTED, multihead_attention, translate, which_backend
+from .attention import NAME, UNSUPPORTED, multihead_attention, translate, which_backend
 from .mask import multihead_mask
 from .options import Options, current, options
-
-NAME = "multihead"  # what attn_implementation= takes
+from .report import CallReport, Report, report
 
 
 def register() -> str:
@@ -53,7 +60,9 @@ register()
 
 __all__ = [
     "NAME",
+    "CallReport",
     "Options",
+    "Report",
     "UNSUPPORTED",
     "current",
     "is_registered",
@@ -61,6 +70,7 @@ __all__ = [
     "multihead_mask",
     "options",
     "register",
+    "report",
     "translate",
     "which_backend",
 ]

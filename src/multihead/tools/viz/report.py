@@ -103,6 +103,16 @@ def _describe(choice: HeadChoice, name) -> str:
     return f"layer {choice.layer} head {choice.head} -> {name(choice.word)!r} ({choice.word_weight:.2f})"
 
 
+def _legend(styled: bool) -> str:
+    """The key to the table; bold and dim are named only where the console renders styles (a terminal, or
+    FORCE_COLOR), since in a pipe or a file they are not there to see."""
+    rests = ("most of its weight rests on a special token ([CLS]/[SEP]) or on the token itself, and the word "
+             "shown is its strongest word")
+    if styled:
+        return f"bold: the head's strongest key is this word; dim, in parentheses: {rests}."
+    return f"In parentheses: {rests}; otherwise the word shown is the head's strongest key."
+
+
 def print_report(console, report: TextReport) -> None:
     """The chosen token's table of head choices, the heads that disagree, the layer's statistics."""
     from rich import box
@@ -129,12 +139,12 @@ def print_report(console, report: TextReport) -> None:
             if c.word < 0:
                 cells.append(Text("-", style="dim"))
             else:
-                cells.append(Text(f"{name(c.word)} {c.word_weight:.2f}", style="dim" if c.rests else "bold"))
+                shown = f"{name(c.word)} {c.word_weight:.2f}"
+                # the parentheses say it where styles do not show (a pipe, a log file, TERM=dumb)
+                cells.append(Text(f"({shown})", style="dim") if c.rests else Text(shown, style="bold"))
         table.add_row(f"head {h}", *cells)
     console.print(table)
-    console.print(Text(
-        "bold: the head's strongest key is this word; dim: most of its weight rests on a special token "
-        "([CLS]/[SEP]) or on the token itself, and the word shown is its strongest word.", style="dim"))
+    console.print(Text(_legend(styled=console.color_system is not None), style="dim"))
 
     groups = heads_by_word(report.choices)
     if groups:

@@ -257,7 +257,8 @@ def stats_text(stats: HeadStats, layer: int | None = None, width: int = 100) -> 
     from rich.console import Console
 
     buffer = io.StringIO()
-    console = Console(file=buffer, width=width, color_system=None, highlight=False, markup=False, emoji=False)
+    console = Console(file=buffer, width=width, color_system=None, highlight=False, markup=False, emoji=False,
+                      force_jupyter=False)  # in a notebook too: into the buffer, not the cell's output
     console.print(stats_table(stats, layer))
     return buffer.getvalue()
 
