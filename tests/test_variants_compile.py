@@ -172,6 +172,22 @@ def test_a_score_mod_needing_a_gradient_compiles_on_the_reference_and_its_table_
         torch.compile(on_chunked, fullgraph=True, backend="aot_eager")(x)
 
 
+def test_only_the_score_mods_table_needing_a_gradient_under_compile_is_differentiated():
+    """q, k, v need no gradient, the table does: the captured table is out of dynamo's sight, so the call must
+    still count as needing a gradient (no in-place softmax under it), and the table gets eager's gradient."""
+    x = _values(7)
+    table = x["table"].detach().clone().requires_grad_(True)
+
+    def fn(q, k, v, table):
+        return multihead.attention(q, k, v, score_mod=_relative(table * 1.0), causal=True)
+
+    got = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(
+        x["q"], x["k"], x["v"], table).square().sum(), table)[0]
+    want = torch.autograd.grad(fn(x["q"], x["k"], x["v"], table).square().sum(), table)[0]
+    assert want.abs().sum() > 0
+    assert max_err(got, want) < 1e-4 * max(1.0, want.abs().max().item())
+
+
 def test_a_fresh_process_compiles_a_variant_once():
     """The first compiled call of a process used to fill the triton backend's "is triton installed" memo
     inside the trace; dynamo guarded on it, and the second call (new values) recompiled."""

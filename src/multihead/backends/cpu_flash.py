@@ -10,7 +10,9 @@ function and only calls that need the logsumexp come here.
 
 The op takes no dropout, needs D == Dv and masks in q's dtype, and reads its
 inputs with their last dim contiguous (a strided last dim gives wrong
-numbers, so such inputs are copied first).
+numbers, so such inputs are copied first). A window, documents and ALiBi
+reach it as one mask (`variant_mask`); sinks join its lse after it
+(`_SinksAfter`), which is exact.
 
 `backward`, the gradients from a given out and logsumexp (the optional method
 of the backend contract, for a ring's block of keys), calls the op's backward,
@@ -70,10 +72,20 @@ class CpuFlashBackend:
             slopes = call.variants.alibi_slopes
             if slopes is not None and slopes.requires_grad:
                 return "ALiBi slopes that require grad: the op gives no gradient to its mask"
-            return mask_reason(call)
+            call = _without_sinks(call)  # the sinks join after the op (`_SinksAfter`)
+            if call.variants is not None:
+                return mask_reason(call)
         return float_mask_reason(call)
 
     def forward(self, call: AttentionCall, *, need_lse: bool = False) -> AttentionOutput:
+        sinks = None if call.variants is None else call.variants.sinks
+        if sinks is not None:
+            out, lse = _SinksAfter.apply(call.q, call.k, call.v, sinks, _without_sinks(call), self)
+            return AttentionOutput(out, lse if need_lse else None)
+        return self._forward(call, need_lse=need_lse)
+
+    def _forward(self, call: AttentionCall, *, need_lse: bool) -> AttentionOutput:
+        """The op on a call without sinks: out (B, H, T, Dv), and lse (B, H, T) when asked."""
         if call.variants is not None:
             call = as_mask(call)  # a window, documents, ALiBi: one mask (mask_reason allowed it)
         q, k, v = (_dense_last_dim(x) for x in (call.q, call.k, call.v))
@@ -89,8 +101,8 @@ class CpuFlashBackend:
     def backward(self, call: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor) -> Gradients:
         """The op's backward from a given out and lse (B, H, T); see the module's docstring for the two fixes."""
         check_backward(call, grad_out, out, lse)
-        if call.variants is not None:
-            call = as_mask(call)
+        if call.variants is not None:  # the sinks are in the lse given; the rest is a mask
+            call = as_mask(_without_sinks(call))
         q, k, v = (_dense_last_dim(x) for x in (call.q, call.k, call.v))
         # open_rows=False: a row with no key in this block stays all -inf, so its P is exp(-inf - lse) = 0
         fused = masks.for_fused_kernel(call.attn_mask, call.causal, call.q_len, call.kv_len, call.scale, q.dtype,
@@ -104,3 +116,40 @@ class CpuFlashBackend:
             dq, dk, dv = _backward_op()(grad_out, q, k, v, out, lse, 0.0, fused.is_causal, attn_mask=mask,
                                         scale=call.scale)
         return Gradients(dq, dk, dv)
+
+
+def _without_sinks(call: AttentionCall) -> AttentionCall:
+    """The call with its sinks taken out of the variants (None when nothing else is left)."""
+    variants = call.variants._replace(sinks=None)
+    plain = all(x is None for x in (variants.window, variants.softcap, variants.alibi_slopes,
+                                    variants.q_documents, variants.score_mod))
+    return call._replace(variants=None if plain and variants.positions is None else variants)
+
+
+class _SinksAfter(torch.autograd.Function):
+    """The sinks on the op's result: its out and lse are those of the real keys, and each head's sink joins
+    the denominator after it, exactly:
+
+        lse' = log(exp(lse) + exp(sink_h)),   out' = out · exp(lse - lse')
+
+    The backward is the op's from the given out' and lse' (P = exp(s - lse'), the sink's share included in
+    lse'), and the sinks' own gradient, d sink_h = -sum over rows of exp(sink_h - lse') · rowsum(dO ∘ out').
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, call, backend):
+        out, lse = backend._forward(call, need_lse=True)  # (B, H, T, Dv), (B, H, T): the real keys'
+        total = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])  # (B, H, T)
+        out = (out.to(lse.dtype) * torch.exp(lse - total)[..., None]).to(q.dtype)  # (B, H, T, Dv)
+        ctx.save_for_backward(out, total, sinks)
+        ctx.call, ctx.backend = call, backend
+        ctx.mark_non_differentiable(total)
+        return out, total
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        out, total, sinks = ctx.saved_tensors
+        dq, dk, dv = ctx.backend.backward(ctx.call, grad_out, out, total)
+        delta = (grad_out.to(total.dtype) * out.to(total.dtype)).sum(dim=-1)  # (B, H, T): rowsum(dO ∘ out')
+        d_sinks = -(torch.exp(sinks.to(total.dtype)[None, :, None] - total) * delta).sum(dim=(0, 2))  # (H,)
+        return dq, dk, dv, d_sinks.to(sinks.dtype), None, None

@@ -3,10 +3,11 @@
 torch's fused ops add a mask to the scores and nothing else. A window and
 documents are masks, ALiBi is a float bias, so a call with only those can
 run there with the variants written out as one (B|1, H|1, T, S) mask. That
-mask is T x S: above `MASK_LIMIT` elements it costs more memory than the
-whole point of a fused kernel saves, and the call is refused (the chunked
-backend computes the same tile by tile). Softcapping, sinks and a score_mod
-change the softmax itself: refused with the reason.
+mask is T x S, and the kernel computes every score under it: above
+`MASK_LIMIT` elements the call is refused, and the chunked backend computes
+it tile by tile, skipping the tiles the window or the documents rule out.
+Softcapping, sinks and a score_mod change the softmax itself: refused with
+the reason (cpu_flash takes the sinks apart, after its op, from its lse).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from ..core import masks
 from ..core.call import AttentionCall
 from ..core.variants import Variants, allowed_keys, full_tile, modify
 
-# The largest mask written out for a fused kernel: 16M elements (64 MB as float32), the size of one
-# 4096 x 4096 head's scores; a bigger call runs on the chunked backend, which never holds a T x S mask.
-MASK_LIMIT = 1 << 24
+# The largest mask written out for a fused kernel: 256K elements (1 MB as float32, a 512 x 512 head). A
+# fused kernel given a dense mask still computes every score, while the chunked backend skips the tiles a
+# window or the documents rule out: at T = S = 1024 (1M elements) chunked already takes 0.2-0.9x the time
+# of the plain call, the fused kernel with the mask 1.2-1.6x, and ALiBi as a (H, T, S) bias 1.9-4.5x against
+# chunked's 1.5-1.9x (BENCHMARKS.md, "The attention family"). Small calls (decoding: T = 1) keep the kernel.
+MASK_LIMIT = 1 << 18
 
 
 def mask_reason(call: AttentionCall) -> str | None:

@@ -83,9 +83,16 @@ class AttentionCall(NamedTuple):
         return self.k.shape[2]
 
     def needs_grad(self) -> bool:
-        """Whether autograd records this call (grad mode on and an input that requires grad)."""
+        """Whether autograd records this call (grad mode on and an input that requires grad).
+
+        Under torch.compile a score_mod's captured tensors are out of sight (`Variants.captured`): with
+        grad mode on, such a call is taken to need a gradient, so nothing runs in place beneath it.
+        """
         extra = () if self.variants is None else self.variants.captured()
-        return records_grad(self.q, self.k, self.v, self.attn_mask, *extra)
+        if records_grad(self.q, self.k, self.v, self.attn_mask, *extra):
+            return True
+        return (self.variants is not None and self.variants.score_mod is not None and torch.is_grad_enabled()
+                and torch.compiler.is_compiling())
 
     def may_have_empty_rows(self) -> bool:
         """Whether a query row can be left with no key, decided from shapes and flags alone."""
