@@ -295,6 +295,7 @@ def test_tiles_the_window_and_documents_rule_out_are_skipped():
     (dict(window=(2, 1.5)), "window's right"),
     (dict(softcap=0.0), "softcap must be a finite number > 0"),
     (dict(softcap=float("inf")), "softcap must be a finite number > 0"),
+    (dict(softcap="5"), "softcap must be a finite number > 0 or None, got str '5'"),
     (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes must be \(H,\) = \(4,\)"),
     (dict(alibi_slopes=torch.ones(4, dtype=torch.long)), "alibi_slopes must be floating"),
     (dict(sinks=torch.ones(2)), r"sinks must be \(H,\) = \(4,\)"),
@@ -327,3 +328,9 @@ def test_which_backend_says_why_the_fused_kernels_cannot():
     assert "softcap is not a mask" in report
     assert "-> chunked" in report
     assert "-> sdpa" in str(multihead.which_backend(q, k, v, window=(2, 0)))
+
+
+def test_a_softcap_that_is_not_a_number_is_a_type_error():
+    q, k, v = make_qkv(B, H, G, 5, 5, D)
+    with pytest.raises(TypeError, match="softcap must be a finite number > 0 or None, got str '5'"):
+        multihead.attention(q, k, v, softcap="5")

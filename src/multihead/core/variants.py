@@ -160,7 +160,9 @@ def check_window(window) -> tuple[int | None, int | None] | None:
 def check_softcap(softcap) -> float | None:
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0 < softcap < math.inf):
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a finite number > 0 or None, got {type(softcap).__name__} {softcap!r}")
+    if not 0 < softcap < math.inf:
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
     return float(softcap)
 
