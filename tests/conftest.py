@@ -153,6 +153,15 @@ def write_random_gpt2(directory, texts, *, n_positions: int, **config):
     return tokenizer
 
 
+@pytest.fixture
+def triton_interpreter(request, monkeypatch):
+    """Triton's CPU tests run under its interpreter; GPU tests (named test_gpu_*) compiled."""
+    if request.node.name.startswith("test_gpu_"):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def chunked(q, k, v, *, block_q: int = 64, block_k: int = 128, **call) -> AttentionOutput:
     """The chunked backend with chosen tile sizes: AttentionOutput(out, lse), through its own checked call."""
     return ChunkedBackend(block_q=block_q, block_k=block_k).forward(make_call(q, k, v, **call), need_lse=True)

@@ -24,19 +24,11 @@ import multihead as mh
 from multihead.backends import triton as tb
 from conftest import assert_matches_reference, load_script, make_qkv, max_err
 
-pytestmark = pytest.mark.skipif(not tb.triton_installed(), reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(not tb.triton_installed(), reason="triton is not installed"),
+              pytest.mark.usefixtures("triton_interpreter")]
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def interpreter(request, monkeypatch):
-    """CPU tests run under the interpreter; GPU tests (named test_gpu_*) compiled."""
-    if request.node.name.startswith("test_gpu_"):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def run_triton(block_m=None, block_n=None):

@@ -25,19 +25,11 @@ from multihead.core.call import make_call
 from multihead.core.variants import Positions
 from conftest import ABS_SLACK, GRAD_FACTOR, OUT_FACTOR, make_qkv, max_err
 
-pytestmark = pytest.mark.skipif(not tb.triton_installed(), reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(not tb.triton_installed(), reason="triton is not installed"),
+              pytest.mark.usefixtures("triton_interpreter")]
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def interpreter(request, monkeypatch):
-    """CPU tests run under the interpreter; GPU tests (named test_gpu_*) compiled."""
-    if request.node.name.startswith("test_gpu_"):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _variant_args(variants: dict, dtype: torch.dtype, inputs_dtype: torch.dtype) -> dict:

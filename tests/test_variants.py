@@ -334,3 +334,4 @@ def test_a_softcap_that_is_not_a_number_is_a_type_error():
     q, k, v = make_qkv(B, H, G, 5, 5, D)
     with pytest.raises(TypeError, match="softcap must be a finite number > 0 or None, got str '5'"):
         multihead.attention(q, k, v, softcap="5")
+

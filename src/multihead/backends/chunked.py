@@ -41,7 +41,7 @@ from torch import Tensor
 from ..core import masks
 from ..core.checks import positive_int
 from ..core.call import AttentionCall, AttentionOutput, Gradients, check_backward
-from ..core.variants import Tile, Variants, modify
+from ..core.variants import Tile, Variants, modify, sink_gradient, sink_in
 
 # Queries per block and keys per tile. A block's scores, (B, H, block_q, block_k),
 # should stay in cache across the five passes over it; bigger blocks mean fewer
@@ -295,18 +295,9 @@ def _forward(tiles: _Tiles, walk: Walk, dropout_p, seed, block_q, block_k):
         acc_out.div_(torch.where(has_key, row_sum, torch.ones_like(row_sum)))
         row_max.copy_(torch.where(has_key, row_max + torch.log(row_sum), torch.full_like(row_sum, float("-inf"))))
 
-    if tiles.variants is not None and tiles.variants.sinks is not None:
-        out5, lse5 = _sink_in(out5, lse5, tiles.variants.sinks)
     out = out5.reshape(B, G * R, T, v5.shape[-1])  # (B, G, R, T, Dv) -> (B, H, T, Dv)
-    return out, lse5.reshape(B, G * R, T)  # (B, G, R, T, 1) -> (B, H, T)
-
-
-def _sink_in(out5: Tensor, lse5: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
-    """Each head's sink joins the denominator: lse' = log(exp(lse) + exp(sink)), out' = out · exp(lse - lse')."""
-    B, G, R = lse5.shape[:3]
-    sink5 = sinks.to(lse5.dtype).view(1, G, R, 1, 1)  # (H,) -> (1, G, R, 1, 1)
-    total = torch.logaddexp(lse5, sink5)  # (B, G, R, T, 1)
-    return out5 * torch.exp(lse5 - total), total
+    lse = lse5.reshape(B, G * R, T)  # (B, G, R, T, 1) -> (B, H, T)
+    return sink_in(out, lse, None if tiles.variants is None else tiles.variants.sinks)
 
 
 def _backward(grad_out, out, lse, tiles: _Tiles, walk: Walk, dropout_p, seed, block_q, block_k, captured):
@@ -357,7 +348,7 @@ def _backward(grad_out, out, lse, tiles: _Tiles, walk: Walk, dropout_p, seed, bl
             dk[..., s0:s1, :] += (grad_scores.transpose(-2, -1) @ q5[..., r0:t1, :]).sum(dim=2)  # (B, G, keys, D)
 
     if tiles.variants is not None and tiles.variants.sinks is not None:
-        _sink_gradient(tiles.variants.sinks, lse5, delta, captured, extra)
+        _sink_gradient(tiles.variants.sinks, lse, grad_out, out, captured, extra)
     return dq5, dk, dv, extra
 
 
@@ -408,14 +399,12 @@ def _through_variants(modified: Tensor, raw: Tensor, grad_scores: Tensor, captur
     return grads[0] if grads[0] is not None else torch.zeros_like(raw)
 
 
-def _sink_gradient(sinks: Tensor, lse5: Tensor, delta: Tensor, captured, extra: list) -> None:
-    """d loss / d sink_h = -sum over rows of p_sink · delta, p_sink = exp(sink_h - lse)."""
-    B, G, R = lse5.shape[:3]
-    sink5 = sinks.to(lse5.dtype).view(1, G, R, 1, 1)  # (H,) -> (1, G, R, 1, 1)
-    grad = -(torch.exp(sink5 - lse5) * delta).sum(dim=(0, 3, 4)).reshape(-1)  # (G, R) -> (H,)
+def _sink_gradient(sinks: Tensor, lse: Tensor, grad_out: Tensor, out: Tensor, captured, extra: list) -> None:
+    """The sinks' gradient (`sink_gradient`) into `extra`, where they are among the captured tensors."""
     index = next((i for i, x in enumerate(captured) if x is sinks), None)
     if index is None:  # a backward from a given lse (the ring's): the sinks' gradient is the caller's
         return
+    grad = sink_gradient(sinks, lse, grad_out, out)  # (H,)
     extra[index] = grad if extra[index] is None else extra[index] + grad
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from ..core import masks
 from ..core.call import AttentionCall, AttentionOutput, Gradients, check_backward
 from .sdpa import float_mask_reason
+from ..core.variants import sink_gradient, sink_in
 from .variant_mask import as_mask, mask_reason
 
 def _op():
@@ -138,9 +139,7 @@ class _SinksAfter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, call, backend):
-        out, lse = backend._forward(call, need_lse=True)  # (B, H, T, Dv), (B, H, T): the real keys'
-        total = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])  # (B, H, T)
-        out = (out.to(lse.dtype) * torch.exp(lse - total)[..., None]).to(q.dtype)  # (B, H, T, Dv)
+        out, total = sink_in(*backend._forward(call, need_lse=True), sinks)  # (B, H, T, Dv), (B, H, T)
         ctx.save_for_backward(out, total, sinks)
         ctx.call, ctx.backend = call, backend
         ctx.mark_non_differentiable(total)
@@ -150,6 +149,4 @@ class _SinksAfter(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         out, total, sinks = ctx.saved_tensors
         dq, dk, dv = ctx.backend.backward(ctx.call, grad_out, out, total)
-        delta = (grad_out.to(total.dtype) * out.to(total.dtype)).sum(dim=-1)  # (B, H, T): rowsum(dO ∘ out')
-        d_sinks = -(torch.exp(sinks.to(total.dtype)[None, :, None] - total) * delta).sum(dim=(0, 2))  # (H,)
-        return dq, dk, dv, d_sinks.to(sinks.dtype), None, None
+        return dq, dk, dv, sink_gradient(sinks, total, grad_out, out), None, None

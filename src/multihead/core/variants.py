@@ -342,10 +342,36 @@ def with_sinks(lse: Tensor, sinks: Tensor | None, heads: Tensor | None = None) -
     return torch.logaddexp(lse, sink[None, :, None])  # (B, h, t)
 
 
+def sink_in(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Each head's sink joins every row's denominator once, after the keys: (out', lse').
+
+    out (B, H, T, Dv) and lse (B, H, T) are the real keys'; lse' = log(exp(lse) + exp(sink_h)) and
+    out' = out · exp(lse - lse'), out's dtype kept. A row with no key gets the sink alone, and output 0.
+    """
+    if sinks is None:
+        return out, lse
+    total = with_sinks(lse, sinks.detach())  # (B, H, T)
+    scaled = out.to(total.dtype) * torch.exp(lse - total).unsqueeze(-1)  # (B, H, T) -> (B, H, T, 1)
+    return scaled.to(out.dtype), total
+
+
+def sink_gradient(sinks: Tensor, lse: Tensor, grad_out: Tensor, out: Tensor) -> Tensor:
+    """d loss / d sink_h = -sum over rows of exp(sink_h - lse) · rowsum(dO ∘ out): (H,) in sinks' dtype.
+
+    lse (B, H, T) is the full denominator's (sink included) and out the output it gave; a row whose lse is
+    -inf (a sink of -inf and no key) adds 0.
+    """
+    acc = lse.dtype
+    delta = (grad_out.to(acc) * out.to(acc)).sum(dim=-1)  # (B, H, T, Dv) -> (B, H, T)
+    sink = sinks.detach().to(acc)[None, :, None]  # (H,) -> (1, H, 1)
+    p_sink = torch.where(lse == float("-inf"), torch.zeros_like(lse), torch.exp(sink - lse))  # (B, H, T)
+    return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)  # (H,)
+
+
 def full_tile(T: int, S: int, device: torch.device) -> Tile:
     """The tile of every query and key, in order: what the reference formula computes at once."""
     return Tile(torch.arange(T, device=device), torch.arange(S, device=device), None)
 
 
 __all__ = ["Positions", "ScoreMod", "Tile", "Variants", "alibi_slopes", "allowed_keys", "captured_tensors", "check_variants",
-           "full_tile", "modify", "window_allowed", "with_sinks"]
+           "full_tile", "modify", "sink_gradient", "sink_in", "window_allowed", "with_sinks"]

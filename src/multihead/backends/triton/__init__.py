@@ -66,6 +66,7 @@ from torch import Tensor
 
 from ...core.call import AttentionCall, AttentionOutput, make_call
 from ...core.call import Gradients, check_backward  # for TritonBackend.backward
+from ...core.variants import sink_gradient
 from . import keys, variants
 from .keys import KeyRange
 
@@ -249,7 +250,7 @@ class _TritonAttention(torch.autograd.Function):
         S = k.shape[2]
         grad_sinks = None
         if grad_out is not None and sinks is not None and ctx.needs_input_grad[8]:
-            grad_sinks = variants.sink_gradient(sinks, lse, grad_out, out)  # (H,), outside the kernels
+            grad_sinks = sink_gradient(sinks, lse, grad_out, out)  # (H,), outside the kernels
         if grad_out is None or T == 0 or S == 0 or B * H == 0:
             return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None,
                     grad_sinks)
@@ -392,7 +393,7 @@ class TritonBackend:
         """backward.py's kernels from a given out and lse (B, H, T): the rows whose lse is -inf give 0.
 
         With variants the lse is the whole denominator's (sinks included); the sinks' gradient is the
-        caller's (`variants.sink_gradient`), as for every backend's `backward`."""
+        caller's (`multihead.core.variants.sink_gradient`), as for every backend's `backward`."""
         check_backward(call, grad_out, out, lse)
         key_range = _key_range(call)
         q, k, v = _contiguous_last(call.q), _contiguous_last(call.k), _contiguous_last(call.v)

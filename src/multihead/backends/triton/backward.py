@@ -26,7 +26,7 @@ pieces (`forward.variant_scores`, `variant_allowed`); a window skips the tiles
 does. The softcap's backward is dS · (1 - tanh²(s / c)) on the raw scores.
 Sinks need nothing here: the saved lse holds their term, so P = exp(s - lse)
 is already each key's probability; their gradient is computed in torch from
-the lse and delta (`variants.sink_gradient`).
+the lse and delta (`multihead.core.variants.sink_gradient`).
 """
 
 from __future__ import annotations

@@ -20,12 +20,11 @@ Nothing here imports triton, and nothing reads a tensor's value on the host.
 
 The backward needs no sink: the saved logsumexp already counts it, so P = exp(s - lse) is
 the probability of each real key. The sinks' gradient, -sum over rows of
-exp(sink_h - lse) · rowsum(dO ∘ out), is computed in torch (`sink_gradient`).
+exp(sink_h - lse) · rowsum(dO ∘ out), is computed in torch (`multihead.core.variants.sink_gradient`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -127,15 +126,4 @@ def _window_side(keys: int | None) -> int:
     return 0 if keys is None else min(keys, WINDOW_CAP)
 
 
-def sink_gradient(sinks: Tensor, lse: Tensor, grad_out: Tensor, out: Tensor) -> Tensor:
-    """d loss / d sink_h = -sum over (b, t) of exp(sink_h - lse) · rowsum(dO ∘ out): (H,) in sinks' dtype.
-
-    lse (B, H, T) is the full denominator's (sink included); a row of lse -inf (a sink of -inf) adds 0.
-    """
-    delta = (grad_out.float() * out.float()).sum(dim=-1)  # (B, H, T, Dv) -> (B, H, T)
-    sink = sinks.detach().float()[None, :, None]  # (H,) -> (1, H, 1)
-    weight = torch.where(lse == -math.inf, torch.zeros_like(lse), torch.exp(sink - lse))  # (B, H, T)
-    return -(weight * delta).sum(dim=(0, 2)).to(sinks.dtype)  # (B, H, T) -> (H,)
-
-
-__all__ = ["FLAGS", "KernelVariants", "flags", "launch_args", "prepare", "refusal", "sink_gradient"]
+__all__ = ["FLAGS", "KernelVariants", "flags", "launch_args", "prepare", "refusal"]

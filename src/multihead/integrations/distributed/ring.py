@@ -59,7 +59,8 @@ from ...ops.run import run
 from .call import ShardedCall, make_sharded_call
 from .group import pass_on
 from .layout import Sharding, all_parts, record_cut
-from .variants import ChunkRule, captured_share, chunk_ranges, sink_gradient, sink_in, step_variants, without_sinks
+from ...core.variants import sink_gradient, sink_in
+from .variants import ChunkRule, captured_share, chunk_ranges, step_variants, without_sinks
 
 
 class Block(NamedTuple):

@@ -9,9 +9,9 @@ q_idx and kv_idx. A rank's call holds only its part of the sequence, so:
   is masked, but a score_mod may index a table with it), the document ids of
   exactly those tokens, and no sinks;
 - the sinks enter once per row, after the last step's merge
-  (`sink_in`: lse' = logaddexp(lse, sink_h), out · exp(lse - lse')), and their
+  (`multihead.core.variants.sink_in`: lse' = logaddexp(lse, sink_h), out · exp(lse - lse')), and their
   gradient is -sum over this rank's rows of exp(sink_h - lse) · rowsum(dO ∘ out)
-  (`sink_gradient`);
+  (`multihead.core.variants.sink_gradient`);
 - the gradients of what the variants read besides q, k, v (ALiBi slopes and
   the tensors a score_mod captures) come from each block's scores
   (`captured_share`), since a backend's backward from a given lse returns
@@ -118,23 +118,6 @@ def step_variants(variants: Variants, sharding: Sharding, rank: int, rows: slice
     return variants._replace(sinks=None, positions=Positions(queries, keys, 0), **documents)
 
 
-def sink_in(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Each head's sink joins every row's denominator once: out (B, H, T, Dv) rescaled, lse (B, H, T) grown."""
-    if sinks is None:
-        return out, lse
-    sink = sinks.detach().to(lse.dtype)[None, :, None]  # (H,) -> (1, H, 1)
-    total = torch.logaddexp(lse, sink)  # (B, H, T); a row with no key: the sink alone, and output 0
-    return out * torch.exp(lse - total).unsqueeze(-1), total  # (B, H, T) -> (B, H, T, 1)
-
-
-def sink_gradient(sinks: Tensor, lse: Tensor, grad_out: Tensor, out: Tensor) -> Tensor:
-    """d loss / d sink_h over this rank's rows: -sum of exp(sink_h - lse) · rowsum(dO ∘ out); (H,)."""
-    acc = lse.dtype
-    delta = (grad_out.to(acc) * out.to(acc)).sum(dim=-1)  # (B, H, T)
-    p_sink = torch.exp(sinks.detach().to(acc)[None, :, None] - lse)  # (B, H, T)
-    return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)  # (H,)
-
-
 ROWS = 256  # query rows per tile of `captured_share`: its scores are (B, H, ROWS, S) at a time
 
 
@@ -193,5 +176,4 @@ def for_heads(variants: Variants | None, first: int, stop: int, q_ids: Tensor | 
                              kv_documents=kv_ids, positions=None)
 
 
-__all__ = ["ChunkRule", "captured_share", "chunk_ranges", "fields", "for_heads", "sink_gradient", "sink_in",
-           "step_variants", "without_sinks"]
+__all__ = ["ChunkRule", "captured_share", "chunk_ranges", "fields", "for_heads", "step_variants", "without_sinks"]
