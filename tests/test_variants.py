@@ -335,3 +335,18 @@ def test_a_softcap_that_is_not_a_number_is_a_type_error():
     with pytest.raises(TypeError, match="softcap must be a finite number > 0 or None, got str '5'"):
         multihead.attention(q, k, v, softcap="5")
 
+
+def test_a_row_a_score_mod_rules_out_entirely_gives_zero_on_every_path():
+    """A score_mod may mask (return -inf): a row it leaves with no key gives output 0 and weights 0, as any."""
+    q, k, v = make_qkv(1, 2, 2, 3, 3, 4)
+
+    def first_row_sees_nothing(score, b, h, q_idx, kv_idx):
+        return torch.where(q_idx == 0, torch.full_like(score, float("-inf")), score)
+
+    for backend in ("reference", "chunked"):
+        out = multihead.attention(q, k, v, score_mod=first_row_sees_nothing, backend=backend)
+        assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0])), backend
+        assert torch.isfinite(out).all(), backend
+    weights = multihead.attention_weights(q, k, v, score_mod=first_row_sees_nothing)
+    assert torch.equal(weights[:, :, 0], torch.zeros_like(weights[:, :, 0]))
+    assert torch.allclose(weights[:, :, 1:].sum(-1), torch.ones(1, 2, 2))

@@ -66,8 +66,9 @@ class Variants(NamedTuple):
     positions: Positions | None = None  # global positions of a shard's call; None = 0..T-1, 0..S-1
 
     def masks_keys(self) -> bool:
-        """Whether the window or the documents rule keys out (rows may be left with no key)."""
-        return self.window is not None or self.q_documents is not None
+        """Whether the window, the documents or a score_mod (returning -inf) may rule keys out, so that rows
+        may be left with no key."""
+        return self.window is not None or self.q_documents is not None or self.score_mod is not None
 
     def captured(self) -> tuple[Tensor, ...]:
         """The tensors a gradient may flow to besides q, k, v: sinks, ALiBi slopes, what score_mod captures."""
