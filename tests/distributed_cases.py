@@ -1012,7 +1012,11 @@ def raise_on_rank(rank: int) -> int:
 
 
 def unpicklable_or_exit():
-    """Rank 0 returns what cannot be pickled, rank 1's process exits with code 3 without answering."""
+    """Rank 0 returns what cannot be pickled, rank 1's process exits with code 3 without answering.
+
+    Both first meet in a barrier: gloo's init can return on rank 0 while rank 1 still connects, and rank 0
+    leaving then made rank 1's init fail (seen once under load) instead of its exit with code 3."""
+    dist.barrier()
     if dist.get_rank() == 1:
         os._exit(3)
     return _Unpicklable()

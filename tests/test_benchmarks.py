@@ -121,3 +121,20 @@ def test_variants_benchmark_quick_run_writes_its_three_tables(tmp_path, capsys, 
     assert {r["variant"] for r in flex} == {"softcap", "alibi", "window", "documents"}
     # the two sides compute the same attention: a script that compared different things would show it here
     assert all(r["max_abs_diff"] < 1e-4 and r["flex_s"] > 0 and r["flex_compile_s"] > 0 for r in flex)
+
+
+def test_window_cache_benchmark_quick_run_writes_its_two_tables(tmp_path, capsys, one_thread):
+    script = load_script(ROOT / "benchmarks" / "window_cache.py", "multihead_bench_window_cache")
+    assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert "what each cache holds" in capsys.readouterr().out
+    (result,) = tmp_path.glob("window-cache-*-quick.json")
+    data = json.loads(result.read_text())
+    measured = data["measured"]
+    assert [r["tokens"] for r in measured] == [64, 128]
+    assert measured[0]["window_bytes"] == measured[1]["window_bytes"] < measured[0]["dynamic_bytes"]
+    assert measured[1]["dynamic_bytes"] == 2 * measured[0]["dynamic_bytes"]  # capacity doubled with the tokens
+    assert all(r["max_abs_diff"] < 1e-5 and r["window_vs_dynamic_time"] > 0 for r in measured)
+    # 2 layers, 2 kv heads of 16, bf16, window 64: 65 slots (64 kept, 1 scratch) of k, v and an int64 position
+    window_bytes = 2 * 65 * (2 * (16 + 16) * 2 + 8)
+    assert [r["window_bytes"] for r in data["model"]] == [window_bytes] * 2
+    assert [r["every_token_bytes"] for r in data["model"]] == [2 * 2 * (16 + 16) * 2 * n for n in (128, 1024)]

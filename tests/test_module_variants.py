@@ -1,8 +1,9 @@
 """MultiHeadAttention configured with the attention family: window, softcap, ALiBi and learned sinks.
 
 The module's output equals its own projections through the one door with the
-same variants (the reference backend, float64), and a cached decode (dynamic
-and static caches, prompts of different lengths) equals the full forward.
+same variants (the reference backend, float64), and a cached decode (dynamic,
+static and sliding-window caches, prompts of different lengths) equals the full
+forward.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import multihead
-from multihead import DynamicCache, MultiHeadAttention, StaticCache
+from multihead import DynamicCache, MultiHeadAttention, SlidingWindowCache, StaticCache
 from multihead.core.variants import alibi_slopes
 from conftest import max_err
 
@@ -44,13 +45,24 @@ def test_the_module_computes_the_door_formula(name):
     assert max_err(module(x).output, want) < 1e-12
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def _cache(kind: str, module: MultiHeadAttention):
+    if kind == "dynamic":
+        return DynamicCache(1)
+    if kind == "static":
+        return StaticCache(1, 2, 16, 2, 8, dtype=torch.float64)
+    return SlidingWindowCache(1, 2, module.config.window, 2, 8, dtype=torch.float64)  # keeps left + 1 tokens
+
+
+CACHED = [(name, kind) for name in sorted(CONFIGS) for kind in ("dynamic", "static")] + [
+    (name, "window") for name in sorted(CONFIGS) if CONFIGS[name].get("window")]
+
+
+@pytest.mark.parametrize("name, kind", CACHED)
 def test_a_cached_decode_equals_the_full_forward(name, kind):
     """Prompts of 6 and 4 real tokens in one batch, then one token at a time: every output as the full forward's."""
     module = _module(CONFIGS[name])
     x = torch.randn(2, 11, 32, dtype=torch.float64)
-    cache = DynamicCache(1) if kind == "dynamic" else StaticCache(1, 2, 16, 2, 8, dtype=torch.float64)
+    cache = _cache(kind, module)
     lengths = [6, 4]
     key_mask = torch.arange(6)[None] < torch.tensor(lengths)[:, None]  # (B, 6): right-padded prompts
     with torch.no_grad():

@@ -303,6 +303,8 @@ def test_tiles_the_window_and_documents_rule_out_are_skipped():
     (dict(documents=torch.zeros(2, 5)), "documents: the query ids must be an integer tensor"),
     (dict(documents=torch.zeros(2, 4, dtype=torch.long)), r"documents: the query ids must be \(B, T\)"),
     (dict(score_mod="bias"), "score_mod must be a callable"),
+    (dict(score_mod=lambda score, b, h: score), r"score_mod must take five arguments .*\(score, b, h\)"),
+    (dict(score_mod=lambda s, b, h, i, j, table: s), "score_mod must take five arguments .*'table'"),
 ])
 def test_bad_variants_are_refused_naming_them(keywords, message):
     q, k, v = make_qkv(B, H, G, 5, 5, D)

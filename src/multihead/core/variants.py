@@ -30,6 +30,7 @@ positions (`Positions`).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import types
 from typing import Callable, NamedTuple
@@ -216,9 +217,24 @@ def check_documents(documents, B: int, T: int, S: int, device: torch.device) -> 
 
 
 def check_score_mod(score_mod) -> ScoreMod | None:
-    if score_mod is not None and not callable(score_mod):
+    """A callable that takes the five arguments (checked from its signature where Python can read one;
+    not under torch.compile, where dynamo would trace the inspection)."""
+    if score_mod is None:
+        return None
+    if not callable(score_mod):
         raise TypeError(f"score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score, "
                         f"got {type(score_mod).__name__}")
+    if not torch.compiler.is_compiling():
+        try:
+            signature = inspect.signature(score_mod)
+        except (TypeError, ValueError):  # a builtin or an extension type: Python cannot tell, the call will
+            return score_mod
+        try:
+            signature.bind(*range(5))
+        except TypeError as error:
+            raise TypeError(f"score_mod must take five arguments (score, b, h, q_idx, kv_idx), "
+                            f"got {getattr(score_mod, '__name__', type(score_mod).__name__)}{signature}: "
+                            f"{error}") from None
     return score_mod
 
 
@@ -302,8 +318,9 @@ def allowed_keys(variants: Variants, tile: Tile, T: int, S: int) -> Tensor | Non
 def window_allowed(window: tuple[int | None, int | None], query_positions: Tensor, key_positions: Tensor) -> Tensor:
     """Where a window lets queries at absolute positions (..., t) see keys at positions (s,): (..., t, s) bool.
 
-    For callers whose queries sit at positions of their own per sequence (a KV cache's, where slot j holds
-    position j), folded into the mask they already hold instead of aligned bottom-right.
+    For callers whose queries and keys sit at positions of their own per sequence (a KV cache's,
+    `ChunkLayout.key_positions`), folded into the mask they already hold instead of aligned bottom-right.
+    key_positions broadcasts against (..., t, s).
     """
     left, right = window
     delta = key_positions - query_positions[..., None]  # (..., t, s): j - p

@@ -8,6 +8,7 @@ attends its queries to everything cached. A cache holds num_layers layer caches;
 
     cache = DynamicCache(num_layers)                      # grows, capacity doubling
     cache = StaticCache(num_layers, B, max_length, G, D)  # preallocated, fixed shapes
+    cache = SlidingWindowCache(num_layers, B, window, G, D)  # only a sliding window's tokens: fixed memory
     out = mha(x_chunk, cache=cache[i]).output             # inside layer i
 
 One write, as transformers' and gpt-fast's caches have it:
@@ -26,6 +27,10 @@ sequence, so the cached tokens of b are slots 0 .. lengths[b] - 1 and a new
 chunk of T tokens is written at slots lengths[b] .. lengths[b] + T - 1. Every
 sequence has its own length (prompts of different lengths share a batch), and
 `lengths[:, None] + arange(T)` are the new tokens' positions (RoPE's offset).
+A SlidingWindowCache keeps each sequence's last left + 1 tokens in a ring
+instead (position p in slot p mod (left + 1)); every layout says which
+position each returned key holds (`ChunkLayout.key_positions`), so a module
+places its window and ALiBi by positions, whatever the kind of cache.
 
 Padding. A chunk is (B, T) for every sequence, so a sequence with fewer new
 tokens is padded on the right; `chunk_lengths` (B,) says how many are real.
@@ -64,6 +69,7 @@ from torch import Tensor
 
 from ..core.checks import key_mask as check_key_mask
 from ..core.checks import positive_int
+from ..core.variants import check_window
 
 
 class CachedKV(NamedTuple):
@@ -80,6 +86,7 @@ class ChunkLayout(NamedTuple):
     new_lengths: Tensor  # (B,) int64: each sequence's length after the chunk
     attn_mask: Tensor  # (B, 1, T, S) bool, True = may attend: causal per sequence, real tokens only
     kv_len: int  # S, the key length `update` returns
+    key_positions: Tensor  # (B|1, S) int64: the absolute position of the token each of the S keys holds (-1: none)
 
 
 def kv_bytes_per_token(
@@ -183,13 +190,15 @@ def token_positions(positions: Tensor | None, cache: LayerCache | None, batch: i
     return cache.positions(length, batch_size=batch, device=device).to(device)  # (B, T)
 
 
-def _decode_mask(lengths: Tensor, new_lengths: Tensor, T: int, S: int) -> Tensor:
-    """(B, 1, T, S) bool: new query i of sequence b (position lengths[b] + i) sees real slots j <= its position."""
-    key_pos = torch.arange(S, device=lengths.device)  # (S,)
-    query_pos = lengths[:, None] + torch.arange(T, device=lengths.device)  # (B, 1) + (T,) -> (B, T)
-    causal = key_pos[None, None, :] <= query_pos[:, :, None]  # (1, 1, S) <= (B, T, 1) -> (B, T, S)
-    real = key_pos[None, None, :] < new_lengths[:, None, None]  # (1, 1, S) < (B, 1, 1) -> (B, 1, S)
-    return (causal & real)[:, None]  # (B, T, S) -> (B, 1, T, S)
+def _decode_mask(positions: Tensor, key_positions: Tensor, new_lengths: Tensor, left: int | None = None) -> Tensor:
+    """(B, 1, T, S) bool: the query at positions[b, i] sees the keys that hold a real token (at a position in
+    [0, new_lengths[b])) at or before its own position, and with `left`, at most `left` positions before it."""
+    delta = key_positions[:, None, :] - positions[:, :, None]  # (B|1, 1, S) - (B, T, 1) -> (B, T, S): j - p
+    real = (key_positions >= 0) & (key_positions < new_lengths[:, None])  # (B|1, S) < (B, 1) -> (B, S)
+    allowed = (delta <= 0) & real[:, None, :]  # (B, T, S) & (B, 1, S)
+    if left is not None:
+        allowed = allowed & (delta >= -left)
+    return allowed[:, None]  # (B, T, S) -> (B, 1, T, S)
 
 
 def _slot_index(slots: Tensor, storage: Tensor) -> Tensor:
@@ -289,8 +298,18 @@ class LayerCache:
     def _layout(self, num_new: int, new_lengths: Tensor, kv_len: int) -> ChunkLayout:
         lengths = self._before(new_lengths)
         positions = lengths[:, None] + torch.arange(num_new, device=lengths.device)  # (B, 1) + (T,) -> (B, T)
-        mask = _decode_mask(lengths, new_lengths, num_new, kv_len)  # (B, 1, T, S)
-        return ChunkLayout(positions, self._slots(positions, new_lengths), new_lengths, mask, kv_len)
+        slots = self._slots(positions, new_lengths)  # (B, T)
+        key_positions = self._key_positions(positions, slots, kv_len)  # (B|1, S)
+        mask = _decode_mask(positions, key_positions, new_lengths, self._left())  # (B, 1, T, S)
+        return ChunkLayout(positions, slots, new_lengths, mask, kv_len, key_positions)
+
+    def _key_positions(self, positions: Tensor, slots: Tensor, kv_len: int) -> Tensor:
+        """(B|1, S) the position each returned key holds: slot j holds position j (overridden by a ring)."""
+        return torch.arange(kv_len, device=positions.device)[None]  # (S,) -> (1, S)
+
+    def _left(self) -> int | None:
+        """How many positions back from a query the cache keeps keys for; None: all of them."""
+        return None
 
     def _checked(self, k: Tensor, v: Tensor, chunk_lengths) -> tuple[Tensor, int]:
         """The chunk checked against what the cache holds: (lengths after it (B,), S), else raise."""
@@ -314,6 +333,14 @@ class LayerCache:
 
     def bytes_per_token(self) -> int:
         """Bytes one token of one sequence costs in this layer: G·(D + Dv)·dtype size."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer's cache holds now: its key and value storage, allocated (and its bookkeeping)."""
+        return sum(x.nbytes for x in self._tensors() if x is not None)
+
+    def _tensors(self) -> tuple:
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -348,6 +375,9 @@ class DynamicLayerCache(LayerCache):
     def capacity(self) -> int:
         """Slots allocated per sequence (0 before the first update)."""
         return 0 if self._k is None else self._k.shape[2]
+
+    def _tensors(self) -> tuple:
+        return self._k, self._v
 
     def bytes_per_token(self) -> int:
         if self._k is None:
@@ -423,7 +453,49 @@ class DynamicLayerCache(LayerCache):
         self._k, self._v = k, v
 
 
-class StaticLayerCache(LayerCache):
+class _PreallocatedLayerCache(LayerCache):
+    """What the caches allocated once share: (B, G, slots + 1, D) keys and values, the last slot scratch for
+    padded tokens (callers never see it), and the check of a chunk against the shapes they were made for."""
+
+    def __init__(self, batch_size: int, slots: int, num_kv_heads: int, head_dim: int, v_head_dim: int | None,
+                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.num_kv_heads = positive_int("num_kv_heads", num_kv_heads)
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.v_head_dim = head_dim if v_head_dim is None else positive_int("v_head_dim", v_head_dim)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        B, G = self.batch_size, self.num_kv_heads
+        # Zeros, not empty: a masked slot still meets a 0 weight in weights @ v, and 0 * NaN would be NaN.
+        self._k = torch.zeros(B, G, slots + 1, self.head_dim, dtype=dtype, device=device)
+        self._v = torch.zeros(B, G, slots + 1, self.v_head_dim, dtype=dtype, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self._lengths = torch.zeros(self.batch_size, dtype=torch.int64, device=self._k.device)
+
+    def bytes_per_token(self) -> int:
+        return self.num_kv_heads * (self.head_dim + self.v_head_dim) * self._k.dtype.itemsize
+
+    def _tensors(self) -> tuple:
+        return self._k, self._v
+
+    def _check_held(self, k: Tensor, v: Tensor, chunk_lengths) -> Tensor | None:
+        """The chunk against the shapes, dtype and device this cache holds; chunk_lengths checked (B,) or None."""
+        B, G, T, D = k.shape
+        Dv = v.shape[3]
+        kind = type(self).__name__.replace("LayerCache", "Cache")
+        held = (self.batch_size, self.num_kv_heads, self.head_dim, self.v_head_dim)
+        if (B, G, D, Dv) != held:
+            raise ValueError(f"this {kind} holds (B, G, D, Dv) = {held}, the chunk brings {(B, G, D, Dv)} "
+                             f"(k {tuple(k.shape)}, v {tuple(v.shape)})")
+        if k.dtype != self._k.dtype or k.device != self._k.device:
+            raise TypeError(f"this {kind} holds {self._k.dtype} on {self._k.device}, "
+                            f"got k {k.dtype} on {k.device}")
+        return _check_chunk_lengths(chunk_lengths, B, T, k.device)
+
+
+class StaticLayerCache(_PreallocatedLayerCache):
     """A layer cache allocated once, (B, G, max_length, D): fixed shapes, so torch.compile traces it once.
 
     Attention runs over all max_length slots with a mask (S = max_length),
@@ -436,37 +508,12 @@ class StaticLayerCache(LayerCache):
     def __init__(self, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
                  v_head_dim: int | None = None, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        self.batch_size = positive_int("batch_size", batch_size)
         self.max_length = positive_int("max_length", max_length)
-        self.num_kv_heads = positive_int("num_kv_heads", num_kv_heads)
-        self.head_dim = positive_int("head_dim", head_dim)
-        self.v_head_dim = head_dim if v_head_dim is None else positive_int("v_head_dim", v_head_dim)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        B, G, L = batch_size, num_kv_heads, max_length
-        # L + 1 slots: the last is scratch for padded tokens; callers see the first L. Zeros, not
-        # empty: a masked slot still meets a 0 weight in weights @ v, and 0 * NaN would be NaN.
-        self._k = torch.zeros(B, G, L + 1, head_dim, dtype=dtype, device=device)
-        self._v = torch.zeros(B, G, L + 1, self.v_head_dim, dtype=dtype, device=device)
-        self.reset()
-
-    def reset(self) -> None:
-        self._lengths = torch.zeros(self.batch_size, dtype=torch.int64, device=self._k.device)
-
-    def bytes_per_token(self) -> int:
-        return self.num_kv_heads * (self.head_dim + self.v_head_dim) * self._k.dtype.itemsize
+        super().__init__(batch_size, max_length, num_kv_heads, head_dim, v_head_dim, dtype, device)
 
     def _checked(self, k: Tensor, v: Tensor, chunk_lengths) -> tuple[Tensor, int]:
-        B, G, T, D = k.shape
-        Dv = v.shape[3]
-        held = (self.batch_size, self.num_kv_heads, self.head_dim, self.v_head_dim)
-        if (B, G, D, Dv) != held:
-            raise ValueError(f"this StaticCache holds (B, G, D, Dv) = {held}, the chunk brings {(B, G, D, Dv)} "
-                             f"(k {tuple(k.shape)}, v {tuple(v.shape)})")
-        if k.dtype != self._k.dtype or k.device != self._k.device:
-            raise TypeError(f"this StaticCache holds {self._k.dtype} on {self._k.device}, "
-                            f"got k {k.dtype} on {k.device}")
-        chunk_lengths = _check_chunk_lengths(chunk_lengths, B, T, k.device)
+        T = k.shape[2]
+        chunk_lengths = self._check_held(k, v, chunk_lengths)
         L, lengths = self.max_length, self._lengths
         new_lengths = lengths + (T if chunk_lengths is None else chunk_lengths)
         if not _compiling() and bool((new_lengths > L).any()):
@@ -501,6 +548,84 @@ class StaticLayerCache(LayerCache):
         What CUDA graphs need at fixed addresses (torch._dynamo.mark_static_address).
         """
         return self._k, self._v
+
+
+class SlidingWindowLayerCache(_PreallocatedLayerCache):
+    """A layer cache that keeps only what a sliding window lets a query see: each sequence's last left + 1
+    tokens, for a window of (left, right). Its memory is fixed, however long the sequences grow.
+
+    The left + 1 slots are a ring: position p lives in slot p mod (left + 1),
+    and the cache records the position each slot holds (-1: none yet). A
+    decoding step (T = 1) writes its token first, over the one that has just
+    left every later query's window, and attends to the left + 1 slots
+    (S = left + 1, views, no copy). A longer chunk attends to the ring as it
+    was and to its own T tokens (S = left + 1 + T, one copy of the ring), then
+    keeps each sequence's last left + 1 real tokens. The mask it returns is
+    causal per sequence and limited to `left` positions back; a module with a
+    window of its own applies it on top (its left may not exceed the cache's).
+    """
+
+    def __init__(self, batch_size: int, window, num_kv_heads: int, head_dim: int, v_head_dim: int | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        window = check_window(window)
+        if window is None or window[0] is None:
+            raise ValueError(f"window must be (left, right) with left an int >= 0: the cache keeps each sequence's "
+                             f"last left + 1 tokens, got {window!r}")
+        self.window = window
+        self._positions = None
+        super().__init__(batch_size, window[0] + 1, num_kv_heads, head_dim, v_head_dim, dtype, device)
+
+    @property
+    def slots(self) -> int:
+        """Tokens kept per sequence: left + 1."""
+        return self.window[0] + 1
+
+    def reset(self) -> None:
+        super().reset()
+        # the position each slot holds, the scratch slot's included; -1: none
+        self._positions = torch.full((self.batch_size, self.slots + 1), -1, dtype=torch.int64,
+                                     device=self._k.device)
+
+    def _tensors(self) -> tuple:
+        return self._k, self._v, self._positions
+
+    def _left(self) -> int:
+        return self.window[0]
+
+    def _kv_len(self, num_new: int) -> int:
+        return self.slots if num_new <= 1 else self.slots + num_new
+
+    def _checked(self, k: Tensor, v: Tensor, chunk_lengths) -> tuple[Tensor, int]:
+        chunk_lengths = self._check_held(k, v, chunk_lengths)
+        return self._advance(k.shape[2], chunk_lengths)
+
+    def _advance(self, num_new: int, chunk_lengths: Tensor | None) -> tuple[Tensor, int]:
+        added = num_new if chunk_lengths is None else chunk_lengths
+        return self._lengths + added, self._kv_len(num_new)
+
+    def _slots(self, positions: Tensor, new_lengths: Tensor) -> Tensor:
+        """(B, T): slot p mod W for a real token among each sequence's last W; the scratch slot W for the rest."""
+        W = self.slots
+        kept = (positions < new_lengths[:, None]) & (positions >= new_lengths[:, None] - W)  # (B, T)
+        return torch.where(kept, positions % W, W)  # (B, T)
+
+    def _key_positions(self, positions: Tensor, slots: Tensor, kv_len: int) -> Tensor:
+        W = self.slots
+        if kv_len == W:  # a step of at most one token: the ring once its token is in
+            return self._positions.scatter(1, slots, positions)[:, :W]  # (B, W + 1) -> (B, W)
+        return torch.cat((self._positions[:, :W], positions), dim=1)  # (B, W) + (B, T) -> (B, W + T)
+
+    def _write(self, layout: ChunkLayout, k: Tensor, v: Tensor) -> CachedKV:
+        W = self.slots
+        if layout.kv_len == W:  # written first, then read in place
+            keys, values = self._k[:, :, :W], self._v[:, :, :W]  # (B, G, W + 1, D) -> (B, G, W, D): views
+        else:  # the ring as it was and the whole chunk, before the chunk's last tokens take their slots
+            keys = torch.cat((self._k[:, :, :W], k), dim=2)  # (B, G, W, D) + (B, G, T, D) -> (B, G, W + T, D)
+            values = torch.cat((self._v[:, :, :W], v), dim=2)  # (B, G, W + T, Dv)
+        _write_both(self._k, self._v, layout.slots, k, v)
+        self._positions.scatter_(1, layout.slots, layout.positions)
+        self._lengths = layout.new_lengths  # a new tensor: a caller's `lengths` from before the step stays valid
+        return CachedKV(keys, values, layout.attn_mask)
 
 
 class KVCache:
@@ -544,7 +669,11 @@ class KVCache:
         loop whose first chunk went through the checked path (`update`, or a
         model's forward) and whose later chunks fit.
         """
-        return self.layers[0].layout(num_new, chunk_lengths)
+        first = self.layers[0]
+        if any(type(layer) is not type(first) or layer._left() != first._left() for layer in self.layers):
+            raise ValueError("KVCache.layout serves layers that place a chunk alike, and these mix kinds of cache "
+                             "(or windows); update each layer with its own plan instead")
+        return first.layout(num_new, chunk_lengths)
 
     def copy_lengths(self) -> None:
         """Give the layers copies of their lengths: same values, new tensors (one per tensor the layers share).
@@ -564,6 +693,11 @@ class KVCache:
     def bytes_per_token(self) -> int:
         """Bytes one token of one sequence costs across all layers: sum of G·(D + Dv)·size."""
         return sum(layer.bytes_per_token() for layer in self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layers' caches hold now, all together (`LayerCache.nbytes`)."""
+        return sum(layer.nbytes for layer in self.layers)
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -614,3 +748,26 @@ class StaticCache(KVCache):
                                            dtype=dtype, device=device) for _ in range(num_layers)])
         self.batch_size = batch_size
         self.max_length = max_length
+
+
+class SlidingWindowCache(KVCache):
+    """KV caches that keep only a sliding window's tokens, for num_layers layers of that window.
+
+    SlidingWindowCache(num_layers, batch_size, window, num_kv_heads, head_dim,
+                       v_head_dim=None, *, dtype=torch.float32, device=None)
+
+    window: the layers' (left, right) (`MultiHeadAttention(window=...)`):
+    each sequence keeps its last left + 1 tokens, so memory stays
+    num_layers·B·(left + 2)·G·(D + Dv)·size however long decoding runs
+    (`nbytes`), where a DynamicCache grows with every token. A module whose
+    window reaches further back than the cache's is refused.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, window, num_kv_heads: int, head_dim: int,
+                 v_head_dim: int | None = None, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        positive_int("num_layers", num_layers)
+        super().__init__([SlidingWindowLayerCache(batch_size, window, num_kv_heads, head_dim, v_head_dim,
+                                                  dtype=dtype, device=device) for _ in range(num_layers)])
+        self.batch_size = batch_size
+        self.window = self.layers[0].window

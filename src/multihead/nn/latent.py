@@ -55,8 +55,10 @@ from ..core import masks
 from ..core.checks import check_like_parameters, flag, positive_int
 from ..core.checks import key_mask as check_key_mask
 from ..core.call import AttentionCall
+from ..core.variants import check_softcap, check_window
 from ..ops.run import choose, run
-from .cache import LayerCache, StaticCache, check_layer_cache, chunk_lengths_from_key_mask, token_positions
+from .cache import LayerCache, SlidingWindowCache, StaticCache, check_layer_cache, chunk_lengths_from_key_mask, token_positions
+from .family import add_family, cache_mask, call_variants, check_cache_window, family_repr
 from .mha import MultiHeadAttentionOutput, stand_in
 from .rope import RotaryEmbedding, apply_rotary, check_positions
 
@@ -69,6 +71,7 @@ __all__ = [
     "cache_elements_per_token",
     "make_latent_config",
     "make_static_cache",
+    "make_window_cache",
 ]
 
 
@@ -86,12 +89,17 @@ class MultiHeadLatentAttentionConfig:
     latent_norm: bool  # RMSNorm on c_KV (and c_Q) before their up-projections, as DeepSeek-V2 does
     norm_eps: float  # the RMSNorm's epsilon (1e-6 in DeepSeek-V2)
     backend: str  # "auto" or a registered attention backend name
+    window: tuple[int | None, int | None] | None = None  # (left, right) keys around each query; None: all
+    softcap: float | None = None  # scores -> softcap · tanh(scores / softcap); None: off
+    alibi: bool = False  # ALiBi's fixed per-head slopes (`multihead.core.variants.alibi_slopes`)
+    sinks: bool = False  # a learned sink logit per head in the softmax's denominator (gpt-oss)
 
 
 def make_latent_config(
     d_model: int, num_heads: int, *, head_dim: int, rope_dim: int, kv_latent_dim: int,
     v_head_dim: int | None = None, q_latent_dim: int | None = None, rope_base: float = 10000.0,
     bias: bool = False, latent_norm: bool = True, norm_eps: float = 1e-6, backend: str = "auto",
+    window=None, softcap: float | None = None, alibi: bool = False, sinks: bool = False,
 ) -> MultiHeadLatentAttentionConfig:
     """Check the constructor's arguments; v_head_dim defaults to head_dim."""
     positive_int("d_model", d_model)
@@ -113,6 +121,7 @@ def make_latent_config(
     return MultiHeadLatentAttentionConfig(
         d_model, num_heads, head_dim, rope_dim, v_head_dim, kv_latent_dim, q_latent_dim,
         float(rope_base), flag("bias", bias), flag("latent_norm", latent_norm), float(norm_eps), backend,
+        check_window(window), check_softcap(softcap), flag("alibi", alibi), flag("sinks", sinks),
     )
 
 
@@ -122,7 +131,8 @@ class MultiHeadLatentAttention(nn.Module):
     MultiHeadLatentAttention(d_model, num_heads, *, head_dim, rope_dim, kv_latent_dim,
                              v_head_dim=None, q_latent_dim=None, rope_base=10000.0,
                              bias=False, latent_norm=True, norm_eps=1e-6,
-                             backend="auto", absorb=False)
+                             backend="auto", absorb=False, window=None, softcap=None,
+                             alibi=False, sinks=False)
 
     Parameters, named after the paper's matrices (nn.Linear, y = x Wᵀ):
         kv_down  W_DKV (C -> d_c)          k_rope  W_KR (C -> d_rope)
@@ -140,19 +150,25 @@ class MultiHeadLatentAttention(nn.Module):
 
     absorb: the default decoding path (forward's absorb=None uses it); both
     give the same output, see the module docstring.
+    window, softcap, alibi, sinks: the attention family, as on
+    `MultiHeadAttention` (`multihead.nn.family`); the scores are the same on
+    both paths, so each variant applies to both. A `SlidingWindowCache` made
+    with `make_window_cache` keeps only the window's latents.
     """
 
     def __init__(
         self, d_model: int, num_heads: int, *, head_dim: int, rope_dim: int, kv_latent_dim: int,
         v_head_dim: int | None = None, q_latent_dim: int | None = None, rope_base: float = 10000.0,
         bias: bool = False, latent_norm: bool = True, norm_eps: float = 1e-6, backend: str = "auto",
-        absorb: bool = False, device=None, dtype=None,
+        absorb: bool = False, window=None, softcap: float | None = None, alibi: bool = False, sinks: bool = False,
+        device=None, dtype=None,
     ) -> None:
         super().__init__()
         cfg = make_latent_config(
             d_model, num_heads, head_dim=head_dim, rope_dim=rope_dim, kv_latent_dim=kv_latent_dim,
             v_head_dim=v_head_dim, q_latent_dim=q_latent_dim, rope_base=rope_base, bias=bias,
-            latent_norm=latent_norm, norm_eps=norm_eps, backend=backend,
+            latent_norm=latent_norm, norm_eps=norm_eps, backend=backend, window=window, softcap=softcap,
+            alibi=alibi, sinks=sinks,
         )
         if not isinstance(absorb, bool):
             raise TypeError(f"absorb must be a bool, got {type(absorb).__name__}")
@@ -179,12 +195,14 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_rope = nn.Linear(Dq, H * Dr, bias=False, **factory)
         self.out_proj = nn.Linear(H * Dv, C, bias=cfg.bias, **factory)
         self.rope = RotaryEmbedding(Dr, base=cfg.rope_base)
+        add_family(self, H, alibi=cfg.alibi, sinks=cfg.sinks, **factory)  # self.alibi_slopes, self.sinks
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"d_model={c.d_model}, num_heads={c.num_heads}, head_dim={c.head_dim}, "
                 f"rope_dim={c.rope_dim}, v_head_dim={c.v_head_dim}, kv_latent_dim={c.kv_latent_dim}, "
-                f"q_latent_dim={c.q_latent_dim}, latent_norm={c.latent_norm}, absorb={self.absorb}")
+                f"q_latent_dim={c.q_latent_dim}, latent_norm={c.latent_norm}, absorb={self.absorb}"
+                f"{family_repr(c.window, c.softcap, c.alibi, c.sinks)}")
 
     def __prepare_scriptable__(self):
         raise TypeError(f"{type(self).__name__} does not support torch.jit.script; use torch.compile, or "
@@ -306,18 +324,23 @@ class MultiHeadLatentAttention(nn.Module):
         B, T = x.shape[0], x.shape[1]
         if cache is not None:
             check_layer_cache(cache, B, "input x")
+            check_cache_window(cache, self.config.window)
         if key_mask is not None and cache is None:
             check_key_mask(key_mask, B, T, x.device, what="T")
         if positions is not None:
             check_positions(positions, batch_size=B, length=T, device=x.device)
         return absorb
 
-    def _call(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> AttentionCall:
+    def _call(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, *,
+              cached: bool = False) -> AttentionCall:
         """The attention call, built once from this module's own tensors of a checked input: not checked again.
 
         The explicit scale matters on the absorbed path, whose q is d_c + d_rope wide but means D + d_rope.
+        cached: the keys are a cache's slots, whose window and ALiBi are in the mask (`family.cache_mask`).
         """
-        return AttentionCall(q, k, v, mask, causal, self.scale, 0.0)
+        cfg = self.config
+        variants = call_variants(cfg.window, cfg.softcap, self.alibi_slopes, self.sinks, cached=cached)
+        return AttentionCall(q, k, v, mask, causal, self.scale, 0.0, variants)
 
     def _cached_call(self, q, c_kv, k_rot, key_mask, cache: LayerCache, need_weights: bool,
                      absorb: bool) -> AttentionCall:
@@ -336,7 +359,8 @@ class MultiHeadLatentAttention(nn.Module):
         G, Dk, Dv = ((1, cfg.kv_latent_dim + cfg.rope_dim, cfg.kv_latent_dim) if absorb
                      else (cfg.num_heads, cfg.head_dim + cfg.rope_dim, cfg.v_head_dim))
         keys, values = stand_in(q, B, G, S, Dk), stand_in(q, B, G, S, Dv)  # (B, G, S, Dk), (B, G, S, Dv)
-        planned = self._call(q, keys, values, layout.attn_mask, causal=False)
+        mask = cache_mask(layout.attn_mask, layout, cfg.window, self.alibi_slopes, self.out_proj.weight.dtype)
+        planned = self._call(q, keys, values, mask, causal=False, cached=True)  # mask (B, 1|H, T, S)
         choose(planned, self.config.backend, need_weights=need_weights)  # raises before the cache is written
         cached = cache.update(c_kv, k_rot, layout=layout)  # (B, 1, S, d_c), (B, 1, S, d_rope), mask (B, 1, T, S)
         k, v = self._keys_values(cached.k, cached.v, absorb)  # (B, G, S, Dk), (B, G, S, Dv): as the stand-ins
@@ -386,6 +410,21 @@ def make_static_cache(
                         f"got {type(config).__name__}")
     return StaticCache(num_layers, batch_size, max_length, 1, config.kv_latent_dim, config.rope_dim,
                        dtype=dtype, device=device)
+
+
+def make_window_cache(
+    config: MultiHeadLatentAttentionConfig, num_layers: int, batch_size: int, *,
+    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+) -> SlidingWindowCache:
+    """A SlidingWindowCache for MLA layers of this config (which has a window): the last left + 1 latents."""
+    if not isinstance(config, MultiHeadLatentAttentionConfig):
+        raise TypeError(f"config must be a MultiHeadLatentAttentionConfig (module.config), "
+                        f"got {type(config).__name__}")
+    if config.window is None or config.window[0] is None:
+        raise ValueError(f"a window cache needs a config with a window whose left side is limited, "
+                         f"got window={config.window}")
+    return SlidingWindowCache(num_layers, batch_size, config.window, 1, config.kv_latent_dim, config.rope_dim,
+                              dtype=dtype, device=device)
 
 
 # -- what a token costs in the cache ----------------------------------------------------

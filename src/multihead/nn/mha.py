@@ -25,9 +25,10 @@ from ..core import masks
 from ..core.call import DTYPES, AttentionCall, check_mask, check_scale
 from ..core.checks import check_like_parameters, flag, positive_int, probability
 from ..core.checks import key_mask as check_key_mask
-from ..core.variants import Variants, alibi_slopes, check_softcap, check_window, window_allowed
+from ..core.variants import Variants, check_softcap, check_window
 from ..ops.run import choose, run
 from .cache import ChunkLayout, LayerCache, check_layer_cache, chunk_lengths_from_key_mask, token_positions
+from .family import add_family, cache_mask, call_variants, check_cache_window, family_repr
 from .linear_call import call_linear
 from .rope import Rotary, RotaryEmbedding, apply_rotary, check_positions
 
@@ -162,17 +163,11 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.vdim, G * Dv, bias=cfg.bias, **factory)
         self.out_proj = nn.Linear(H * Dv, cfg.d_model, bias=cfg.bias, **factory)
         self._scale = check_scale(None, cfg.head_dim, self.out_proj.weight.dtype)  # 1/sqrt(D), the textbook's
-        # The attention family's configuration: the slopes are fixed (a buffer outside the state dict),
-        # the sinks are learned (a parameter, 0 at the start: each head's sink weighs like one key of score 0).
-        slopes = alibi_slopes(H).to(device) if cfg.alibi else None
-        self.register_buffer("alibi_slopes", slopes, persistent=False)
-        self.sinks = nn.Parameter(torch.zeros(H, **factory)) if cfg.sinks else None
+        add_family(self, H, alibi=cfg.alibi, sinks=cfg.sinks, **factory)  # self.alibi_slopes, self.sinks
 
     def extra_repr(self) -> str:
         c = self.config
-        family = "".join(f", {name}={value!r}" for name, value in
-                         (("window", c.window), ("softcap", c.softcap), ("alibi", c.alibi), ("sinks", c.sinks))
-                         if value not in (None, False))
+        family = family_repr(c.window, c.softcap, c.alibi, c.sinks)
         return (f"d_model={c.d_model}, num_heads={c.num_heads}, num_kv_heads={c.num_kv_heads}, "
                 f"head_dim={c.head_dim}, v_head_dim={c.v_head_dim}, causal={c.causal}, "
                 f"backend={c.backend!r}{family}")
@@ -385,6 +380,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("positions= is only used by rope, and this module has rope=None")
         if cache is not None:
             check_layer_cache(cache, query.shape[0], "query")
+            check_cache_window(cache, self.config.window)
             if not self.config.causal:
                 raise ValueError(
                     "cache= needs a causal module (MultiHeadAttention(..., causal=True)): decoding appends "
@@ -413,13 +409,9 @@ class MultiHeadAttention(nn.Module):
                              self._variants(cached))
 
     def _variants(self, cached: bool) -> Variants | None:
-        """The module's variants for a call; None for a plain module (the common case costs one comparison)."""
+        """The module's variants for a call (`family.call_variants`)."""
         cfg = self.config
-        window = None if cached else cfg.window
-        slopes = None if self.alibi_slopes is None or cached else self.alibi_slopes[None]  # (H,) -> (1, H)
-        if window is None and cfg.softcap is None and slopes is None and self.sinks is None:
-            return None
-        return Variants(window, cfg.softcap, slopes, self.sinks, None, None, None)
+        return call_variants(cfg.window, cfg.softcap, self.alibi_slopes, self.sinks, cached=cached)
 
     def _mask(self, q, k, attn_mask, key_mask) -> Tensor | None:
         """Without a cache: attn_mask and key_mask checked and combined over the S keys."""
@@ -449,25 +441,10 @@ class MultiHeadAttention(nn.Module):
         cached = cache.update(k, v, layout=layout)  # (B, G, S, D), (B, G, S, Dv): the keys the stand-ins stood for
         return planned._replace(k=cached.k, v=cached.v)
 
-    def _cache_mask(self, cache_mask: Tensor, layout: ChunkLayout) -> Tensor:
-        """The cache's mask (B, 1, T, S) with the window and ALiBi at each query's own position.
-
-        A cache's sequences have lengths of their own and its S is its capacity, so the bottom-right
-        alignment of a call does not place their queries: slot j holds position j, and the queries sit at
-        layout.positions (B, T). ALiBi becomes a float bias (B, H, T, S), exact also beside the sinks.
-        """
-        cfg = self.config
-        if cfg.window is None and self.alibi_slopes is None:
-            return cache_mask
-        slots = torch.arange(cache_mask.shape[-1], device=cache_mask.device)  # (S,): slot j holds position j
-        if cfg.window is not None:
-            cache_mask = cache_mask & window_allowed(cfg.window, layout.positions, slots)[:, None]  # (B, 1, T, S)
-        if self.alibi_slopes is None:
-            return cache_mask
-        distance = (layout.positions[..., None] - slots).abs()[:, None]  # (B, T, S) -> (B, 1, T, S)
-        slopes = self.alibi_slopes.to(torch.promote_types(self.out_proj.weight.dtype, torch.float32))
-        bias = -slopes.view(1, -1, 1, 1) * distance  # (1, H, 1, 1) * (B, 1, T, S) -> (B, H, T, S)
-        return bias.masked_fill(~cache_mask, float("-inf"))
+    def _cache_mask(self, mask: Tensor, layout: ChunkLayout) -> Tensor:
+        """The cache's mask (B, 1, T, S) with the module's window and ALiBi at the queries' and keys' own
+        positions (`family.cache_mask`)."""
+        return cache_mask(mask, layout, self.config.window, self.alibi_slopes, self.out_proj.weight.dtype)
 
     def head(self, i: int) -> HeadProjections:
         """Head i's W_i^Q, W_i^K, W_i^V and its rows of W^O, cut out of the fused projections."""
