@@ -8,6 +8,7 @@ full forward; a window really limits what a query sees.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -118,6 +119,17 @@ def test_the_latent_window_cache_keeps_the_window_of_latents():
 def test_a_window_cache_needs_a_window(keywords, error, message):
     with pytest.raises(error, match=message):
         make_window_cache(make_mla(**keywords).config, 1, 2)
+
+
+@pytest.mark.parametrize("make", [lambda config: make_static_cache(config, 1, 2, 8),
+                                  lambda config: make_window_cache(config, 1, 2)], ids=["static", "window"])
+def test_a_cache_made_for_other_latents_is_refused_by_their_names(make):
+    """Once unclear: the cache's own check named (B, G, D, Dv), where an MLA layer's sizes are d_c and d_rope."""
+    other = dataclasses.replace(make_mla(window=(3, 0)).config, kv_latent_dim=DC + 4)
+    cache = make(other)
+    with pytest.raises(ValueError, match=rf"holds \(heads, d_c, d_rope\) = \(1, {DC + 4}, {DR}\).*kv_latent_dim={DC}"):
+        make_mla(window=(3, 0))(randn(2, 3, C), cache=cache[0])
+    assert cache.lengths.tolist() == [0, 0]
 
 
 def test_a_window_cache_refuses_a_config_that_is_not_one():

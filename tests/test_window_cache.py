@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from multihead import DynamicCache, KVCache, MultiHeadAttention, RotaryEmbedding, SlidingWindowCache, StaticCache
+from multihead.models.llama import Llama, LlamaConfig
 from conftest import max_err
 
 LEFT = 3  # the module's window (3, 0): a query sees itself and the 3 tokens before it
@@ -102,22 +103,55 @@ def test_a_cache_without_a_left_limit_is_refused(window, message):
         SlidingWindowCache(1, 2, window, 2, 8)
 
 
-@pytest.mark.parametrize("module_window", [None, (LEFT + 1, 0)])
-def test_a_module_that_sees_further_back_is_refused_and_nothing_is_written(module_window):
+@pytest.mark.parametrize("module_window, advice", [
+    (None, "give it a DynamicCache or a StaticCache"), ((LEFT + 1, 0), "make the cache with the module's window")])
+def test_a_module_that_sees_further_back_is_refused_and_nothing_is_written(module_window, advice):
     module = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, window=module_window)
     cache = SlidingWindowCache(1, 2, (LEFT, 0), 2, 8)
     MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, window=(LEFT, 0))(torch.randn(2, 3, 32), cache=cache[0])
     before = (cache.lengths.clone(), cache[0]._k.clone(), cache[0]._positions.clone())
-    with pytest.raises(ValueError, match=r"keeps 3 positions back .* make the cache with the module's window"):
+    with pytest.raises(ValueError, match=rf"keeps 3 positions back .* {advice}"):
         module(torch.randn(2, 3, 32), cache=cache[0])
     after = (cache.lengths, cache[0]._k, cache[0]._positions)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_one_layout_for_layers_that_place_chunks_differently_is_refused():
-    mixed = KVCache([SlidingWindowCache(1, 1, (LEFT, 0), 1, 2)[0], StaticCache(1, 1, 8, 1, 2)[0]])
+@pytest.mark.parametrize("refusing, message", [
+    (lambda: SlidingWindowCache(1, 2, (LEFT, 0), 2, 8)[0], "keeps 3 positions back"),
+    (lambda: StaticCache(1, 2, 4, 2, 8)[0], "StaticCache overflow"),
+], ids=["window-cache-for-a-windowless-layer", "static-layer-too-short"])
+def test_a_model_checks_every_layer_s_cache_before_the_first_writes(refusing, message):
+    """Once failed: a model's call checked only the number of layers, so a KVCache whose second layer refused
+    the chunk was refused after the first layer had written its keys."""
+    model = Llama(LlamaConfig(vocab_size=50, max_positions=64, d_model=32, num_layers=2, num_heads=4,
+                              num_kv_heads=2, d_mlp=64)).eval()
+    cache = KVCache([DynamicCache(1, batch_size=2)[0], refusing()])
+    with pytest.raises(ValueError, match=message):
+        model(torch.randint(0, 50, (2, 5)), cache=cache)
+    assert [layer.lengths.tolist() for layer in cache] == [[0, 0], [0, 0]]
+
+
+def _window(left: int):
+    return SlidingWindowCache(1, 1, (left, 0), 1, 2)[0]
+
+
+def _static(length: int):
+    return StaticCache(1, 1, length, 1, 2)[0]
+
+
+@pytest.mark.parametrize("layers", [
+    lambda: [_window(LEFT), _static(8)], lambda: [_static(8), _static(9)], lambda: [_window(LEFT), _window(LEFT + 1)],
+], ids=["two-kinds", "two-static-lengths", "two-windows"])
+def test_one_layout_for_layers_that_place_chunks_differently_is_refused(layers):
+    mixed = KVCache(layers())
+    assert not mixed.uniform
     with pytest.raises(ValueError, match="mix kinds of cache"):
         mixed.layout(1)
+
+
+def test_layers_of_one_kind_and_size_share_one_layout():
+    alike = KVCache([_static(8), _static(8)])
+    assert alike.uniform and alike.layout(1).kv_len == 8
 
 
 def test_decoding_steps_compile_into_one_graph():

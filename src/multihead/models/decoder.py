@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checks import flag, positive_int
-from ..nn.cache import ChunkLayout, DynamicCache, KVCache, LayerCache, StaticCache
+from ..nn.cache import ChunkLayout, DynamicCache, KVCache, LayerCache, StaticCache, chunk_lengths_from_key_mask
+from ..nn.family import check_cache_window
 from ..nn.mha import head_masks_per_layer
 from ..nn.rope import Rotary
 from ..core.checks import check_token_ids
@@ -218,7 +219,25 @@ class Decoder(nn.Module):
                              f"reset() it or make a new one for another batch")
         if limit is not None:
             check_cached_positions(positions, key_mask, limit)
+        if not cache.uniform:
+            self._check_mixed_caches(cache, B, T, key_mask)
         return positions
+
+    def _check_mixed_caches(self, cache: KVCache, B: int, T: int, key_mask: Tensor | None) -> None:
+        """Every layer's cache takes the chunk (shapes, room, its layer's window) before any layer writes.
+
+        A KVCache may mix kinds (a window cache for a windowed layer, a full one
+        for the rest): then a later layer may refuse what the first accepted,
+        after the first had written. Layers of one kind accept alike, and the
+        first layer's own check comes before anything is written.
+        """
+        G, D = self.kv_heads_and_dim()
+        weight = next(self.parameters())
+        chunk = weight.new_zeros(()).expand(B, G, T, D)  # () -> (B, G, T, D): a layer's k and v, no memory
+        chunk_lengths = None if key_mask is None else chunk_lengths_from_key_mask(key_mask, B, T, weight.device)
+        for block, layer in zip(self.blocks, cache):
+            check_cache_window(layer, block.attention.config.window)
+            layer.plan(chunk, chunk, chunk_lengths)  # checks only: nothing written
 
     def _check_context_parallel(self, input_ids, key_mask, cache, need_weights, cp) -> Tensor:
         """The checks of a context-parallel forward; the part's global positions (part,)."""

@@ -218,9 +218,10 @@ def _write_both(keys: Tensor, values: Tensor, slots: Tensor, k: Tensor, v: Tenso
 class LayerCache:
     """One layer's keys and values for B sequences, each with its own length.
 
-    What a `MultiHeadAttention` takes as `cache=`. The two kinds differ in
+    What a `MultiHeadAttention` takes as `cache=`. The three kinds differ in
     where the tokens are kept: `DynamicLayerCache` grows, `StaticLayerCache`
-    was allocated once.
+    was allocated once, `SlidingWindowLayerCache` keeps a window's last
+    tokens in a ring allocated once.
     """
 
     _lengths: Tensor | None
@@ -310,6 +311,10 @@ class LayerCache:
     def _left(self) -> int | None:
         """How many positions back from a query the cache keeps keys for; None: all of them."""
         return None
+
+    def placement(self) -> tuple:
+        """What decides where a chunk goes: layers with equal placements put a chunk in the same slots."""
+        return (type(self).__name__,)
 
     def _checked(self, k: Tensor, v: Tensor, chunk_lengths) -> tuple[Tensor, int]:
         """The chunk checked against what the cache holds: (lengths after it (B,), S), else raise."""
@@ -530,6 +535,9 @@ class StaticLayerCache(_PreallocatedLayerCache):
         added = num_new if chunk_lengths is None else chunk_lengths
         return (self._lengths + added).clamp(max=self.max_length), self.max_length  # the clamp: as _checked's
 
+    def placement(self) -> tuple:
+        return type(self).__name__, self.max_length
+
     def _slots(self, positions: Tensor, new_lengths: Tensor) -> Tensor:
         """(B, T) where the chunk's tokens go: after each sequence's tokens; padding to the scratch slot."""
         real = positions < new_lengths[:, None]  # (B, T) < (B, 1) -> (B, T): right padding comes after the real
@@ -591,6 +599,9 @@ class SlidingWindowLayerCache(_PreallocatedLayerCache):
 
     def _left(self) -> int:
         return self.window[0]
+
+    def placement(self) -> tuple:
+        return type(self).__name__, self.window[0]
 
     def _kv_len(self, num_new: int) -> int:
         return self.slots if num_new <= 1 else self.slots + num_new
@@ -669,11 +680,16 @@ class KVCache:
         loop whose first chunk went through the checked path (`update`, or a
         model's forward) and whose later chunks fit.
         """
-        first = self.layers[0]
-        if any(type(layer) is not type(first) or layer._left() != first._left() for layer in self.layers):
+        if not self.uniform:
             raise ValueError("KVCache.layout serves layers that place a chunk alike, and these mix kinds of cache "
-                             "(or windows); update each layer with its own plan instead")
-        return first.layout(num_new, chunk_lengths)
+                             f"(or sizes: {sorted({layer.placement() for layer in self.layers})}); update each "
+                             f"layer with its own plan instead")
+        return self.layers[0].layout(num_new, chunk_lengths)
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer places a chunk alike (one kind of cache, one size): what one layer accepts, all do."""
+        return len({layer.placement() for layer in self.layers}) == 1
 
     def copy_lengths(self) -> None:
         """Give the layers copies of their lengths: same values, new tensors (one per tensor the layers share).
@@ -757,9 +773,10 @@ class SlidingWindowCache(KVCache):
                        v_head_dim=None, *, dtype=torch.float32, device=None)
 
     window: the layers' (left, right) (`MultiHeadAttention(window=...)`):
-    each sequence keeps its last left + 1 tokens, so memory stays
-    num_layers·B·(left + 2)·G·(D + Dv)·size however long decoding runs
-    (`nbytes`), where a DynamicCache grows with every token. A module whose
+    each sequence keeps its last left + 1 tokens (and one scratch slot for
+    padding), so memory stays num_layers·B·(left + 2)·(G·(D + Dv)·size + 8)
+    bytes however long decoding runs (`nbytes`; the 8: each slot's int64
+    position), where a DynamicCache grows with every token. A module whose
     window reaches further back than the cache's is refused.
     """
 

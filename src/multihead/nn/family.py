@@ -77,7 +77,10 @@ def check_cache_window(cache: LayerCache, window) -> None:
     if not isinstance(cache, SlidingWindowLayerCache):
         return
     kept = cache.window[0]
-    if window is None or window[0] is None or window[0] > kept:
-        reach = "every earlier key" if window is None or window[0] is None else f"{window[0]} positions back"
+    if window is None or window[0] is None:
         raise ValueError(f"this SlidingWindowCache keeps {kept} positions back (window={cache.window}), the module's "
-                         f"window={window} sees {reach}: make the cache with the module's window")
+                         f"window={window} sees every earlier key: give it a DynamicCache or a StaticCache, "
+                         f"which keep every token")
+    if window[0] > kept:
+        raise ValueError(f"this SlidingWindowCache keeps {kept} positions back (window={cache.window}), the module's "
+                         f"window={window} sees {window[0]} positions back: make the cache with the module's window")

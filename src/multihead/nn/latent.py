@@ -57,7 +57,8 @@ from ..core.checks import key_mask as check_key_mask
 from ..core.call import AttentionCall
 from ..core.variants import check_softcap, check_window
 from ..ops.run import choose, run
-from .cache import LayerCache, SlidingWindowCache, StaticCache, check_layer_cache, chunk_lengths_from_key_mask, token_positions
+from .cache import (LayerCache, SlidingWindowCache, SlidingWindowLayerCache, StaticCache, StaticLayerCache,
+                    check_layer_cache, chunk_lengths_from_key_mask, token_positions)
 from .family import add_family, cache_mask, call_variants, check_cache_window, family_repr
 from .mha import MultiHeadAttentionOutput, stand_in
 from .rope import RotaryEmbedding, apply_rotary, check_positions
@@ -282,7 +283,9 @@ class MultiHeadLatentAttention(nn.Module):
             the keys (any pattern). With a cache it marks the chunk's real
             tokens, right-padded; padded ones are not cached.
         cache: one layer's cache (`cache[i]` of a `multihead.nn.cache`
-            DynamicCache, or a StaticCache from `make_static_cache`): the
+            DynamicCache, a StaticCache from `make_static_cache`, or, for a
+            module with a window, a SlidingWindowCache from
+            `make_window_cache`, which keeps only the window's latents): the
             chunk's c_KV and k^R are appended, and its T queries attend to
             every real cached token, causal per sequence (bottom-right
             aligned at each sequence's own length). A refused call leaves it
@@ -325,6 +328,7 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             check_layer_cache(cache, B, "input x")
             check_cache_window(cache, self.config.window)
+            check_latent_cache(cache, self.config)
         if key_mask is not None and cache is None:
             check_key_mask(key_mask, B, T, x.device, what="T")
         if positions is not None:
@@ -398,6 +402,18 @@ class MultiHeadLatentAttention(nn.Module):
         cfg = self.config
         w_uv = self.v_up.weight.view(cfg.num_heads, cfg.v_head_dim, cfg.kv_latent_dim)  # (H·Dv, d_c) -> (H, Dv, d_c)
         return torch.einsum("bhtc,hvc->bhtv", out, w_uv)  # (B, H, T, d_c) -> (B, H, T, Dv)
+
+
+def check_latent_cache(cache: LayerCache, config: MultiHeadLatentAttentionConfig) -> None:
+    """A preallocated cache must hold this config's latents: one "head" of c_KV (d_c) and k^R (d_rope)."""
+    if not isinstance(cache, (StaticLayerCache, SlidingWindowLayerCache)):
+        return  # a dynamic cache takes the shapes of its first chunk and checks the rest against them
+    held = (cache.num_kv_heads, cache.head_dim, cache.v_head_dim)
+    if held != (1, config.kv_latent_dim, config.rope_dim):
+        kind = type(cache).__name__.replace("LayerCache", "Cache")
+        raise ValueError(f"this {kind} holds (heads, d_c, d_rope) = {held} per token, the module's latents are "
+                         f"(1, kv_latent_dim={config.kv_latent_dim}, rope_dim={config.rope_dim}): make the cache "
+                         f"for this config (make_static_cache or make_window_cache)")
 
 
 def make_static_cache(
