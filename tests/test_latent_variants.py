@@ -21,14 +21,7 @@ from multihead.core.variants import Variants
 from multihead.nn.latent import make_static_cache, make_window_cache
 from conftest import max_err
 from test_latent import DR, DV, DC, C, D, H, expand_to_mha, make_mla, randn
-
-CONFIGS = {
-    "window": dict(window=(3, 0)),
-    "softcap": dict(softcap=2.0),
-    "alibi": dict(alibi=True),
-    "sinks": dict(sinks=True),
-    "all": dict(window=(4, 0), softcap=3.0, alibi=True, sinks=True),
-}
+from test_module_variants import CONFIGS  # the same variants as MultiHeadAttention's tests
 
 
 def _mla(name: str):
