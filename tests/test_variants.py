@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -255,6 +256,21 @@ def test_a_row_with_no_key_but_a_sink_gives_zero():
     assert (lse[:, :, 3:] == 0).all()  # log(exp(sink)) with sink 0
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu_flash"])
+def test_a_row_with_no_key_and_a_sink_of_minus_inf_gives_zero(backend):
+    """Once failed: a -inf sink (no sink, for that head) on a row with no key gave NaN in the output, the
+    weights and every gradient (exp(-inf - -inf)); such a row is a row with no key: output 0, lse -inf."""
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(1, H, H, 4, 2, D, dtype=torch.float64))
+    sinks = torch.tensor([float("-inf"), 0.5, 0.0, -1.0], dtype=torch.float64, requires_grad=True)
+    out, lse = multihead.attention(q, k, v, window=(0, 0), sinks=sinks, backend=backend, return_lse=True)
+    assert torch.equal(out[0, 0, :2], torch.zeros_like(out[0, 0, :2]))  # T=4 > S=2: rows 0, 1 see no key
+    assert (lse[0, 0, :2] == float("-inf")).all() and torch.isfinite(lse[0, 1:]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, sinks))
+    weights = multihead.attention_weights(q, k, v, window=(0, 0), sinks=sinks)
+    assert torch.equal(weights[0, 0, :2], torch.zeros_like(weights[0, 0, :2]))
+
+
 @settings(max_examples=20, deadline=None)
 @given(T=st.integers(2, 40), left=st.integers(0, 6), which=st.sampled_from(["window", "documents"]),
        seed=st.integers(0, 2**16))
@@ -291,7 +307,8 @@ def test_tiles_the_window_and_documents_rule_out_are_skipped():
 
 @pytest.mark.parametrize("keywords, message", [
     (dict(window=5), r"window must be \(left, right\)"),
-    (dict(window=(-1, 0)), "window's left must be an int >= 0 or None"),
+    (dict(window=(-1, 0)), r"window's left must be an int >= 0 \(at most 2\*\*62\) or None"),
+    (dict(window=(0, 2 ** 63)), "window's right .* got 9223372036854775808"),  # once: wrong rows, or OverflowError
     (dict(window=(2, 1.5)), "window's right"),
     (dict(softcap=0.0), "softcap must be a finite number > 0"),
     (dict(softcap=float("inf")), "softcap must be a finite number > 0"),
@@ -310,6 +327,24 @@ def test_bad_variants_are_refused_naming_them(keywords, message):
     q, k, v = make_qkv(B, H, G, 5, 5, D)
     with pytest.raises((TypeError, ValueError), match=message):
         multihead.attention(q, k, v, **keywords)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "cpu_flash"])
+@pytest.mark.parametrize("q_dtype, slopes_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_alibi_slopes_of_another_dtype_than_q_on_the_fused_kernels(backend, q_dtype, slopes_dtype):
+    """Once failed: the fused kernels' ALiBi bias took the slopes' dtype; a float32 bias with float64 q came
+    back off by 2 from torch's op (T=16), a float64 bias with float32 q raised torch's own dtype error."""
+    q, k, v = make_qkv(1, H, H, 16, 16, D, dtype=q_dtype)
+    slopes = multihead.core.variants.alibi_slopes(H).to(slopes_dtype)
+    want = multihead.attention(q, k, v, alibi_slopes=slopes, backend="reference")
+    got = multihead.attention(q, k, v, alibi_slopes=slopes, backend=backend)  # no causal mask to cast it
+    assert max_err(got, want) < (1e-12 if q_dtype == torch.float64 else 1e-5)
+
+
+def test_numpy_scalars_are_taken_as_window_sides_and_softcap():
+    q, k, v = make_qkv(1, H, H, 6, 6, D, dtype=torch.float64)
+    got = multihead.attention(q, k, v, window=(np.int64(2), 0), softcap=np.float32(3.0))
+    assert max_err(got, multihead.attention(q, k, v, window=(2, 0), softcap=3.0)) == 0
 
 
 def test_one_documents_tensor_needs_as_many_queries_as_keys():

@@ -135,7 +135,9 @@ def _with_sinks(scores, v, sinks, dropout_p, dropout_mask, out_dtype, need_lse) 
     """The softmax over the keys and one sink logit per head; the sink's probability attends to nothing."""
     B, H, T, S = scores.shape
     sink = sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)  # (H,) -> (B, H, T, 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]  # (B, H, T, S + 1) -> (B, H, T, S)
+    # a sink of -inf on a row with no key leaves nothing in the denominator: that row's probabilities are 0
+    logits = torch.cat([scores, sink], dim=-1)  # (B, H, T, S + 1)
+    probs = masks.softmax(logits, may_have_empty_rows=True)[..., :S]  # (B, H, T, S + 1) -> (B, H, T, S)
     lse = with_sinks(torch.logsumexp(scores, dim=-1), sinks) if need_lse else None  # (B, H, T)
     return _attend(probs, v, dropout_p, dropout_mask, out_dtype, lse)
 

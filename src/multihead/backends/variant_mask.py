@@ -66,7 +66,10 @@ def as_mask(call: AttentionCall) -> AttentionCall:
         mask = mask[None, None] if mask.dim() == 2 else mask  # (T, S) -> (1, 1, T, S)
     else:
         batch = call.batch if variants.q_documents is not None else variants.alibi_slopes.shape[0]
-        zeros = torch.zeros((batch, call.heads, T, S), dtype=variants.alibi_slopes.dtype, device=call.q.device)
+        # the bias in q's dtype, float32 at least, whatever the slopes': torch's op given a float32 mask with
+        # float64 q returned wrong rows (off by 2 at T=16), and a float64 mask with float32 q is an error
+        dtype = torch.promote_types(call.q.dtype, torch.float32)
+        zeros = torch.zeros((batch, call.heads, T, S), dtype=dtype, device=call.q.device)
         mask = modify(zeros, variants, tile, T, S)  # (B|1, H, T, S): the bias, -inf where ruled out
     return call._replace(attn_mask=masks.combine(call.attn_mask, mask, _float_dtype(call)), variants=None)
 

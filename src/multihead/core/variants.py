@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import types
 from typing import Callable, NamedTuple
 
@@ -146,23 +147,27 @@ def alibi_slopes(num_heads: int) -> Tensor:
 # ---- the checks, once, where the call is made
 
 
+WINDOW_LIMIT = 2 ** 62  # a side's largest value: positions are int64, and i' ± side must not overflow
+
+
 def check_window(window) -> tuple[int | None, int | None] | None:
-    """(left, right), each an int >= 0 or None (no limit); None for no window."""
+    """(left, right), each an int in [0, WINDOW_LIMIT] or None (no limit); None for no window."""
     if window is None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window must be (left, right), each an int >= 0 or None (no limit), got {window!r}")
     for side, value in zip(("left", "right"), window):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"window's {side} must be an int >= 0 or None (no limit), got {value!r} "
-                             f"in window={tuple(window)!r}")
-    return (window[0], window[1])
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                  or not 0 <= value <= WINDOW_LIMIT):
+            raise ValueError(f"window's {side} must be an int >= 0 (at most 2**62) or None (no limit), "
+                             f"got {value!r} in window={tuple(window)!r}")
+    return tuple(None if value is None else int(value) for value in window)
 
 
 def check_softcap(softcap) -> float | None:
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a finite number > 0 or None, got {type(softcap).__name__} {softcap!r}")
     if not 0 < softcap < math.inf:
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
@@ -364,12 +369,15 @@ def sink_in(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Ten
     """Each head's sink joins every row's denominator once, after the keys: (out', lse').
 
     out (B, H, T, Dv) and lse (B, H, T) are the real keys'; lse' = log(exp(lse) + exp(sink_h)) and
-    out' = out · exp(lse - lse'), out's dtype kept. A row with no key gets the sink alone, and output 0.
+    out' = out · exp(lse - lse'), out's dtype kept. A row with no key gets the sink alone, and output 0;
+    so does a row with no key and a sink of -inf (lse' = -inf: the factor is 0, not exp(-inf + inf)).
     """
     if sinks is None:
         return out, lse
     total = with_sinks(lse, sinks.detach())  # (B, H, T)
-    scaled = out.to(total.dtype) * torch.exp(lse - total).unsqueeze(-1)  # (B, H, T) -> (B, H, T, 1)
+    empty = total == float("-inf")  # (B, H, T): no key and a sink of -inf
+    factor = torch.where(empty, torch.zeros_like(total), torch.exp(lse - total))  # (B, H, T)
+    scaled = out.to(total.dtype) * factor.unsqueeze(-1)  # (B, H, T) -> (B, H, T, 1)
     return scaled.to(out.dtype), total
 
 

@@ -202,6 +202,7 @@ def weights_of(call: AttentionCall, heads: list[int] | None = None, rows: list[i
         sinks = prob.sinks()
         if sinks is not None:  # the real keys' share of a denominator that holds the sink: rows sum to < 1
             lse = with_sinks(torch.logsumexp(out, dim=-1), sinks)  # (B, h, t)
+            lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # no key, a -inf sink: weights exp(-inf) = 0
             return out.sub_(lse[..., None]).exp_()
         return masks.softmax(out, may_have_empty_rows=call.may_have_empty_rows(), in_place=True)
 
