@@ -73,13 +73,19 @@ def test_outputs_and_every_weight_equal_eagers_in_float64(name, padded):
         assert (got.attentions[1].sum(-1).transpose(1, 2)[rows] < 1 - 1e-3).all()
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_the_variant_and_the_window_reach_multihead_as_such(name):
+def test_the_variant_and_the_window_reach_multihead_as_such(name, padded):
+    """A padded batch's sliding layer gets its padding as a key mask (B, 1, 1, S) beside the window; the full
+    layer gets transformers' own mask, as before."""
     eager, ours = _pair(name)
-    batch = _padded_or_not(name, False, eager)
+    batch = _padded_or_not(name, padded, eager)
     report = mhf.report(ours, **batch)
     variant = "softcap 1.0" if name == "Gemma-2" else "sinks"
-    assert [c.computes for c in report.calls] == [f"causal, window (3, 0), {variant}", f"causal, {variant}"]
+    B, T = batch["input_ids"].shape
+    want = ([f"causal, bool mask ({B}, 1, 1, {T}), window (3, 0), {variant}", f"bool mask ({B}, 1, {T}, {T}), {variant}"]
+            if padded else [f"causal, window (3, 0), {variant}", f"causal, {variant}"])
+    assert [c.computes for c in report.calls] == want
     # sdpa refuses both; cpu_flash adds the sinks after its op (exactly), chunked computes the softcap
     assert {c.backend for c in report.calls} == ({"chunked"} if name == "Gemma-2" else {"cpu_flash"})
 
@@ -189,17 +195,24 @@ STRUCTURED = {  # name -> (mask-function arguments, the Structure expected)
                             allow_is_causal_skip=False), (3, "ids")),
     "window, padding mask of ones": (dict(batch_size=1, q_length=7, kv_length=7, mask_function=SLIDING_3,
                                           attention_mask=torch.ones(1, 7, dtype=torch.bool)), (3, None)),
+    "window, left padding": (dict(batch_size=2, q_length=7, kv_length=7, mask_function=SLIDING_3,
+                                  attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7]).bool()), (3, None, "keys")),
+    "window, left padding, a decoding step": (dict(batch_size=2, q_length=1, kv_length=8, q_offset=7,
+                                                   mask_function=SLIDING_3,
+                                                   attention_mask=torch.tensor([[0, 0, 0] + [1] * 5, [1] * 8]).bool()),
+                                              (3, None, "keys")),
 }
 
 
 @pytest.mark.parametrize("name", list(STRUCTURED))
 def test_a_structured_mask_is_transformers_dense_mask(name):
-    arguments, (window, ids) = STRUCTURED[name]
+    arguments, (window, ids, *keys) = STRUCTURED[name]
     mask = mhf.multihead_mask(**arguments)
     dense = mu.sdpa_mask(**{**arguments, "allow_is_causal_skip": False})
     assert isinstance(mask, StructuredMask) and mask.shape == dense.shape and mask.dtype == torch.bool
     assert mask.structure.window == window
     assert (mask.structure.documents is None) == (ids is None)
+    assert (mask.structure.keys is None) == (not keys)
     assert torch.equal(mask.dense(), dense)
     # code that reads it as a tensor gets the dense values
     assert torch.equal(mask[:, :, 1:], dense[:, :, 1:]) and torch.equal(~mask, ~dense)
@@ -213,7 +226,7 @@ PADDED = torch.tensor([[0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
 
 
 @pytest.mark.parametrize("arguments", [
-    dict(batch_size=1, q_length=7, kv_length=7, mask_function=SLIDING_3, attention_mask=PADDED),  # padding
+    dict(batch_size=1, q_length=7, kv_length=7, attention_mask=PADDED),  # padding alone: no window to spare
     dict(batch_size=1, q_length=1, kv_length=8, q_offset=torch.tensor(4), mask_function=SLIDING_3),  # static cache
     dict(batch_size=1, q_length=3, kv_length=8, mask_function=SLIDING_3),  # a static cache's prefill: empty slots
     dict(batch_size=1, q_length=7, kv_length=7,

@@ -17,8 +17,9 @@ What transformers' arguments mean here:
 
 - attention_mask: the mask of `multihead.hf.mask`: a `StructuredMask`
   (causal, bottom-right, with a sliding window and/or packed documents,
-  which reaches multihead as `causal=True, window=(W - 1, 0), documents=ids`
-  and is never written out as T x S), a bool mask (True = may attend), a
+  which reaches multihead as `causal=True, window=(W - 1, 0), documents=ids`,
+  a padded batch's keys as a (B, 1, 1, S) key mask, and is never written out
+  as T x S), a bool mask (True = may attend), a
   float mask (added), or None. With None, `is_causal` (or the module's
   `is_causal`) means what SDPA's flag means in transformers: top-left
   aligned, and a single query sees every key. That is multihead's
@@ -171,8 +172,9 @@ def _window(size: int) -> tuple[int, int]:
 def _masking(module, attention_mask, causal: bool, T: int, S: int, window, device) -> Masking:
     """The Masking for the mask transformers gave (see the module docstring)."""
     if isinstance(attention_mask, StructuredMask) and attention_mask.fits(T, S):
-        known = attention_mask.structure  # causal, a window, documents: no T x S mask for the backend
-        return Masking(None, True, None if known.window is None else _window(known.window), known.documents)
+        known = attention_mask.structure  # causal, a window, documents, padding: no T x S mask for the backend
+        keys = None if known.keys is None else known.keys[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
+        return Masking(keys, True, None if known.window is None else _window(known.window), known.documents)
     if attention_mask is not None:
         if not isinstance(attention_mask, Tensor):
             raise TypeError(f"attn_implementation='multihead' takes a tensor attention_mask (bool or float), got "

@@ -11,8 +11,9 @@ A sliding window and a packed batch are not written out. Where the mask
 transformers asks for is exactly causal (bottom-right), with a sliding
 window and/or documents, it returns a `StructuredMask`: a (B, 1, T, S) bool
 tensor that holds no T x S memory and that the hook passes to multihead as
-`causal=True, window=(W - 1, 0), documents=ids`, so the chunked backend skips
-the tiles outside them and nothing of size T x S is made. Any other code
+`causal=True, window=(W - 1, 0), documents=ids` (and a padded batch's keys
+as a (B, 1, 1, S) key mask), so the chunked backend skips the tiles outside
+them and nothing of size T x S is made. Any other code
 that reads it (a model that slices or combines its mask) gets the dense
 mask, written out then: a StructuredMask is never wrong, only sometimes
 not cheap. It is made where all of these hold (`structure`):
@@ -23,8 +24,10 @@ not cheap. It is made where all of these hold (`structure`):
   functions transformers composes (their code objects, not their names), so
   a mask function of any other kind (an image-token overlay, chunked
   attention, a transformers whose functions differ) is written out;
-- no padding (no 2D attention_mask, or one with no zero in the keys' span):
-  checked on the values, once per forward, as transformers' sdpa does;
+- padding (a 2D attention_mask with a zero in the keys' span: checked on
+  the values, once per forward, as transformers' sdpa does) only beside a
+  window or documents: it becomes the key mask; padding alone is
+  transformers' own mask, as before;
 - the queries end where the keys end (q_offset - kv_offset == S - T, int
   offsets: no cache, a dynamic cache, a sliding dynamic cache), so that
   transformers' positions are multihead's bottom-right alignment; a static
@@ -65,6 +68,7 @@ class Structure(NamedTuple):
 
     window: int | None  # transformers' sliding_window W: key k kept for query q when q - k < W; None: no window
     documents: Tensor | None  # (B, T) int64 document ids of a packed batch (T == S); None: one document
+    keys: Tensor | None = None  # (B, S) bool, True = a real key (the padding mask over the call's keys); None: all
 
 
 class StructuredMask(Tensor):
@@ -106,17 +110,21 @@ class StructuredMask(Tensor):
         ids = self.structure.documents
         if ids is not None:
             allowed = allowed & (ids[:, :, None] == ids[:, None, :])[:, None]  # (B, T, S) -> (B, 1, T, S)
+        keys = self.structure.keys
+        if keys is not None:
+            allowed = allowed & keys[:, None, None, :]  # (B, S) -> (B, 1, 1, S): padding keys ruled out
         return allowed.contiguous()
 
     def __deepcopy__(self, memo) -> "StructuredMask":
-        window, ids = self.structure  # torch's default wants clone() to keep the subclass; a copy of the structure
-        copied = Structure(window, None if ids is None else ids.clone())
+        # torch's default wants clone() to keep the subclass; a copy of the structure
+        copied = Structure(*(x if x is None or isinstance(x, int) else x.clone() for x in self.structure))
         return StructuredMask(copied, self.shape[0], self.shape[2], self.shape[3], self.device)
 
     def __repr__(self) -> str:
-        window, ids = self.structure
+        window, ids, keys = self.structure
         parts = ["causal"] + ([f"window {window}"] if window is not None else []) + \
-            ([f"documents {tuple(ids.shape)}"] if ids is not None else [])
+            ([f"documents {tuple(ids.shape)}"] if ids is not None else []) + \
+            ([f"padding keys {tuple(keys.shape)}"] if keys is not None else [])
         return f"StructuredMask({tuple(self.shape)}: {', '.join(parts)})"
 
 
@@ -182,12 +190,13 @@ def _read(fn, depth: int = 0) -> _Read | None:
     return _merge([_read(part, depth + 1) for part in cells.get("mask_functions", (None,))])
 
 
-def _no_padding(attention_mask, kv_length: int, kv_offset: int) -> bool:
-    """Whether the 2D padding mask (B, >= kv_offset + S) lets every key of the call be attended."""
+def _padding_keys(attention_mask, kv_length: int, kv_offset: int) -> Tensor | None:
+    """The 2D padding mask (B, >= kv_offset + S) over the call's keys, (B, S) bool; None where every key is real."""
     if attention_mask is None:
-        return True
+        return None
     padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    return bool(padding[:, kv_offset:kv_offset + kv_length].all())  # once per forward, as sdpa_mask's own check
+    keys = padding[:, kv_offset:kv_offset + kv_length].bool()  # (B, >= kv_offset + S) -> (B, S)
+    return None if bool(keys.all()) else keys  # once per forward, as sdpa_mask's own check
 
 
 def structure(batch_size: int, q_length: int, kv_length: int, q_offset, kv_offset, mask_function,
@@ -203,10 +212,11 @@ def structure(batch_size: int, q_length: int, kv_length: int, q_offset, kv_offse
     ids = read.documents
     if ids is not None and (tuple(ids.shape) != (batch_size, q_length) or q_length != kv_length or q_offset != 0):
         return None
-    if not _no_padding(attention_mask, kv_length, kv_offset):
-        return None
     window = read.window if read.window is not None and read.window < kv_length else None  # else it never bites
-    return Structure(window, None if ids is None else ids.long())
+    keys = _padding_keys(attention_mask, kv_length, kv_offset)
+    if keys is not None and window is None and ids is None:
+        return None  # padding alone: transformers' own mask, as before (a key mask with causal is no cheaper)
+    return Structure(window, None if ids is None else ids.long(), keys)
 
 
 def multihead_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -220,7 +230,7 @@ def multihead_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     skip = allow_is_causal_skip and (q_length == kv_length or decoding)
     found = structure(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
     if found is not None:
-        if found.window is None and found.documents is None and skip:
+        if all(part is None for part in found) and skip:
             return None  # causal alone
         return StructuredMask(found, batch_size, q_length, kv_length, kwargs.get("device", "cpu"))
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, *args,
