@@ -322,6 +322,8 @@ def test_tiles_the_window_and_documents_rule_out_are_skipped():
     (dict(score_mod="bias"), "score_mod must be a callable"),
     (dict(score_mod=lambda score, b, h: score), r"score_mod must take five arguments .*\(score, b, h\)"),
     (dict(score_mod=lambda s, b, h, i, j, table: s), "score_mod must take five arguments .*'table'"),
+    (dict(score_mod=lambda s, b, h, i, j: s > 0), "score_mod must return floating scores .* got torch.bool"),
+    (dict(score_mod=lambda s, b, h, i, j: s.to(torch.complex64)), "floating scores .* got torch.complex64"),
 ])
 def test_bad_variants_are_refused_naming_them(keywords, message):
     q, k, v = make_qkv(B, H, G, 5, 5, D)

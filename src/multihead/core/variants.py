@@ -354,6 +354,9 @@ def _score_mod(scores: Tensor, score_mod: ScoreMod, tile: Tile, q_pos: Tensor, k
     if not isinstance(modified, Tensor) or modified.shape != scores.shape:
         got = tuple(modified.shape) if isinstance(modified, Tensor) else type(modified).__name__
         raise ValueError(f"score_mod must return a tensor of the score's shape {tuple(scores.shape)}, got {got}")
+    if not modified.dtype.is_floating_point:  # a bool or int result would be taken as scores of 0 and 1
+        raise TypeError(f"score_mod must return floating scores (a mask is -inf where a key is ruled out), "
+                        f"got {modified.dtype}")
     return modified.to(scores.dtype)
 
 
