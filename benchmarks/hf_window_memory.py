@@ -2,9 +2,12 @@
 
     python benchmarks/hf_window_memory.py            # T = 8192, window 256 (several minutes on 2 cores)
     python benchmarks/hf_window_memory.py --quick    # T = 512, window 32: checks the script itself
+    python benchmarks/hf_window_memory.py --padded   # B = 2, the second sequence left-padded by T / 4
 
 One Mistral-style layer (C=256, 4 query / 2 key-value heads of 64, MLP 512, sliding_window=W, vocabulary
-256), B=1, fp32, no padding, no cache. Candidates:
+256), B=1, fp32, no padding, no cache; with --padded, B=2 and the second sequence's first T / 4 tokens are
+padding (its attention_mask 0 there), which multihead takes as a (B, 1, 1, S) key mask beside the window.
+Candidates:
 
 - "multihead, window": what the hook does now: transformers' sliding-window mask reaches multihead as
   `causal=True, window=(W - 1, 0)` (`multihead.hf.mask.StructuredMask`), nothing T x S is made;
@@ -23,8 +26,8 @@ Steps: "inference" (a forward without gradient) and "training" (forward, loss, b
   and of the mask multihead's backend is given (None with the window).
 
 Time: median of a few repeats, the candidates taking turns; the largest logit difference against the
-first candidate shows that the three compute the same. Writes
-benchmarks/results/hf-window-memory-<device>.json.
+first candidate, over the real tokens' positions, shows that the three compute the same. Writes
+benchmarks/results/hf-window-memory-<device>[-padded].json.
 """
 
 from __future__ import annotations
@@ -81,14 +84,27 @@ def mask_written_out(candidate: str):
         mask_function.structure = real
 
 
-def step_fn(model, ids: torch.Tensor, step: str):
-    """One step: a forward without gradient, or forward + loss + backward (gradients dropped after)."""
+def batch_of(B: int, T: int, padded: bool) -> dict:
+    """input_ids (B, T) and attention_mask (B, T): with padded, the last sequence's first T / 4 are padding."""
+    ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(1))
+    real = torch.ones(B, T, dtype=torch.long)
+    if padded:
+        real[-1, :T // 4] = 0
+        ids[-1, :T // 4] = 0  # pad_token_id
+    return dict(input_ids=ids, attention_mask=real)
+
+
+def step_fn(model, batch: dict, step: str):
+    """One step: a forward without gradient (the logits at the real tokens), or forward + loss + backward."""
+    real = batch["attention_mask"].bool()
+
     def inference():
         with torch.no_grad():
-            return model(input_ids=ids, use_cache=False).logits
+            return model(**batch, use_cache=False).logits[real]  # (B, T, V) -> (real tokens, V)
 
     def training():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        labels = batch["input_ids"].masked_fill(~real, -100)  # no loss at the padding
+        loss = model(**batch, labels=labels, use_cache=False).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.detach()
@@ -155,16 +171,15 @@ def _peak_rss_bytes(reset: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(candidate: str, step: str, T: int, window: int) -> None:
+def child(candidate: str, step: str, T: int, window: int, B: int) -> None:
     """`--child`: run one step in this fresh process and print its peak RSS above the RSS before it (JSON).
 
     A warm-up step at T=64 first, so that one-time set-up (kernels, thread pools) is not counted."""
     torch.set_num_threads(1)
     with mask_written_out(candidate):
-        step_fn(model_for(candidate, 64, min(window, 16)), torch.randint(0, 256, (1, 64)), step)()
+        step_fn(model_for(candidate, 64, min(window, 16)), batch_of(B, 64, B > 1), step)()
     model = model_for(candidate, T, window)
-    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(1))
-    fn = step_fn(model, ids, step)
+    fn = step_fn(model, batch_of(B, T, B > 1), step)
     before = _rss_bytes()
     reset = _reset_peak_rss()
     with mask_written_out(candidate):
@@ -172,18 +187,18 @@ def child(candidate: str, step: str, T: int, window: int) -> None:
     print(json.dumps(dict(maxrss_extra_bytes=max(_peak_rss_bytes(reset) - before, 0), high_water_mark=reset)))
 
 
-def maxrss_in_a_fresh_process(candidate: str, step: str, T: int, window: int) -> int:
-    done = subprocess.run([sys.executable, __file__, "--child", candidate, step, str(T), str(window)],
+def maxrss_in_a_fresh_process(candidate: str, step: str, T: int, window: int, B: int) -> int:
+    done = subprocess.run([sys.executable, __file__, "--child", candidate, step, str(T), str(window), str(B)],
                           capture_output=True, text=True, timeout=900, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["maxrss_extra_bytes"]
 
 
-def measure(step: str, T: int, window: int, repeats: int) -> list[dict]:
+def measure(step: str, T: int, window: int, repeats: int, B: int) -> list[dict]:
     """Every candidate's time, peak and mask bytes for one step; logits (or loss) compared with the first."""
-    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(1))
+    batch = batch_of(B, T, B > 1)
     fns, rows = {}, []
     for candidate in CANDIDATES:
-        fn = step_fn(model_for(candidate, T, window), ids, step)
+        fn = step_fn(model_for(candidate, T, window), batch, step)
         fns[candidate] = (lambda fn=fn, candidate=candidate: _in(candidate, fn))
     results = {candidate: fns[candidate]() for candidate in CANDIDATES}
     times = timeit_side_by_side(fns, repeats)
@@ -191,8 +206,9 @@ def measure(step: str, T: int, window: int, repeats: int) -> list[dict]:
         seen: dict = {}
         with recording_masks(seen):
             peak = peak_extra_bytes(fns[candidate])
-        rows.append(dict(step=step, T=T, window=window, candidate=candidate, seconds=times[candidate],
-                         peak_extra_bytes=peak, maxrss_extra_bytes=maxrss_in_a_fresh_process(candidate, step, T, window),
+        rows.append(dict(step=step, B=B, T=T, window=window, candidate=candidate, seconds=times[candidate],
+                         peak_extra_bytes=peak,
+                         maxrss_extra_bytes=maxrss_in_a_fresh_process(candidate, step, T, window, B),
                          mask_handed_bytes=seen.get("handed", 0), mask_to_backend_bytes=seen.get("backend", 0),
                          max_diff=(results[candidate].double() - results[CANDIDATES[0]].double()).abs().max().item()))
     return rows
@@ -215,20 +231,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 512, window 32: check the script")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON result")
-    parser.add_argument("--child", nargs=4, metavar=("CANDIDATE", "STEP", "T", "WINDOW"), help=argparse.SUPPRESS)
+    parser.add_argument("--padded", action="store_true", help="B = 2, the second sequence left-padded by T / 4")
+    parser.add_argument("--child", nargs=5, metavar=("CANDIDATE", "STEP", "T", "WINDOW", "B"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
+        child(args.child[0], args.child[1], *(int(x) for x in args.child[2:]))
         return 0
     T, window, repeats = (512, 32, 2) if args.quick else (8192, 256, 3)
+    B = 2 if args.padded else 1
     torch.set_num_threads(1)  # one core per process: the other is the fresh process's, or another job's
-    rows = [row for step in STEPS for row in measure(step, T, window, repeats)]
+    rows = [row for step in STEPS for row in measure(step, T, window, repeats, B)]
     device = device_name()
-    print_table(f"Mistral-style layer, T={T}, sliding window {window}, B=1, fp32 ({device})",
+    padding = ", the second left-padded by T / 4" if args.padded else ""
+    print_table(f"Mistral-style layer, T={T}, sliding window {window}, B={B}{padding}, fp32 ({device})",
                 ["step", "candidate", "peak MiB", "maxrss MiB", "mask handed MiB", "mask to backend MiB", "s",
                  "x window time", "max |diff|"], _table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"hf-window-memory-{slug(device)}{'-quick' if args.quick else ''}.json"
+    path = args.out / f"hf-window-memory-{slug(device)}{'-padded' if args.padded else ''}{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(dict(
         device=device, threads=torch.get_num_threads(), torch=torch.__version__,
         transformers=transformers.__version__, python=platform.python_version(), multihead=mh.__version__,

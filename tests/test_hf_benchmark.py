@@ -95,29 +95,31 @@ def test_the_architecture_page_is_the_scripts_output_and_says_so(benchmarks_on_p
         hf_architectures.written_with("# a page typed by hand\n")
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["one-sequence", "padded"])
 def test_window_memory_benchmark_measures_the_window_against_the_dense_mask(tmp_path, monkeypatch, capsys,
-                                                                           benchmarks_on_path):
-    """--quick (T=512, window 32): the window reaches multihead with no T x S mask, the dense path hands one of
-    T x S bytes to multihead's backend, all three compute the same; the fresh-process measure is run once here
-    (the script runs it for every row)."""
+                                                                           benchmarks_on_path, padded):
+    """--quick (T=512, window 32): the window reaches multihead with no T x S mask (padded: the padding as a
+    (B, 1, 1, S) key mask), the dense path hands one of B x T x S bytes to multihead's backend, all three
+    compute the same; the fresh-process measure is run once here (the script runs it for every row)."""
     script = load_script(ROOT / "benchmarks" / "hf_window_memory.py", "multihead_bench_hf_window_memory")
     fresh = []
     monkeypatch.setattr(script, "maxrss_in_a_fresh_process", lambda *args: fresh.append(args) or 1)
     threads = torch.get_num_threads()
     try:
-        assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+        assert script.main(["--quick", "--out", str(tmp_path)] + (["--padded"] if padded else [])) == 0
     finally:
         torch.set_num_threads(threads)
-    assert "Mistral-style layer, T=512, sliding window 32" in capsys.readouterr().out
-    (result,) = tmp_path.glob("hf-window-memory-*-quick.json")
+    B = 2 if padded else 1
+    assert f"Mistral-style layer, T=512, sliding window 32, B={B}" in capsys.readouterr().out
+    (result,) = tmp_path.glob(f"hf-window-memory-*{'-padded' if padded else ''}-quick.json")
     rows = {(r["step"], r["candidate"]): r for r in json.loads(result.read_text())["rows"]}
     assert set(rows) == {(s, c) for s in script.STEPS for c in script.CANDIDATES} and len(fresh) == 6
     for step in script.STEPS:
         window, dense, sdpa = (rows[step, c] for c in script.CANDIDATES)
-        assert window["mask_handed_bytes"] == window["mask_to_backend_bytes"] == 0
-        assert dense["mask_handed_bytes"] == dense["mask_to_backend_bytes"] == sdpa["mask_handed_bytes"] == 512 * 512
+        assert window["mask_handed_bytes"] == 0 and window["mask_to_backend_bytes"] == (B * 512 if padded else 0)
+        assert dense["mask_handed_bytes"] == dense["mask_to_backend_bytes"] == sdpa["mask_handed_bytes"] == B * 512 * 512
         assert all(r["max_diff"] < 1e-4 and r["peak_extra_bytes"] > 0 and r["seconds"] > 0
                    for r in (window, dense, sdpa))
-    script.child("multihead, window", "inference", 128, 16)  # the fresh process's own measure, in this one
+    script.child("multihead, window", "inference", 128, 16, B)  # the fresh process's own measure, in this one
     measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert measured["maxrss_extra_bytes"] >= 0 and isinstance(measured["high_water_mark"], bool)
