@@ -227,6 +227,8 @@ PADDED = torch.tensor([[0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
 
 @pytest.mark.parametrize("arguments", [
     dict(batch_size=1, q_length=7, kv_length=7, attention_mask=PADDED),  # padding alone: no window to spare
+    dict(batch_size=1, q_length=7, kv_length=7, mask_function=SLIDING_3,
+         attention_mask=torch.cat([PADDED, PADDED])),  # a padding mask of another batch: transformers decides
     dict(batch_size=1, q_length=1, kv_length=8, q_offset=torch.tensor(4), mask_function=SLIDING_3),  # static cache
     dict(batch_size=1, q_length=3, kv_length=8, mask_function=SLIDING_3),  # a static cache's prefill: empty slots
     dict(batch_size=1, q_length=7, kv_length=7,
@@ -234,7 +236,7 @@ PADDED = torch.tensor([[0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     dict(batch_size=1, q_length=7, kv_length=7, mask_function=mu.or_masks(SLIDING_3, mu.blockwise_overlay(
         torch.tensor([[0, 0, 1, 1, 1, -1, -1]])))),  # image tokens' blocks
     dict(batch_size=1, q_length=7, kv_length=7, mask_function=mu.sliding_window_bidirectional_mask_function(3)),
-], ids=["padding", "static-decode", "static-prefill", "model-function", "blockwise", "bidirectional"])
+], ids=["padding", "padding-of-another-batch", "static-decode", "static-prefill", "model-function", "blockwise", "bidirectional"])
 def test_any_other_mask_is_written_out_as_transformers_writes_it(arguments):
     arguments = {**arguments, "allow_is_causal_skip": False}  # as create_*_mask passes it for these
     mask = mhf.multihead_mask(**arguments)

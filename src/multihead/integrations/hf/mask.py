@@ -214,8 +214,10 @@ def structure(batch_size: int, q_length: int, kv_length: int, q_offset, kv_offse
         return None
     window = read.window if read.window is not None and read.window < kv_length else None  # else it never bites
     keys = _padding_keys(attention_mask, kv_length, kv_offset)
-    if keys is not None and window is None and ids is None:
-        return None  # padding alone: transformers' own mask, as before (a key mask with causal is no cheaper)
+    if keys is not None and (keys.shape[0] != batch_size or (window is None and ids is None)):
+        # padding alone: transformers' own mask, as before (a key mask with causal is no cheaper); a padding
+        # mask of another batch size: transformers' own refusal, not a key mask that broadcasts
+        return None
     return Structure(window, None if ids is None else ids.long(), keys)
 
 
