@@ -580,7 +580,6 @@ class SlidingWindowLayerCache(_PreallocatedLayerCache):
             raise ValueError(f"window must be (left, right) with left an int >= 0: the cache keeps each sequence's "
                              f"last left + 1 tokens, got {window!r}")
         self.window = window
-        self._positions = None
         super().__init__(batch_size, window[0] + 1, num_kv_heads, head_dim, v_head_dim, dtype, device)
 
     @property

@@ -117,7 +117,7 @@ class StructuredMask(Tensor):
 
     def __deepcopy__(self, memo) -> "StructuredMask":
         # torch's default wants clone() to keep the subclass; a copy of the structure
-        copied = Structure(*(x if x is None or isinstance(x, int) else x.clone() for x in self.structure))
+        copied = Structure(*(x.clone() if isinstance(x, Tensor) else x for x in self.structure))
         return StructuredMask(copied, self.shape[0], self.shape[2], self.shape[3], self.device)
 
     def __repr__(self) -> str:
